@@ -1,0 +1,1 @@
+"""fmap backends."""

@@ -1,0 +1,1 @@
+"""Click commands other than run/validate/init, each in its own module, imported lazily."""

@@ -1,0 +1,1 @@
+"""Feature-map profiling: shapes and formulas, liveness peak memory, streaming channel statistics."""

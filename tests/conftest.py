@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny models and a StageContext builder, so stage tests stay fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from pipeline.sources.data import DataBundle, TensorSplit
+from pipeline.stages.base import StageContext
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip with a reason where CUDA is absent (they are deselected by default too)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class TinyCNN(torch.nn.Module):
+    """conv-bn-relu x2, a residual add, pooling, linear: enough structure for every stage."""
+
+    def __init__(self, in_ch: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(in_ch, 8, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.conv3 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn1(self.conv1(x)))
+        b = torch.relu(self.bn2(self.conv2(a)) + a)
+        c = torch.relu(self.conv3(b))
+        return self.fc(torch.flatten(self.pool(c), 1))
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture
+def tiny_data() -> DataBundle:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 16, 16, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    split = TensorSplit("tiny", x, y, batch_size=16, num_classes=10)
+    return DataBundle(calibration=split, eval=split, train=split)
+
+
+@pytest.fixture
+def make_ctx(tmp_path: Path):
+    """Build a StageContext around any model/data without a recipe (recipe=None)."""
+
+    def _make(model: torch.nn.Module, data: DataBundle, example_input: torch.Tensor | None = None,
+              run_dir: Path | None = None) -> StageContext:
+        import copy
+
+        if example_input is None:
+            split = data.calibration or data.eval
+            example_input = split.first_batch(1)[0]
+        return StageContext(
+            recipe=None,  # type: ignore[arg-type]
+            run_dir=run_dir or tmp_path / "run",
+            model=model,
+            original_model=copy.deepcopy(model).eval(),
+            example_input=example_input,
+            data=data,
+            console=Console(stderr=True, force_terminal=False),
+        )
+
+    return _make
