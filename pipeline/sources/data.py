@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -68,3 +69,157 @@ class DataBundle:
         if value is None:
             raise BadInput(f"stage '{stage}' needs data.{split} in the recipe, but the recipe defines none")
         return value
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class ImageFolderSplit(DataSplit):
+    """Class-subfolder images read lazily, one batch at a time (bounded memory at any size)."""
+
+    def __init__(self, name: str, files: list[tuple[str, int]], transform, batch_size: int, num_classes: int,
+                 channels: int) -> None:
+        self.name = name
+        self.files = files
+        self.transform = transform
+        self.batch_size = batch_size
+        self.num_samples = len(files)
+        self.has_labels = True
+        self.num_classes = num_classes
+        self.channels = channels
+
+    def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
+        from PIL import Image
+
+        bs = batch_size or self.batch_size
+        for i in range(0, self.num_samples, bs):
+            chunk = self.files[i:i + bs]
+            imgs = []
+            for path, _ in chunk:
+                with Image.open(path) as im:
+                    imgs.append(self.transform(im.convert("L" if self.channels == 1 else "RGB")))
+            yield torch.stack(imgs), torch.tensor([label for _, label in chunk], dtype=torch.int64)
+
+
+class RandomSplit(DataSplit):
+    """Seeded random inputs, regenerated per batch: for latency-only runs, no labels."""
+
+    def __init__(self, name: str, shape: list[int], samples: int, batch_size: int, seed: int = 0) -> None:
+        self.name = name
+        self.shape = list(shape)
+        self.num_samples = samples
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
+        bs = batch_size or self.batch_size
+        gen = torch.Generator().manual_seed(self.seed)
+        for i in range(0, self.num_samples, bs):
+            n = min(bs, self.num_samples - i)
+            yield torch.randn([n, *self.shape], generator=gen), None
+
+
+def build_split(cfg, name: str, input_shape: list[int], seed: int = 0) -> DataSplit:
+    """Build one split from its recipe config. Raises BadInput for missing/invalid files."""
+    from pipeline.errors import BadInput
+
+    source = cfg.source
+    if source == "builtin":
+        from pipeline.sources.builtin import digits_splits
+
+        x, y = digits_splits()[cfg.split]
+        if cfg.samples:
+            x, y = x[:cfg.samples], y[:cfg.samples]
+        return TensorSplit(name, x, y, batch_size=cfg.batch_size, num_classes=10)
+    if source == "random":
+        shape = cfg.shape or list(input_shape[1:])
+        return RandomSplit(name, shape, cfg.samples or 64, cfg.batch_size, seed=seed)
+    if source == "numpy":
+        return _numpy_split(cfg, name, input_shape)
+    if source == "imagefolder":
+        return _imagefolder_split(cfg, name, input_shape, seed)
+    raise BadInput(f"data.{name}.source: unknown source '{source}'")  # pragma: no cover - schema forbids
+
+
+def _numpy_split(cfg, name: str, input_shape: list[int]) -> TensorSplit:
+    import zipfile
+
+    import numpy as np
+
+    from pipeline.errors import BadInput
+
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise BadInput(f"data.{name}.path: file '{cfg.path}' does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if cfg.x_key not in npz.files:
+                raise BadInput(f"data.{name}: '{cfg.path}' has no array '{cfg.x_key}' (it has {', '.join(npz.files)})")
+            x = npz[cfg.x_key]
+            y = npz[cfg.y_key] if cfg.y_key and cfg.y_key in npz.files else None
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise BadInput(f"data.{name}.path: '{cfg.path}' is not a readable .npz file ({exc})") from None
+    if cfg.samples:
+        x = x[:cfg.samples]
+        y = None if y is None else y[:cfg.samples]
+    channels = input_shape[1] if len(input_shape) == 4 else None
+    if x.ndim == 4 and channels is not None and x.shape[1] != channels and x.shape[-1] == channels:
+        x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    tx = torch.from_numpy(np.ascontiguousarray(x))
+    if tx.dtype == torch.uint8:
+        tx = tx.float() / 255.0
+    tx = tx.float()
+    if cfg.mean is not None and cfg.std is not None:
+        mean = torch.tensor(cfg.mean).view(1, -1, *([1] * (tx.ndim - 2)))
+        std = torch.tensor(cfg.std).view(1, -1, *([1] * (tx.ndim - 2)))
+        tx = (tx - mean) / std
+    if list(tx.shape[1:]) != list(input_shape[1:]):
+        raise BadInput(f"data.{name}: '{cfg.path}' samples have shape {list(tx.shape[1:])}, the model expects {input_shape[1:]}")
+    ty = None if y is None else torch.from_numpy(np.asarray(y)).long()
+    return TensorSplit(name, tx, ty, batch_size=cfg.batch_size)
+
+
+def _imagefolder_split(cfg, name: str, input_shape: list[int], seed: int) -> ImageFolderSplit:
+    import random
+
+    from torchvision import transforms as T
+
+    from pipeline.errors import BadInput
+
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise BadInput(f"data.{name}.path: folder '{cfg.path}' does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise BadInput(f"data.{name}.path: '{cfg.path}' has no class subfolders (expected PATH/<class>/<image>)")
+    files = [(str(f), idx) for idx, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
+             if f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise BadInput(f"data.{name}.path: no images under '{cfg.path}'")
+    random.Random(seed).shuffle(files)  # a capped sample should cover every class
+    if cfg.samples:
+        files = files[:cfg.samples]
+    channels = input_shape[1] if len(input_shape) == 4 else 3
+    size = cfg.size or (input_shape[-1] if len(input_shape) == 4 else 224)
+    steps = []
+    if cfg.transform == "imagenet":
+        steps += [T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size)]
+        default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ([0.5] * channels, [0.5] * channels)
+        mean, std = cfg.mean or default_mean, cfg.std or default_std
+    else:
+        steps += [T.Resize((size, size))]
+        mean, std = cfg.mean, cfg.std
+    steps.append(T.ToTensor())
+    if mean is not None and std is not None:
+        steps.append(T.Normalize(mean, std))
+    return ImageFolderSplit(name, files, T.Compose(steps), cfg.batch_size, len(classes), channels)
+
+
+def build_bundle(data_cfg, input_shape: list[int], seed: int = 0) -> DataBundle:
+    """Build every split the recipe defines."""
+    return DataBundle(**{
+        split: build_split(getattr(data_cfg, split), split, input_shape, seed)
+        for split in ("calibration", "eval", "train") if getattr(data_cfg, split) is not None
+    })

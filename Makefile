@@ -1,0 +1,37 @@
+# fmap developer entry points. `make demo` and `make test` create .venv and install on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fmap-installed
+
+.PHONY: demo test test-slow test-gpu bench install clean lint
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the project's metadata changes; --only-binary keeps a fresh install fast.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --only-binary=:all: -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fmap run recipes/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
+
+bench: $(STAMP)
+	$(PY) -m pip install -q --only-binary=:all: -e '.[test,bench]'
+	$(PY) benchmarks/run.py --write
+
+clean:
+	rm -rf runs .pytest_cache fmap-profile
