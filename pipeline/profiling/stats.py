@@ -3,14 +3,22 @@
 Data containers live here; the streaming collector that fills them is `collect_channel_stats`.
 Keys are module names of Conv2d/Linear layers (as in `model.named_modules()`); each array has one
 entry per output channel of that layer.
+
+The collector streams: it keeps running sums (float64, shifted by the first batch's channel means
+for numerical stability) and never stores activations, so memory is O(C^2) per layer whatever the
+number of calibration batches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+HIGH_CORR = 0.95  # |r| above this counts a channel pair as redundant
 
 
 @dataclass
@@ -26,13 +34,222 @@ class LayerStats:
     measured_at: str = ""  # the module/op whose output was measured (e.g. the ReLU after the conv)
 
 
+_ARRAYS = ("mean_abs", "apoz", "variance", "dead", "mean_rank", "corr")
+
+
 @dataclass
 class ChannelStats:
     layers: dict[str, LayerStats] = field(default_factory=dict)
 
-    def save(self, path: str | Path) -> Path:  # implemented by the profiler (npz, atomic)
-        raise NotImplementedError
+    def save(self, path: str | Path) -> Path:
+        """Write an .npz (atomically). Layer i's arrays are stored as 'i.<field>'; names in '__layers__'."""
+        from pipeline.atomic import atomic_path
+
+        names = list(self.layers)
+        arrays: dict[str, np.ndarray] = {"__layers__": np.array(names, dtype=np.str_)}
+        for i, name in enumerate(names):
+            st = self.layers[name]
+            for key in _ARRAYS:
+                value = getattr(st, key)
+                if value is not None:
+                    arrays[f"{i}.{key}"] = np.asarray(value, dtype=np.float32) if key == "corr" else np.asarray(value)
+            arrays[f"{i}.samples"] = np.asarray(st.samples, dtype=np.int64)
+            arrays[f"{i}.num_high_corr_pairs"] = np.asarray(st.num_high_corr_pairs, dtype=np.int64)
+            arrays[f"{i}.measured_at"] = np.asarray(st.measured_at, dtype=np.str_)
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> ChannelStats:  # implemented by the profiler
-        raise NotImplementedError
+    def load(cls, path: str | Path) -> ChannelStats:
+        with np.load(path, allow_pickle=False) as data:
+            names = [str(n) for n in data["__layers__"]]
+            layers = {}
+            for i, name in enumerate(names):
+                def get(key: str, i: int = i) -> np.ndarray | None:
+                    k = f"{i}.{key}"
+                    return data[k] if k in data.files else None
+
+                corr = get("corr")
+                layers[name] = LayerStats(
+                    mean_abs=get("mean_abs"), apoz=get("apoz"), variance=get("variance"),  # type: ignore[arg-type]
+                    dead=get("dead").astype(bool), samples=int(get("samples")),  # type: ignore[union-attr, arg-type]
+                    mean_rank=get("mean_rank"), corr=None if corr is None else corr.astype(np.float64),
+                    num_high_corr_pairs=int(get("num_high_corr_pairs")),  # type: ignore[arg-type]
+                    measured_at=str(get("measured_at")),
+                )
+        return cls(layers)
+
+
+class _Accumulator:
+    """Running per-channel sums for one layer's output. `update` takes [N, C, ...] or [N, ..., C]."""
+
+    def __init__(self, channel_dim: int, correlation: bool, rank_samples: int) -> None:
+        self.channel_dim = channel_dim
+        self.correlation = correlation
+        self.rank_samples = rank_samples
+        self.samples = 0
+        self.n = 0  # values per channel seen
+        self.shift: Any = None
+        self.sums: dict[str, Any] = {}
+        self.rank_sum: Any = None
+        self.rank_count = 0
+
+    def update(self, x: Any) -> None:
+        import torch
+
+        x = x.detach()
+        if x.dim() < 2:
+            return
+        c = x.shape[self.channel_dim]
+        # [G, C, P] view without copying: conv maps as [N, C, H*W], linear outputs as [1, C, rows]
+        v = x.reshape(x.shape[0], c, -1) if self.channel_dim == 1 else x.reshape(-1, c).T[None]
+        v = v.float()
+        if self.shift is None:
+            self.shift = v.sum((0, 2)).double() / (v.shape[0] * v.shape[2])
+            z = lambda: torch.zeros(c, dtype=torch.float64)  # noqa: E731
+            self.sums = {"abs": z(), "s1": z(), "s2": z(), "zeros": z(),
+                         "min": torch.full((c,), float("inf"), dtype=torch.float64),
+                         "max": torch.full((c,), float("-inf"), dtype=torch.float64)}
+            if self.correlation:
+                self.sums["xx"] = torch.zeros(c, c, dtype=torch.float64)
+        count = v.shape[0] * v.shape[2]
+        xc = v - self.shift.float()[None, :, None]
+        s = self.sums
+        s1 = xc.sum((0, 2)).double()
+        s["s1"] += s1
+        lo, hi = v.amin((0, 2)), v.amax((0, 2))
+        torch.minimum(s["min"], lo.double(), out=s["min"])
+        torch.maximum(s["max"], hi.double(), out=s["max"])
+        if bool((lo >= 0).all()):  # post-ReLU: |x| == x, so sum|x| comes from the shifted sum
+            s["abs"] += s1 + self.shift * count
+        else:
+            s["abs"] += v.abs().sum((0, 2)).double()
+        s["zeros"] += count - torch.count_nonzero(v, dim=(0, 2)).double()
+        if self.correlation:
+            xx = torch.bmm(xc, xc.transpose(1, 2)).sum(0).double()
+            s["xx"] += xx
+            s["s2"] += torch.diagonal(xx)
+        else:
+            s["s2"] += (xc * xc).sum((0, 2)).double()
+        self.n += count
+        self.samples += int(x.shape[0])
+        take = min(self.rank_samples - self.rank_count, int(x.shape[0]))
+        if take > 0 and x.dim() == 4 and self.channel_dim == 1:
+            ranks = torch.linalg.matrix_rank(x[:take].float()).double()  # [take, C]
+            self.rank_sum = ranks.sum(0) if self.rank_sum is None else self.rank_sum + ranks.sum(0)
+            self.rank_count += take
+
+    def finish(self, measured_at: str) -> LayerStats:
+        s = {k: v.numpy() for k, v in self.sums.items()}
+        n = max(self.n, 1)
+        m = s["s1"] / n
+        var = np.maximum(s["s2"] / n - m * m, 0.0)
+        spread = s["max"] - s["min"]
+        dead = spread <= 1e-7 * np.maximum(np.abs(s["max"]), 1.0)
+        corr, pairs = None, 0
+        if self.correlation:
+            cov = s["xx"] / n - np.outer(m, m)
+            std = np.sqrt(np.maximum(np.diag(cov), 0.0))
+            ok = std > 1e-12
+            denom = np.outer(std, std)
+            corr = np.where(np.outer(ok, ok), cov / np.where(denom > 0, denom, 1.0), 0.0)
+            corr = np.clip(corr, -1.0, 1.0)
+            np.fill_diagonal(corr, np.where(ok, 1.0, 0.0))
+            iu = np.triu_indices(corr.shape[0], k=1)
+            pairs = int((np.abs(corr[iu]) > HIGH_CORR).sum())
+        rank = None if self.rank_sum is None else (self.rank_sum / self.rank_count).numpy()
+        return LayerStats(mean_abs=s["abs"] / n, apoz=s["zeros"] / n, variance=var, dead=dead, samples=self.samples,
+                          mean_rank=rank, corr=corr, num_high_corr_pairs=pairs, measured_at=measured_at)
+
+
+def default_layers(model: Any) -> list[str]:
+    from torch import nn
+
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def collect_channel_stats(model: Any, batches: Iterable[Any], layers: list[str] | None = None,
+                          rank_samples: int = 64, progress: Callable[[int], None] | None = None, *,
+                          correlation: bool = True, max_batches: int | None = None) -> ChannelStats:
+    """Stream every batch through `model` and return per-channel statistics of each layer.
+
+    `batches` yields input tensors (or (x, y) tuples). Statistics are taken where each layer's
+    zeros really appear: after the ReLU-like op that follows it (through BatchNorm), else at the
+    layer's own output; `LayerStats.measured_at` says which. `rank_samples=0` skips HRank ranks.
+    `progress(n)` is called after each batch with its number of samples.
+    """
+    import torch
+    from torch import nn
+
+    from pipeline.errors import BadInput
+
+    modules = dict(model.named_modules())
+    layers = default_layers(model) if layers is None else list(layers)
+    for name in layers:
+        if name not in modules:
+            raise BadInput(f"layer '{name}' is not a module of the model")
+    accs = {name: _Accumulator(-1 if isinstance(modules[name], nn.Linear) else 1, correlation, rank_samples)
+            for name in layers}
+    runner, handles, targets = _instrument(model, accs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                runner(x)
+                if progress is not None:
+                    progress(int(x.shape[0]))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return ChannelStats({name: acc.finish(targets[name]) for name, acc in accs.items() if acc.shift is not None})
+
+
+
+def _instrument(model: Any, accs: dict[str, _Accumulator]) -> tuple[Any, list[Any], dict[str, str]]:
+    """(callable running the model with observers, hook handles, layer -> measured_at).
+
+    With fx, observers are graph nodes inserted right after the measured op, so a ReLU module that
+    is called twice is observed only at the call that follows the layer. Models fx cannot trace
+    get plain forward hooks on the layer modules (measured at the layer's own output).
+    """
+    import torch
+    from torch import nn
+
+    from pipeline.profiling.graph import _try_trace, activation_nodes
+
+    gm = _try_trace(model)
+    if gm is None:
+        modules = dict(model.named_modules())
+        handles = [modules[name].register_forward_hook(lambda m, a, o, acc=acc: acc.update(o))
+                   for name, acc in accs.items()]
+        return model, handles, {name: name for name in accs}
+
+    class Observe(nn.Module):
+        """Feeds the value to accumulators; its output is unused, the graph runs on unchanged."""
+
+        def __init__(self, names: list[str]) -> None:
+            super().__init__()
+            self.names = names
+
+        def forward(self, x: torch.Tensor) -> None:
+            for name in self.names:
+                accs[name].update(x)
+
+    chosen = activation_nodes(gm, list(accs))
+    by_node: dict[str, list[str]] = {}
+    for layer, (node_name, _) in chosen.items():
+        by_node.setdefault(node_name, []).append(layer)
+    for i, node in enumerate(list(gm.graph.nodes)):
+        if node.name in by_node:
+            obs_name = f"_fmap_observer_{i}"
+            gm.add_submodule(obs_name, Observe(by_node[node.name]))
+            with gm.graph.inserting_after(node):
+                gm.graph.call_module(obs_name, (node,))
+    gm.recompile()
+    return gm, [], {layer: display for layer, (_, display) in chosen.items()}

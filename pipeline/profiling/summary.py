@@ -1,0 +1,117 @@
+"""One call that profiles a model into a JSON-ready dict: per-layer table, totals, memory, timeline.
+
+The profile stage, `fmap profile` and the prune stage (via `summarize`) all go through here, so the
+numbers they report are computed one way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.profiling.graph import trace_graph
+from pipeline.profiling.memory import liveness, measure_peak
+
+
+def batch_of(example_input: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+    """`example_input` resized to `batch_size` along dim 0 (repeating its first sample)."""
+    if batch_size is None or batch_size == example_input.shape[0]:
+        return example_input
+    first = example_input[:1]
+    return first.repeat(batch_size, *([1] * (first.dim() - 1))).contiguous()
+
+
+def profile_model(model: nn.Module, example_input: torch.Tensor, batch_size: int | None = None,
+                  measure: bool = True) -> dict[str, Any]:
+    """Trace, estimate liveness and (optionally) measure the allocator peak at `batch_size`."""
+    x = batch_of(example_input, batch_size)
+    bs = int(x.shape[0])
+    graph = trace_graph(model, x)
+    live = liveness(graph)
+    layers = [n.to_dict() for n in graph.nodes]
+    macs = int(sum(n.macs for n in graph.nodes))
+    memory: dict[str, Any] = {
+        "batch_size": bs,
+        "liveness_peak_bytes": live.peak_bytes,
+        "liveness_peak_per_sample_bytes": live.peak_bytes // max(bs, 1),
+        "peak_at": live.peak_at,
+        "alive_at_peak": live.alive_at_peak,
+        "measured_peak_bytes": None,
+        "measured_peak_with_scratch_bytes": None,
+        "measured_method": None,
+        "naive_sum_bytes": live.naive_sum_bytes,
+        "input_bytes": live.input_bytes,
+        "param_bytes": live.param_bytes,
+    }
+    if measure:
+        measured = measure_peak(model, x)
+        memory.update(measured_peak_bytes=measured.peak_bytes,
+                      measured_peak_with_scratch_bytes=measured.with_scratch_bytes,
+                      measured_method=measured.method)
+    totals = {
+        "params": graph.total_params,
+        "macs": macs,
+        "macs_per_sample": macs // max(bs, 1),
+        "nodes": len(graph.nodes),
+        "graph_method": graph.method,
+        "fallback_reason": graph.fallback_reason or None,
+        "input_shape": list(x.shape),
+    }
+    return {"layers": layers, "totals": totals, "memory": memory,
+            "timeline": [[name, int(b)] for name, b in live.timeline]}
+
+
+def summarize(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
+    """MACs, parameters and liveness peak of one forward pass: what prune compares before/after."""
+    graph = trace_graph(model, example_input)
+    live = liveness(graph)
+    return {
+        "macs": int(sum(n.macs for n in graph.nodes)),
+        "params": int(graph.total_params),
+        "liveness_peak_bytes": int(live.peak_bytes),
+        "batch_size": graph.batch_size,
+        "graph_method": graph.method,
+    }
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"  # pragma: no cover
+
+
+def to_markdown(profile: dict[str, Any], title: str = "Feature-map profile") -> str:
+    """A human report: memory summary, then the per-layer table."""
+    mem, tot = profile["memory"], profile["totals"]
+    lines = [f"# {title}", "",
+             f"Input {tot['input_shape']}, {tot['params']:,} parameters, {tot['macs']:,} MACs "
+             f"(graph traced with {tot['graph_method']}).", "",
+             "| memory | bytes |", "|---|---|",
+             f"| liveness peak (batch {mem['batch_size']}) | {human_bytes(mem['liveness_peak_bytes'])} |",
+             f"| liveness peak per sample | {human_bytes(mem['liveness_peak_per_sample_bytes'])} |",
+             f"| measured peak (allocator) | {human_bytes(mem['measured_peak_bytes'])} |",
+             f"| measured peak incl. in-op scratch | {human_bytes(mem['measured_peak_with_scratch_bytes'])} |",
+             f"| naive sum of all outputs | {human_bytes(mem['naive_sum_bytes'])} |",
+             f"| input | {human_bytes(mem['input_bytes'])} |",
+             f"| parameters + buffers | {human_bytes(mem['param_bytes'])} |", "",
+             f"Peak at `{mem['peak_at']}` with alive: " + ", ".join(f"`{n}`" for n in mem["alive_at_peak"]), "",
+             "| layer | type | output | params | MACs | bytes | RF | stride |", "|---|---|---|---|---|---|---|---|"]
+    for row in profile["layers"]:
+        shape = "x".join(str(d) for d in row["output_shape"]) if row["output_shape"] else "-"
+        lines.append(f"| {row['name']} | {row['type']} | {shape} | {row['params']:,} | {row['macs']:,} | "
+                     f"{human_bytes(row['bytes'])} | {row['receptive_field']} | {row['stride']} |")
+    red = profile.get("redundancy") or {}
+    if red:
+        lines += ["", "| layer | channels | dead | mean APoZ | pairs |r|>0.95 | mean rank | measured at |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in red.items():
+            rank = "-" if r["mean_rank"] is None else f"{r['mean_rank']:.1f}"
+            lines.append(f"| {name} | {r['channels']} | {r['dead']} | {r['mean_apoz']:.3f} | "
+                         f"{r['high_corr_pairs']} | {rank} | {r['measured_at']} |")
+    return "\n".join(lines) + "\n"
