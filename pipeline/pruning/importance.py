@@ -1,0 +1,221 @@
+"""Pruning criteria as torch-pruning `Importance` objects, so DepGraph does the surgery.
+
+The activation criteria rank channels by the profiler's streaming statistics (one array per
+Conv2d/Linear output channel, keyed by module name). Because those statistics index the *original*
+channels, the importance object also tracks deletions (`forget`) so that iterative pruning keeps
+scoring the right channels after earlier steps removed some.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import BadInput
+from pipeline.profiling.stats import ChannelStats, LayerStats
+
+CRITERIA = ("activation", "apoz", "l1", "l2", "taylor", "bn_scale")
+DEAD_SCORE = -1.0  # below every normalised live score, so dead channels always go first
+REDUNDANT_SCALE = 1e-3  # the weaker channel of a near-duplicate pair ranks just above the dead ones
+HIGH_CORR = 0.95
+
+
+@dataclass
+class _Scores:
+    """Per-channel score of one layer, in the layer's current channel order."""
+
+    score: np.ndarray  # higher = more important
+    dead: np.ndarray
+
+
+def layer_scores(st: LayerStats, criterion: str, correlation_aware: bool) -> _Scores:
+    """Turn one layer's statistics into a score (higher keeps), dead flags, duplicate demotion."""
+    if criterion == "apoz":
+        score = 1.0 - np.asarray(st.apoz, dtype=np.float64)
+    else:
+        score = np.asarray(st.mean_abs, dtype=np.float64).copy()
+    score = np.nan_to_num(score, nan=0.0)
+    dead = np.asarray(st.dead, dtype=bool).copy()
+    if correlation_aware and st.corr is not None and len(score) > 1:
+        score = _demote_duplicates(score, np.asarray(st.corr), dead)
+    return _Scores(score=score, dead=dead)
+
+
+def _demote_duplicates(score: np.ndarray, corr: np.ndarray, dead: np.ndarray) -> np.ndarray:
+    """Of each pair with |r| > 0.95, demote the weaker channel (greedy, strongest pairs first).
+
+    Only one member of a pair is demoted, so a cluster of duplicates keeps its best channel.
+    """
+    out = score.copy()
+    c = np.abs(np.nan_to_num(corr, nan=0.0))
+    np.fill_diagonal(c, 0.0)
+    ii, jj = np.where(np.triu(c > HIGH_CORR, k=1))
+    order = np.argsort(-c[ii, jj])
+    demoted = np.zeros(len(score), dtype=bool)
+    for k in order:
+        i, j = int(ii[k]), int(jj[k])
+        if demoted[i] or demoted[j] or dead[i] or dead[j]:
+            continue
+        weak = i if score[i] < score[j] else j
+        demoted[weak] = True
+    out[demoted] *= REDUNDANT_SCALE
+    return out
+
+
+class StatsImportance:
+    """Activation (`activation`: low mean |a| first) or APoZ (`apoz`: high APoZ first) importance.
+
+    Implements torch-pruning's `Importance` protocol (`__call__(group) -> 1-D scores`). A group's
+    score is the mean over its Conv/Linear members that have statistics, normalised by its mean so
+    global pruning compares groups fairly; dead channels (dead in every measured member) score -1.
+    Groups without any measured member fall back to L2 magnitude.
+    """
+
+    def __init__(self, model: nn.Module, stats: ChannelStats, criterion: str = "activation",
+                 correlation_aware: bool = False) -> None:
+        import torch_pruning as tp
+
+        self.criterion = criterion
+        self._name = {m: n for n, m in model.named_modules()}
+        self._scores: dict[str, _Scores] = {}
+        modules = dict(model.named_modules())
+        for name, st in stats.layers.items():
+            if name in modules:
+                self._scores[name] = layer_scores(st, criterion, correlation_aware)
+        self._fallback = tp.importance.MagnitudeImportance(p=2)
+        self._tp = tp
+
+    @property
+    def measured_layers(self) -> list[str]:
+        return list(self._scores)
+
+    def _out_entries(self, group) -> Iterable[tuple[str, list[int], list[int]]]:
+        fn = self._tp.pruner.function
+        for i, (dep, idxs) in enumerate(group):
+            if dep.handler not in (fn.prune_conv_out_channels, fn.prune_linear_out_channels):
+                continue
+            name = self._name.get(dep.target.module)
+            if name in self._scores:
+                yield name, list(idxs), list(group[i].root_idxs)
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        n = len(group[0][1])
+        total = torch.zeros(n, dtype=torch.float64)
+        count = torch.zeros(n, dtype=torch.float64)
+        dead_all = torch.ones(n, dtype=torch.bool)
+        measured = False
+        for name, idxs, root_idxs in self._out_entries(group):
+            s = self._scores[name]
+            if any(r is None for r in root_idxs) or max(idxs, default=-1) >= len(s.score):
+                continue
+            roots = torch.tensor(root_idxs, dtype=torch.long)
+            total.index_add_(0, roots, torch.from_numpy(s.score[idxs]))
+            count.index_add_(0, roots, torch.ones(len(idxs), dtype=torch.float64))
+            dead_here = torch.zeros(n, dtype=torch.bool)
+            dead_here[roots] = torch.from_numpy(s.dead[idxs])
+            dead_all &= dead_here | (count == 0)
+            measured = True
+        if not measured:
+            return self._fallback(group)
+        score = total / count.clamp(min=1)
+        mean = score[score > 0].mean() if (score > 0).any() else torch.tensor(1.0, dtype=torch.float64)
+        score = score / mean
+        score[dead_all & (count > 0)] = DEAD_SCORE
+        return score.float()
+
+    def forget(self, group) -> None:
+        """Drop the statistics of the channels this group removes (call right before group.prune())."""
+        removals = [(name, sorted(set(idxs))) for name, idxs, _ in self._out_entries(group)]
+        for name, idxs in removals:
+            s = self._scores[name]
+            keep = np.ones(len(s.score), dtype=bool)
+            keep[[i for i in idxs if i < len(keep)]] = False
+            self._scores[name] = _Scores(score=s.score[keep], dead=s.dead[keep])
+
+
+def make_importance(criterion: str, model: nn.Module, stats: ChannelStats | None = None,
+                    correlation_aware: bool = False):
+    """Build the torch-pruning Importance for `criterion` (stats needed for activation/apoz)."""
+    import torch_pruning as tp
+
+    if criterion in ("activation", "apoz"):
+        if stats is None:
+            raise BadInput(f"prune criterion '{criterion}' needs channel statistics (calibration data)")
+        return StatsImportance(model, stats, criterion, correlation_aware)
+    if criterion == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if criterion == "l2":
+        return tp.importance.MagnitudeImportance(p=2)
+    if criterion == "taylor":
+        return tp.importance.TaylorImportance()
+    if criterion == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    raise BadInput(f"unknown prune criterion '{criterion}' (choose one of {', '.join(CRITERIA)})")
+
+
+@torch.no_grad()
+def collect_basic_stats(model: nn.Module, batches: Iterable[torch.Tensor], max_batches: int = 8) -> ChannelStats:
+    """Fallback collector (used when the profiler's `collect_channel_stats` is unavailable).
+
+    Measures every Conv2d/Linear output directly: mean |a|, APoZ as the fraction of values <= 0
+    (what a following ReLU zeroes), variance, dead (constant over all samples), and a channel
+    correlation matrix on a subsample of positions.
+    """
+    acc: dict[str, dict] = {}
+    hooks = []
+
+    def hook(name: str):
+        def fn(_m, _inp, out):
+            if not isinstance(out, torch.Tensor) or out.dim() < 2:
+                return
+            a = out.detach().float()
+            a = a.movedim(1, -1) if isinstance(_m, nn.Conv2d) else a
+            flat = a.reshape(-1, a.shape[-1]).double()
+            d = acc.setdefault(name, {"n": 0, "abs": 0.0, "pos": 0.0, "s": 0.0, "s2": 0.0,
+                                      "min": None, "max": None, "sub": [], "samples": 0})
+            d["n"] += flat.shape[0]
+            d["samples"] += int(out.shape[0])
+            d["abs"] = d["abs"] + flat.abs().sum(0)
+            d["pos"] = d["pos"] + (flat <= 0).sum(0)
+            d["s"] = d["s"] + flat.sum(0)
+            d["s2"] = d["s2"] + (flat * flat).sum(0)
+            mn, mx = flat.min(0).values, flat.max(0).values
+            d["min"] = mn if d["min"] is None else torch.minimum(d["min"], mn)
+            d["max"] = mx if d["max"] is None else torch.maximum(d["max"], mx)
+            step = max(1, flat.shape[0] // 512)
+            d["sub"].append(flat[::step])
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        for i, x in enumerate(batches):
+            if i >= max_batches:
+                break
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    layers = {}
+    for name, d in acc.items():
+        n = max(d["n"], 1)
+        mean = d["s"] / n
+        var = (d["s2"] / n - mean * mean).clamp(min=0)
+        sub = torch.cat(d["sub"])
+        corr = (torch.corrcoef(sub.T).nan_to_num(0.0).numpy()
+                if sub.shape[0] > 2 and sub.shape[1] <= 1024 else None)
+        layers[name] = LayerStats(
+            mean_abs=(d["abs"] / n).numpy(), apoz=(d["pos"] / n).numpy(), variance=var.numpy(),
+            dead=((d["max"] - d["min"]).abs() < 1e-12).numpy(), samples=d["samples"], corr=corr,
+            num_high_corr_pairs=0 if corr is None else int((np.triu(np.abs(corr) > HIGH_CORR, 1)).sum()),
+            measured_at=name)
+    return ChannelStats(layers=layers)

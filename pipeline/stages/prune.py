@@ -1,0 +1,205 @@
+"""The prune stage: structured channel pruning to a MACs/params/peak-memory/ratio target.
+
+Ranks channels with a criterion (activation statistics from the profile stage, or torch-pruning's
+magnitude/Taylor/BN-scale baselines), lets torch-pruning's DepGraph remove them consistently
+across residual adds, concats and grouped convs, optionally fine-tunes with distillation, and
+saves a portable checkpoint. `ctx.model` is replaced by the pruned copy; `ctx.original_model`
+stays untouched as the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from pydantic import ConfigDict, Field, model_validator
+
+from pipeline.errors import BadInput, StageFailed
+from pipeline.stages.base import Artifact, Stage, StageConfig, StageContext, StageResult
+
+Target = Literal["ratio", "macs", "params", "peak_memory"]
+
+
+class FinetuneConfig(StageConfig):
+    """Optional recovery training on data.train, distilled from the original model."""
+
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(0.01, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    schedule: Literal["cosine", "none"] = "cosine"
+    distill: bool = True
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the distillation term
+    patience: int = Field(2, ge=1)  # epochs without eval-accuracy gain before stopping
+
+
+class PruneConfig(StageConfig):
+    """`target` says what `amount` removes: a channel ratio, or a fraction of MACs/params/peak.
+
+    Shorthand: `{macs: 0.5}` means `{target: macs, amount: 0.5}` (likewise ratio/params/peak_memory).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    criterion: Literal["activation", "apoz", "l1", "l2", "taylor", "bn_scale"] = "activation"
+    target: Target = "macs"
+    amount: float = Field(0.5, gt=0, lt=1)
+    global_pruning: bool = Field(False, alias="global")
+    ignore: list[str] = Field(default_factory=list)
+    round_to: int | None = Field(None, ge=1)
+    iterative_steps: int = Field(1, ge=1)
+    correlation_aware: bool = False
+    tolerance: float = Field(0.02, gt=0, lt=0.5)  # accepted |reduction - amount| for cost targets
+    finetune: FinetuneConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        given = [k for k in ("ratio", "macs", "params", "peak_memory") if k in data]
+        if not given:
+            return data
+        if len(given) > 1 or "amount" in data or "target" in data:
+            raise ValueError(f"give either 'target' + 'amount' or one of ratio/macs/params/peak_memory, not {given}")
+        data = dict(data)
+        data["target"], data["amount"] = given[0], data.pop(given[0])
+        return data
+
+
+class PruneStage(Stage):
+    name = "prune"
+    Config = PruneConfig
+    description = "structured channel pruning (torch-pruning DepGraph) to a MACs/params/memory target"
+
+    def run(self, ctx: StageContext, cfg: StageConfig) -> StageResult:
+        assert isinstance(cfg, PruneConfig)
+        from pipeline.pruning.checkpoint import save_checkpoint
+        from pipeline.pruning.engine import (PruneSettings, default_protection, left_alone,
+                                             prune_to_target, resolve_ignored, taylor_gradients)
+        from pipeline.pruning.finetune import accuracy, finetune
+        from pipeline.pruning.measure import layer_costs, model_cost
+        from pipeline.pruning.plot import plot_channels
+
+        model, example = ctx.model.eval(), ctx.example_input
+        ignored = resolve_ignored(model, cfg.ignore)
+        protect = default_protection(model, example, ignored)
+        if cfg.target == "peak_memory" and model_cost(model, example)["liveness_peak_bytes"] is None:
+            raise StageFailed("prune target 'peak_memory' needs pipeline.profiling.summarize (not available)")
+
+        stats, stats_source = (_channel_stats(ctx, model) if cfg.criterion in ("activation", "apoz")
+                               else (None, None))
+        grads = None
+        if cfg.criterion == "taylor":
+            cal = ctx.data.require("calibration", "prune")
+            grads = taylor_gradients(model, [b for _, b in zip(range(4), cal.batches())])
+
+        settings = PruneSettings(criterion=cfg.criterion, global_pruning=cfg.global_pruning, ignored=ignored,
+                                 round_to=cfg.round_to, iterative_steps=cfg.iterative_steps,
+                                 correlation_aware=cfg.correlation_aware)
+        before_cost, before_layers = model_cost(model, example), layer_costs(model, example)
+        acc_before = accuracy(model, ctx.data.eval)
+
+        def on_trial(t: dict[str, float]) -> None:
+            ctx.console.print(f"prune: ratio {t['ratio']:.3f} -> {cfg.target} reduction {t['reduction']:.3f}")
+
+        with ctx.console.status(f"pruning ({cfg.criterion}, {cfg.target} {cfg.amount})"):
+            found = prune_to_target(model, example, cfg.target, cfg.amount, settings, protect, stats, grads,
+                                    tolerance=cfg.tolerance, on_trial=on_trial)
+        pruned = found.model
+        _check_forward(model, pruned, example)
+        if not found.reached:
+            ctx.console.print(f"[yellow]prune: {cfg.target} target {cfg.amount} not reached; "
+                            f"best reduction {found.reduction:.3f} at ratio {found.ratio:.3f}")
+
+        acc_pruned = accuracy(pruned, ctx.data.eval)
+        ft_metrics: dict[str, Any] | None = None
+        acc_ft = None
+        if cfg.finetune is not None:
+            train = ctx.data.require("train", "prune (finetune)")
+            f = cfg.finetune
+            # Early stopping selects on the calibration split, never on eval: eval is the test set
+            # that verify reports, and choosing epochs by it would overstate accuracy.
+            ft_metrics = finetune(pruned, ctx.original_model, train, ctx.data.calibration, epochs=f.epochs, lr=f.lr,
+                                  optimizer=f.optimizer, schedule=f.schedule, distill=f.distill,
+                                  temperature=f.temperature, alpha=f.alpha, patience=f.patience,
+                                  console=ctx.console)
+            acc_ft = accuracy(pruned, ctx.data.eval)
+        pruned.eval()
+
+        after_cost, after_layers = model_cost(pruned, example), layer_costs(pruned, example)
+        layers = [{"name": n, "channels_before": b["channels"],
+                   "channels_after": after_layers.get(n, b)["channels"], "macs_before": b["macs"],
+                   "macs_after": after_layers.get(n, b)["macs"], "params_before": b["params"],
+                   "params_after": after_layers.get(n, b)["params"]} for n, b in before_layers.items()]
+        metrics: dict[str, Any] = {
+            "criterion": cfg.criterion, "target": cfg.target, "amount": cfg.amount,
+            "ratio": round(found.ratio, 4), "target_reached": found.reached, "search": found.trials,
+            "before": before_cost, "after": after_cost,
+            "reduction": {k: (None if not before_cost[k] or after_cost[k] is None
+                              else round(1 - after_cost[k] / before_cost[k], 4)) for k in before_cost},
+            "layers": layers, "left_alone": left_alone(before_layers, after_layers, model, protect),
+            "accuracy": {"before": acc_before, "after_prune": acc_pruned, "after_finetune": acc_ft},
+            "finetune": ft_metrics,
+            "stats_source": stats_source,
+        }
+        history = {k: metrics[k] for k in ("criterion", "target", "amount", "ratio", "before", "after")}
+        base = ctx.recipe.model.model_dump() if ctx.recipe is not None else {}
+        ckpt = save_checkpoint(ctx.path("pruned.pt"), pruned, base_source=base, history=history)
+        plot = plot_channels(layers, ctx.path("prune_channels.png"))
+        ctx.model = pruned
+        return StageResult(metrics=metrics, artifacts={
+            "pruned_checkpoint": Artifact(ckpt, "torch", "fp32", "pruned model (fmap checkpoint)"),
+            "prune_channels": Artifact(plot, "plot", None, "channels kept per layer"),
+        })
+
+    def restore(self, ctx: StageContext, cfg: StageConfig, result: StageResult) -> None:
+        """On --resume: rebuild the pruned model from its checkpoint on a copy of the original."""
+        from pipeline.pruning.checkpoint import load_checkpoint
+
+        art = result.artifacts.get("pruned_checkpoint")
+        if art is None:
+            raise StageFailed("prune: cannot resume, the previous run recorded no pruned_checkpoint")
+        ctx.model = load_checkpoint(art.path, copy.deepcopy(ctx.original_model)).eval()
+
+
+def _check_forward(original: torch.nn.Module, pruned: torch.nn.Module, example: torch.Tensor) -> None:
+    from pipeline.pruning.engine import _first_tensor
+
+    with torch.no_grad():
+        a, b = _first_tensor(original(example[:1])), _first_tensor(pruned.eval()(example[:1]))
+    if a is not None and (b is None or a.shape != b.shape):
+        raise StageFailed(f"pruned model output shape {None if b is None else tuple(b.shape)} "
+                          f"differs from the original {tuple(a.shape)}")
+
+
+def _channel_stats(ctx: StageContext, model: torch.nn.Module) -> tuple[Any, str]:
+    """The profile stage's statistics if they describe this model, else collect them on calibration data."""
+    from pipeline.profiling.stats import ChannelStats
+
+    names = {n for n, _ in model.named_modules()}
+    art = ctx.artifacts.get("profile_stats")
+    if art is not None:
+        try:
+            stats = ChannelStats.load(art.path)
+            if stats.layers and set(stats.layers) <= names:
+                return stats, "profile_stats"
+        except (NotImplementedError, OSError, ValueError, KeyError):
+            pass
+    cal = ctx.data.require("calibration", "prune")
+    xs = (x for _, (x, _y) in zip(range(8), cal.batches()))
+    stats = None
+    try:
+        from pipeline.profiling.stats import collect_channel_stats  # type: ignore[attr-defined]
+
+        stats = collect_channel_stats(model, xs)
+        src = "collected (profiler)"
+    except (ImportError, NotImplementedError):
+        from pipeline.pruning.importance import collect_basic_stats
+
+        stats = collect_basic_stats(model, (x for _, (x, _y) in zip(range(8), cal.batches())))
+        src = "collected (prune fallback)"
+    if not stats.layers:
+        raise BadInput("prune: no Conv2d/Linear layer statistics could be collected for this model")
+    return stats, src
