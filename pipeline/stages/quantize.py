@@ -1,0 +1,203 @@
+"""Quantize stage: FP32 ONNX -> one INT8 QDQ file (or dynamic INT8 / FP16) that ORT, OpenVINO and
+TensorRT all read, scored against FP32, with an accuracy-aware fallback that keeps the worst
+layers in float until the recipe's target is met.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.atomic import atomic_path
+from pipeline.stages.base import Artifact, Stage, StageConfig, StageContext, StageResult
+from pipeline.stages.export import FP32_NAME, ExportConfig, export_fp32
+
+Backend = Literal["onnxruntime", "openvino"]
+
+
+class FallbackConfig(StageConfig):
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)  # absolute, e.g. 0.01 = 1 point
+    min_agreement: float | None = Field(None, ge=0, le=1)  # top-1 agreement with FP32
+    max_float_layers: int = Field(5, ge=0)
+    max_steps: int = Field(5, ge=0)
+
+
+class QuantizeConfig(StageConfig):
+    mode: Literal["static", "dynamic", "fp16"] = "static"
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    samples: int = Field(256, gt=0)  # calibration samples, streamed batch by batch
+    activation_type: Literal["quint8", "qint8"] = "quint8"  # U8S8: fastest on ORT VNNI and OpenVINO
+    equalization: bool = False  # cross-layer equalization on the FP32 ONNX before calibration
+    bias_correction: bool = False  # empirical bias correction for weight quantization error
+    fallback: FallbackConfig = FallbackConfig()
+    exclude: list[str] = Field(default_factory=list)  # ONNX node names or torch module paths kept float
+    backends: list[Backend] = Field(default_factory=lambda: ["onnxruntime", "openvino"])
+    eval_samples: int = Field(256, gt=0)
+    debug_samples: int = Field(8, gt=0)  # samples for the per-tensor error analysis (holds activations)
+    latency_iterations: int = Field(20, ge=1)
+
+
+class QuantizeStage(Stage):
+    name = "quantize"
+    Config: ClassVar[type[StageConfig]] = QuantizeConfig
+    description = "Quantize the ONNX model (static QDQ INT8, dynamic INT8 or FP16) with accuracy-aware fallback"
+
+    def run(self, ctx: StageContext, cfg: QuantizeConfig) -> StageResult:  # type: ignore[override]
+        result = StageResult(metrics={"mode": cfg.mode, "calibration": cfg.calibration if cfg.mode == "static" else None})
+        fp32 = ctx.artifacts.get(FP32_NAME)
+        if fp32 is not None:
+            from pipeline.export.onnx import load_onnx
+
+            load_onnx(fp32.path)  # a missing or corrupt file is BadInput naming the path
+        else:
+            fp32, export_metrics = export_fp32(ctx, ExportConfig())
+            ctx.artifacts[FP32_NAME] = fp32
+            result.artifacts[FP32_NAME] = fp32
+            result.metrics["export"] = export_metrics
+        fp32_path = Path(fp32.path)
+        work = ctx.path("quantize/.keep").parent
+        if cfg.mode == "fp16":
+            name, art = "onnx_fp16", self._fp16(ctx, fp32_path)
+        elif cfg.mode == "dynamic":
+            name, art = "onnx_int8", self._dynamic(ctx, cfg, fp32_path, work)
+        else:
+            name, art = "onnx_int8", self._static(ctx, cfg, fp32_path, work, result.metrics)
+        result.artifacts[name] = art
+        ctx.artifacts[name] = art
+        if cfg.mode != "static":
+            result.metrics["fallback"] = {"steps": [], "float_layers": [], "note": "fallback applies to mode: static"}
+            result.metrics["layer_errors"] = []
+        self._measure(ctx, cfg, fp32_path, {name: art}, result.metrics)
+        return result
+
+    # -- modes -------------------------------------------------------------------------------
+    def _fp16(self, ctx: StageContext, fp32_path: Path) -> Artifact:
+        from pipeline.quantization.ort_quant import convert_fp16
+
+        path = convert_fp16(fp32_path, ctx.path("model_fp16.onnx"))
+        return Artifact(path, "onnx", "fp16", "FP16 weights and compute, float32 inputs/outputs")
+
+    def _dynamic(self, ctx: StageContext, cfg: QuantizeConfig, fp32_path: Path, work: Path) -> Artifact:
+        from pipeline.quantization.ort_quant import node_names, preprocess, quantize_dynamic_int8, resolve_exclude
+
+        prep = preprocess(fp32_path, work / "prep.onnx")
+        exclude = resolve_exclude(cfg.exclude, node_names(prep))
+        path = quantize_dynamic_int8(prep, ctx.path("model_int8_dynamic.onnx"), per_channel=cfg.per_channel,
+                                     exclude=exclude)
+        return Artifact(path, "onnx", "int8", "dynamic INT8 (weights int8, activations quantized at run time)")
+
+    def _static(self, ctx: StageContext, cfg: QuantizeConfig, fp32_path: Path, work: Path,
+                metrics: dict[str, Any]) -> Artifact:
+        from pipeline.backends import onnxruntime as ort_backend
+        from pipeline.export.onnx import INPUT_NAME
+        from pipeline.quantization import ort_quant
+        from pipeline.quantization.calibration import StreamingReader
+        from pipeline.quantization.debug import tensor_errors
+        from pipeline.quantization.evaluate import score
+        from pipeline.quantization.fallback import run_fallback
+
+        calib = ctx.data.require("calibration", "quantize")
+        reader = StreamingReader(calib, INPUT_NAME, cfg.samples)
+        prep = ort_quant.preprocess(fp32_path, work / "prep.onnx")
+        if cfg.equalization:
+            from pipeline.quantization.equalization import equalize
+
+            prep, pairs = equalize(prep, work / "prep_cle.onnx")
+            metrics["equalized_pairs"] = pairs
+        if cfg.bias_correction:
+            from pipeline.quantization.bias_correction import correct_biases
+
+            prep, corrected = correct_biases(prep, work / "prep_bc.onnx", reader, cfg.per_channel)
+            metrics["bias_corrected_layers"] = corrected
+        exclude = ort_quant.resolve_exclude(cfg.exclude, ort_quant.node_names(prep))
+
+        def quantize(nodes: list[str], step: int) -> Path:
+            reader.rewind()
+            with ctx.console.status(f"calibrating ({cfg.calibration}, {cfg.samples} samples, step {step})"):
+                return ort_quant.quantize_static_qdq(
+                    prep, work / f"int8_step{step}.onnx", reader, calibration=cfg.calibration,
+                    per_channel=cfg.per_channel, exclude=nodes, activation_type=cfg.activation_type)
+
+        eval_split = ctx.data.eval or calib
+        reference = ort_backend.load(fp32_path, threads=ctx.threads)
+
+        def evaluate(path: Path) -> dict[str, Any]:
+            sess = ort_backend.load(path, threads=ctx.threads)
+            try:
+                return score(sess, reference, eval_split, cfg.eval_samples)
+            finally:
+                sess.close()
+
+        debug_reader = StreamingReader(calib, INPUT_NAME, cfg.debug_samples, batch_size=cfg.debug_samples)
+        fb = cfg.fallback
+        try:
+            first = quantize(exclude, 0)
+            outcome = run_fallback(
+                float_path=prep, first=first, first_scores=evaluate(first), quantize=quantize, evaluate=evaluate,
+                meets=lambda s: _meets(s, fb), errors=lambda p: tensor_errors(prep, p, debug_reader),
+                base_exclude=exclude, max_float_layers=fb.max_float_layers, max_steps=fb.max_steps)
+        finally:
+            reference.close()
+        final = ctx.path("model_int8.onnx")
+        with atomic_path(final) as tmp:
+            shutil.copyfile(outcome.path, tmp)
+        metrics["fallback"] = {"target": fb.model_dump(), "met": outcome.met, "steps": outcome.steps,
+                               "chosen_step": outcome.chosen_step,
+                               "float_layers": outcome.float_layers, "excluded_nodes": outcome.excluded_nodes}
+        metrics["layer_errors"] = [t.to_dict() for t in tensor_errors(prep, final, debug_reader)[:10]]
+        if not outcome.met:
+            ctx.console.print(f"[yellow]quantize: fallback target not met after {len(outcome.steps) - 1} steps; "
+                              f"keeping step {outcome.chosen_step} ({len(outcome.float_layers)} layers in float)[/]")
+        return Artifact(final, "onnx", "int8", f"static QDQ INT8 ({cfg.calibration}, "
+                        f"{'per-channel' if cfg.per_channel else 'per-tensor'}), {len(outcome.excluded_nodes)} nodes float")
+
+    # -- measurements ------------------------------------------------------------------------
+    def _measure(self, ctx: StageContext, cfg: QuantizeConfig, fp32_path: Path, made: dict[str, Artifact],
+                 metrics: dict[str, Any]) -> None:
+        from pipeline.backends import onnxruntime as ort_backend
+        from pipeline.quantization.evaluate import backend_latencies, score
+
+        split = ctx.data.eval or ctx.data.calibration
+        x1 = np.ascontiguousarray(ctx.example_input[:1].detach().cpu().numpy(), dtype=np.float32)
+        reference = ort_backend.load(fp32_path, threads=ctx.threads)
+        entries: dict[str, Any] = {}
+        try:
+            for name, art in {"fp32": Artifact(fp32_path, "onnx", "fp32"), **made}.items():
+                entry: dict[str, Any] = {"path": str(art.path), "size_bytes": Path(art.path).stat().st_size}
+                if split is not None:
+                    sess = ort_backend.load(art.path, threads=ctx.threads)
+                    try:
+                        s = score(sess, reference, split, cfg.eval_samples)
+                    finally:
+                        sess.close()
+                    entry.update(accuracy=s["accuracy"], agreement=s["agreement"], max_abs_err=s["max_abs_err"],
+                                 eval_samples=s["samples"])
+                entry["latency_ms"], entry["backends"] = backend_latencies(
+                    art.path, art.precision or "fp32", x1, list(cfg.backends), ctx.threads, cfg.latency_iterations)
+                entries[name] = entry
+        finally:
+            reference.close()
+        metrics["fp32"] = entries.pop("fp32")
+        metrics["artifacts"] = entries
+        for name, e in entries.items():
+            lat = ", ".join(f"{b} {v:.2f} ms" for b, v in e["latency_ms"].items() if v is not None)
+            agree = e.get("agreement")
+            ctx.console.print(f"{name}: agreement {agree:.3f}, {lat}" if agree is not None else f"{name}: {lat}")
+
+
+def _meets(scores: dict[str, Any], fb: FallbackConfig) -> bool:
+    """Target check. Without labels a max_accuracy_drop is read as a minimum agreement of 1 - drop."""
+    ok = True
+    if fb.max_accuracy_drop is not None:
+        if scores.get("accuracy") is not None and scores.get("reference_accuracy") is not None:
+            ok &= scores["reference_accuracy"] - scores["accuracy"] <= fb.max_accuracy_drop + 1e-12
+        else:
+            ok &= (scores.get("agreement") or 0.0) >= 1 - fb.max_accuracy_drop
+    if fb.min_agreement is not None:
+        ok &= (scores.get("agreement") or 0.0) >= fb.min_agreement
+    return bool(ok)
