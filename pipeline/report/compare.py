@@ -1,0 +1,88 @@
+"""Compare two runs (A = reference, B = candidate): what changed, and whether B regresses A.
+
+Regressions judged per artifact@backend present in both runs:
+- accuracy: top-1 (agreement when unlabelled) dropped by more than `max_accuracy_drop` (absolute);
+- latency: p50 grew by more than `max_latency_increase` (relative) AND the two 95% intervals do
+  not overlap, so noise between two separate runs is not called a regression;
+- size: artifact size grew by more than `max_size_increase` (relative).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.report.json import build_report
+
+
+def compare_runs(a: dict[str, Any], b: dict[str, Any], max_accuracy_drop: float = 0.01,
+                 max_latency_increase: float = 0.10, max_size_increase: float = 0.05) -> dict[str, Any]:
+    """a, b: manifests. Returns a JSON-serialisable diff with a `regressions` list."""
+    ra, rb = build_report(a), build_report(b)
+    rows_a = {(r["artifact"], r["backend"]): r for r in ra["artifacts"]}
+    rows_b = {(r["artifact"], r["backend"]): r for r in rb["artifacts"]}
+    regressions: list[str] = []
+    diffs = []
+    for key in [k for k in rows_a if k in rows_b]:
+        x, y = rows_a[key], rows_b[key]
+        where = f"{key[0]}@{key[1]}"
+        metric = "top1" if x["top1"] is not None and y["top1"] is not None else "agreement"
+        drop = None if x[metric] is None or y[metric] is None else x[metric] - y[metric]
+        lat = _rel(x["p50_ms"], y["p50_ms"])
+        significant = bool(x["p50_ci95_ms"] and y["p50_ci95_ms"] and y["p50_ci95_ms"][0] > x["p50_ci95_ms"][1])
+        size = _rel(x["size_bytes"], y["size_bytes"])
+        d = {"artifact": key[0], "backend": key[1], "accuracy_metric": metric, "accuracy_a": x[metric],
+             "accuracy_b": y[metric], "accuracy_drop": drop, "batch_size": y["batch_size"],
+             "p50_ms_a": x["p50_ms"], "p50_ci95_a": x["p50_ci95_ms"], "p50_ms_b": y["p50_ms"],
+             "p50_ci95_b": y["p50_ci95_ms"], "latency_change": lat, "latency_change_significant": significant,
+             "size_bytes_a": x["size_bytes"], "size_bytes_b": y["size_bytes"], "size_change": size,
+             "rss_delta_mb_a": x["rss_delta_mb"], "rss_delta_mb_b": y["rss_delta_mb"], "regressions": []}
+        if drop is not None and drop > max_accuracy_drop:
+            d["regressions"].append(f"{where}: {metric} dropped {drop:.4f} (> {max_accuracy_drop})")
+        if lat is not None and lat > max_latency_increase and significant:
+            d["regressions"].append(f"{where}: p50 latency +{100 * lat:.1f}% (> {100 * max_latency_increase:.1f}%, "
+                                    "intervals do not overlap)")
+        if size is not None and size > max_size_increase:
+            d["regressions"].append(f"{where}: size +{100 * size:.1f}% (> {100 * max_size_increase:.1f}%)")
+        regressions += d["regressions"]
+        diffs.append(d)
+    return {
+        "run_a": ra.get("run_dir"), "run_b": rb.get("run_dir"),
+        "tolerances": {"max_accuracy_drop": max_accuracy_drop, "max_latency_increase": max_latency_increase,
+                       "max_size_increase": max_size_increase},
+        "artifacts": diffs,
+        "only_in_a": [f"{k[0]}@{k[1]}" for k in rows_a if k not in rows_b],
+        "only_in_b": [f"{k[0]}@{k[1]}" for k in rows_b if k not in rows_a],
+        "peak_memory_bytes": {"a": _peak(ra), "b": _peak(rb)},
+        "channels": _channels(ra, rb),
+        "gates": {"a_failed": ra["summary"]["gates_failed"], "b_failed": rb["summary"]["gates_failed"]},
+        "regressions": regressions,
+        "regressed": bool(regressions),
+    }
+
+
+def _rel(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or a == 0 else b / a - 1.0
+
+
+def _stage(report: dict[str, Any], kind: str) -> dict[str, Any]:
+    st = next((s for s in reversed(report["stages"]) if s["kind"] == kind and s["status"] in ("ok", "resumed")), None)
+    return st["metrics"] if st else {}
+
+
+def _peak(report: dict[str, Any]) -> int | None:
+    """Activation liveness peak of the final model: prune's `after` if pruned, else profile's."""
+    after = (_stage(report, "prune").get("after") or {}).get("liveness_peak_bytes")
+    return after if after is not None else (_stage(report, "profile").get("memory") or {}).get("liveness_peak_bytes")
+
+
+def _layer_channels(report: dict[str, Any]) -> dict[str, int]:
+    prune = _stage(report, "prune").get("layers") or []
+    if prune:
+        return {str(r.get("name")): r.get("channels_after") for r in prune if isinstance(r, dict)}
+    return {str(r.get("name")): r.get("channels") for r in _stage(report, "profile").get("layers") or []
+            if isinstance(r, dict) and r.get("channels") is not None}
+
+
+def _channels(ra: dict[str, Any], rb: dict[str, Any]) -> list[dict[str, Any]]:
+    ca, cb = _layer_channels(ra), _layer_channels(rb)
+    return [{"layer": n, "a": ca.get(n), "b": cb.get(n)} for n in dict.fromkeys([*ca, *cb]) if ca.get(n) != cb.get(n)]

@@ -1,0 +1,97 @@
+"""report.md: sized for a pull-request comment. Summary table first, details folded."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.report import fmt
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    verdict = "✅ all gates passed" if s["passed"] else (
+        f"❌ {s['gates_failed']} of {s['gates_total']} gates failed" if s["gates_failed"]
+        else f"❌ run status: {report['status']}")
+    lines = [f"## fmap: {report.get('recipe_name') or 'run'} — {verdict}", "",
+             f"Status `{report['status']}` · exit code {report.get('exit_code')} · "
+             f"fmap {report.get('fmap_version')} · {s['stages']} stages "
+             f"({s['stages_skipped']} skipped, {s['stages_failed']} failed)", ""]
+    rows = report["artifacts"]
+    if rows:
+        bs = rows[0]["batch_size"]
+        lines += [f"| artifact | backend | top-1 | agreement | p50 latency (batch {bs}) [95% CI] | "
+                  "speedup [95% CI] | size | gates |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            name = f"**{r['artifact']}**" if r["deployable"] else r["artifact"]
+            name += " (baseline)" if r["baseline"] else ""
+            lat = fmt.ms_ci(r["p50_ms"], r["p50_ci95_ms"]) if not r.get("error") else f"error: {r['error'][:60]}"
+            lines.append(f"| {name} | {r['backend']} | {fmt.pct(r['top1'])} | {fmt.pct(r['agreement'])} | {lat} | "
+                         f"{fmt.ratio_ci(r['speedup'], r['speedup_ci95'])} | {fmt.size(r['size_bytes'])} | "
+                         f"{fmt.STATUS_ICON[r['gate_status']]} |")
+        lines.append("")
+    else:
+        lines += ["_No verify measurements in this run._", ""]
+    for u in report["unavailable"]:
+        lines.append(f"- ⚠️ not measured: `{u.get('artifact') or 'all artifacts'}` on `{u.get('backend') or '-'}`: "
+                     f"{u.get('reason')}")
+    for st in report["stages"]:
+        if st["status"] == "skipped":
+            lines.append(f"- ⏭️ stage `{st['id']}` skipped: {st.get('skip_reason') or 'no reason given'}")
+        elif st["status"] == "failed":
+            lines.append(f"- 💥 stage `{st['id']}` failed: {st.get('error') or 'no error recorded'}")
+        elif st["status"] == "pending":
+            lines.append(f"- ⏸️ stage `{st['id']}` did not run (pending)")
+    lines.append("")
+    if report["gates"]:
+        lines += ["<details><summary>Gates</summary>", "", "| gate | artifact | value | threshold | result | detail |",
+                  "|---|---|---|---|---|---|"]
+        for g in report["gates"]:
+            lines.append(f"| {g['name']} | {g.get('artifact') or '-'} | {fmt.gate_value(g)} | "
+                         f"{fmt.gate_op(g['name'])} {g['threshold']} | {'✅' if g['passed'] else '❌'} | "
+                         f"{_cell(g.get('detail'))} |")
+        lines += ["", "</details>", ""]
+    lines += ["<details><summary>Stages</summary>", "", "| stage | kind | status | duration | key numbers |",
+              "|---|---|---|---|---|"]
+    for st in report["stages"]:
+        dur = "n/a" if st.get("duration_s") is None else f"{st['duration_s']:.1f} s"
+        lines.append(f"| {st['id']} | {st['kind']} | {st['status']} | {dur} | {_cell(key_numbers(st))} |")
+    lines += ["", "</details>", ""]
+    env = report.get("environment") or {}
+    if env:
+        lines += ["<details><summary>Environment</summary>", "", "```json",
+                  json.dumps(env, indent=1, default=str), "```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def key_numbers(st: dict[str, Any]) -> str:
+    """A one-line digest of a stage's metrics (full numbers are in report.json/html)."""
+    m = st["metrics"]
+    if st["status"] == "skipped":
+        return f"skipped: {st.get('skip_reason') or ''}"
+    if st["kind"] == "profile":
+        t = m.get("totals") or {}
+        mem = m.get("memory") or {}
+        return (f"{len(m.get('layers') or [])} layers, MACs {fmt.num(t.get('macs'))}, params {fmt.num(t.get('params'))}, "
+                f"peak activations {fmt.size(mem.get('liveness_peak_bytes'))}")
+    if st["kind"] == "prune":
+        b, a = m.get("before") or {}, m.get("after") or {}
+        acc = m.get("accuracy") or {}
+        return (f"MACs {fmt.num(b.get('macs'))} → {fmt.num(a.get('macs'))}, params {fmt.num(b.get('params'))} → "
+                f"{fmt.num(a.get('params'))}, top-1 {fmt.pct(acc.get('before'))} → {fmt.pct(acc.get('after_finetune'))}")
+    if st["kind"] == "quantize":
+        fb = m.get("fallback") or {}
+        return f"{len(fb.get('float_layers') or [])} layers kept float, {len(m.get('layer_errors') or [])} layer errors"
+    if st["kind"] == "export" and isinstance(m.get("onnx"), dict):
+        o, eq = m["onnx"], m["onnx"].get("equivalence") or {}
+        trt = (m.get("tensorrt") or {})
+        extra = f", tensorrt {trt.get('status')}" + (f": {trt.get('reason')}" if trt.get("reason") else "") if trt else ""
+        return (f"opset {o.get('opset')}, {fmt.size(o.get('size_bytes'))}, max abs diff vs torch "
+                f"{fmt.num(eq.get('max_abs_diff'))} on {eq.get('samples')} samples{extra}")
+    if st["kind"] == "verify":
+        return f"{len(m.get('results') or [])} measurements, {len(m.get('unavailable') or [])} not measured"
+    return ", ".join(f"{k}: {fmt.num(v)}" for k, v in m.items() if isinstance(v, (int, float, str)))[:200]
+
+
+def _cell(text: Any) -> str:
+    return str(text or "").replace("|", "\\|").replace("\n", " ")

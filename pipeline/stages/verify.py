@@ -1,0 +1,338 @@
+"""Verify: run the original, the current model and every model artifact on every requested backend;
+measure accuracy/agreement, interleaved latency with confidence intervals and memory; check gates.
+
+Nothing is faked: an artifact/backend pair that cannot run is listed in metrics["unavailable"]
+with its reason, and a gate on something unmeasured fails.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from pipeline.backends import BACKENDS, LOADS, available, get_backend
+from pipeline.backends.base import BackendUnavailable
+from pipeline.errors import BadInput, StageFailed
+from pipeline.stages.base import Stage, StageConfig, StageContext, StageResult
+from pipeline.verify.accuracy import AccuracyAccumulator
+from pipeline.verify.gates import GatesConfig, evaluate_gates, gate_targets
+from pipeline.verify.latency import RssProbe, measure, speedup_ci, summarize
+
+BackendName = Literal["torch", "onnxruntime", "openvino", "tensorrt"]
+
+
+class LatencyConfig(StageConfig):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+    warmup: int = Field(default=10, ge=0)
+    iterations: int = Field(default=50, ge=5)
+    threads: int | None = Field(default=None, gt=0)  # None: the run's thread count (ctx.threads)
+    interleave: bool = True
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(b <= 0 for b in v):
+            raise ValueError("batch sizes must be positive")
+        return list(dict.fromkeys(v))
+
+
+class VerifyConfig(StageConfig):
+    backends: list[BackendName] = Field(default_factory=lambda: ["torch", "onnxruntime"], min_length=1)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    baseline: Literal["original"] = "original"
+    eval_samples: int | None = Field(default=None, gt=0)  # cap on eval samples (None: the whole split)
+
+
+@dataclass
+class _Candidate:
+    name: str
+    kind: str
+    precision: str | None
+    source: Any  # nn.Module or Path
+    path: str | None
+    size_bytes: int | None
+    size_method: str
+
+
+@dataclass
+class _Run:
+    cand: _Candidate
+    backend: str
+    session: Any
+    memory: dict[str, Any]
+    description: dict[str, Any]
+    batch_one_only: bool = False
+
+
+class VerifyStage(Stage):
+    name = "verify"
+    Config = VerifyConfig
+    description = "accuracy, agreement, interleaved latency with CIs, memory and gates per artifact x backend"
+
+    def run(self, ctx: StageContext, cfg: StageConfig) -> StageResult:
+        assert isinstance(cfg, VerifyConfig)
+        threads = cfg.latency.threads or ctx.threads
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return self._run(ctx, cfg, threads)
+        finally:
+            torch.set_num_threads(prev_threads)
+
+    def _run(self, ctx: StageContext, cfg: VerifyConfig, threads: int) -> StageResult:
+        split = ctx.data.eval or ctx.data.calibration
+        if (cfg.gates.max_accuracy_drop is not None) and (split is None or not split.has_labels):
+            raise BadInput("verify.gates.max_accuracy_drop needs labelled data.eval in the recipe "
+                           "(use gates.min_agreement for unlabelled data)")
+        unavailable: list[dict[str, Any]] = []
+        usable: list[str] = []
+        for b in dict.fromkeys(["torch", *cfg.backends]):
+            reason = available(b)
+            if reason:
+                unavailable.append({"artifact": None, "backend": b, "reason": reason})
+            elif b in cfg.backends or b == "torch":
+                usable.append(b)
+
+        cands = _candidates(ctx)
+        runs: list[_Run] = []
+        example = _batch(ctx, split, 1)
+        try:
+            for cand in cands:
+                backends = ["torch"] if cand.name == cfg.baseline else [
+                    b for b in cfg.backends if cand.kind in LOADS[b]]
+                if not backends:
+                    unavailable.append({"artifact": cand.name, "backend": None, "reason":
+                                        f"no requested backend loads {cand.kind} artifacts "
+                                        f"(requested: {', '.join(cfg.backends)})"})
+                for b in backends:
+                    if b not in usable:
+                        if not any(u["backend"] == b and u["artifact"] is None for u in unavailable):
+                            unavailable.append({"artifact": cand.name, "backend": b, "reason": "backend unavailable"})
+                        continue
+                    run = _load(cand, b, threads, example, unavailable, ctx.original_model)
+                    if run is not None:
+                        runs.append(run)
+                        ctx.console.print(f"verify: loaded {cand.name} on {b}")
+            base = next(r for r in runs if r.cand.name == cfg.baseline and r.backend == "torch")
+            accuracy = _accuracy(ctx, cfg, split, base, runs)
+            latency, speedup = _latency(ctx, cfg, split, base, runs)
+        finally:
+            for r in runs:
+                try:
+                    r.session.close()
+                except Exception:  # closing must not mask the real outcome
+                    pass
+
+        results = []
+        for r in runs:
+            key = (r.cand.name, r.backend)
+            results.append({
+                "artifact": r.cand.name, "backend": r.backend, "kind": r.cand.kind,
+                "precision": r.cand.precision, "path": r.cand.path, "size_bytes": r.cand.size_bytes,
+                "size_method": r.cand.size_method, "accuracy": accuracy[key], "latency": latency[key],
+                "speedup": speedup[key], "memory": r.memory, "session": r.description,
+                "baseline": r.cand.name == cfg.baseline and r.backend == "torch",
+            })
+        deployable = _deployable(ctx, cands)
+        measured = [r["artifact"] for r in results]
+        not_run = {u["artifact"]: u["reason"] for u in unavailable if u["artifact"]}
+        for u in unavailable:
+            if u["artifact"] is None:
+                for c in cands:
+                    if u["backend"] in cfg.backends and c.kind in LOADS.get(u["backend"], ()):
+                        not_run.setdefault(c.name, f"{u['backend']}: {u['reason']}")
+        targets = gate_targets(cfg.gates, deployable, measured, cfg.baseline)
+        gates = evaluate_gates(cfg.gates, results, targets, cfg.baseline,
+                               batch_size=cfg.latency.batch_sizes[0], unmeasured=not_run)
+        metrics = {
+            "baseline": cfg.baseline, "deployable": deployable, "gate_targets": targets,
+            "gate_batch_size": cfg.latency.batch_sizes[0], "threads": threads,
+            "eval": {"split": getattr(split, "name", None), "samples": accuracy[(cfg.baseline, "torch")]["samples"],
+                     "has_labels": bool(split is not None and split.has_labels)},
+            "latency_config": cfg.latency.model_dump(),
+            "results": results, "unavailable": unavailable,
+        }
+        for u in unavailable:
+            ctx.console.print(f"[yellow]verify: {u['artifact'] or 'all artifacts'} on {u['backend'] or '-'} "
+                              f"not measured: {u['reason']}[/yellow]")
+        return StageResult(metrics=metrics, gates=gates)
+
+
+def _candidates(ctx: StageContext) -> list[_Candidate]:
+    """original, the current model if it differs (pruned), then every model artifact in run order."""
+    out = [_Candidate("original", "torch", "fp32", ctx.original_model, None,
+                      _state_bytes(ctx.original_model), "state_dict")]
+    torch_arts = [(n, a) for n, a in ctx.model_artifacts().items() if a.kind == "torch"]
+    current_differs = not _same_weights(ctx.model, ctx.original_model)
+    if current_differs:
+        if torch_arts:  # the last torch artifact is the checkpoint of the current model
+            name, art = torch_arts.pop()
+            out.append(_Candidate(name, "torch", art.precision or "fp32", ctx.model,
+                                  _rel(ctx, art.path), _file_bytes(art.path), "file"))
+        else:
+            out.append(_Candidate("pruned", "torch", "fp32", ctx.model, None, _state_bytes(ctx.model), "state_dict"))
+    done = {c.name for c in out}
+    for name, art in ctx.model_artifacts().items():
+        if name in done:
+            continue
+        out.append(_Candidate(name, art.kind, art.precision, art.path, _rel(ctx, art.path),
+                              _file_bytes(art.path), "file"))
+    return out
+
+
+def _deployable(ctx: StageContext, cands: list[_Candidate]) -> str:
+    """The last model artifact produced (the thing you would ship); else pruned/original."""
+    return cands[-1].name
+
+
+def _load(cand: _Candidate, backend: str, threads: int, example: np.ndarray,
+          unavailable: list[dict[str, Any]], base_model: torch.nn.Module) -> _Run | None:
+    module = get_backend(backend)
+    opts = {"base_model": base_model} if backend == "torch" else {}
+    try:
+        with RssProbe() as probe:
+            session = module.load(cand.source, threads=threads, precision_hint=cand.precision, **opts)
+            session.infer(example)
+    except BackendUnavailable as exc:
+        unavailable.append({"artifact": cand.name, "backend": backend, "reason": str(exc)})
+        return None
+    except Exception as exc:  # visible in the report, and gates on it fail as unmeasured
+        unavailable.append({"artifact": cand.name, "backend": backend,
+                            "reason": f"failed to load/run: {type(exc).__name__}: {exc}"})
+        return None
+    return _Run(cand, backend, session, probe.to_dict(), _jsonable(_describe(session)))
+
+
+def _infer(run: _Run, x: np.ndarray) -> np.ndarray:
+    """Run a batch; static-batch artifacts (batch 1 only) get the batch sample by sample."""
+    if not run.batch_one_only:
+        try:
+            return run.session.infer(x)
+        except Exception:
+            if len(x) == 1:
+                raise
+            run.batch_one_only = True
+    return np.concatenate([run.session.infer(x[i:i + 1]) for i in range(len(x))])
+
+
+def _accuracy(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run,
+              runs: list[_Run]) -> dict[tuple[str, str], dict[str, Any]]:
+    accs = {(r.cand.name, r.backend): AccuracyAccumulator() for r in runs}
+    errors: dict[tuple[str, str], str] = {}
+    batches = split.batches() if split is not None else [(torch.from_numpy(_batch(ctx, None, 1)), None)]
+    seen = 0
+    for x, y in batches:
+        if cfg.eval_samples is not None and seen >= cfg.eval_samples:
+            break
+        if cfg.eval_samples is not None:
+            x, y = x[: cfg.eval_samples - seen], None if y is None else y[: cfg.eval_samples - seen]
+        seen += len(x)
+        xn = x.numpy().astype(np.float32)
+        ref = _infer(base, xn)
+        labels = None if y is None else y.numpy()
+        for r in runs:
+            key = (r.cand.name, r.backend)
+            if key in errors:
+                continue
+            try:
+                accs[key].update(ref if r is base else _infer(r, xn), ref, labels)
+            except Exception as exc:
+                errors[key] = f"{type(exc).__name__}: {exc}"
+    out = {}
+    for key, acc in accs.items():
+        res = acc.result()
+        if key in errors:
+            res["error"] = errors[key]
+        res["split"] = getattr(split, "name", "example_input")
+        out[key] = res
+    return out
+
+
+def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs: list[_Run]):
+    lc = cfg.latency
+    latency: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
+    speedup: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
+    for bs in lc.batch_sizes:
+        x = _batch(ctx, split, bs)
+        runners = {}
+        for r in runs:
+            key = (r.cand.name, r.backend)
+            try:
+                if r.batch_one_only and bs > 1:
+                    raise ValueError("artifact accepts batch size 1 only (static batch)")
+                r.session.infer(x)
+                runners[key] = (lambda s=r.session: s.infer(x))
+            except Exception as exc:
+                latency[key][str(bs)] = {"batch_size": bs, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        ctx.console.print(f"verify: latency batch {bs}: {len(runners)} sessions x {lc.iterations} iterations"
+                          f"{' (interleaved)' if lc.interleave else ''}")
+        times = measure(runners, lc.warmup, lc.iterations, lc.interleave)  # type: ignore[arg-type]
+        base_key = (base.cand.name, base.backend)
+        for key, t in times.items():
+            latency[key][str(bs)] = summarize(t, bs)
+            if base_key in times:
+                ratio, ci = speedup_ci(times[base_key], t)
+                speedup[key][str(bs)] = {"ratio": ratio, "ci95": list(ci), "paired": lc.interleave}
+    return latency, speedup
+
+
+def _batch(ctx: StageContext, split: Any, bs: int) -> np.ndarray:
+    """A real batch of `bs` inputs (repeated when the split is smaller); example input without data."""
+    x = split.first_batch(bs)[0] if split is not None else ctx.example_input[:1]
+    reps = -(-bs // len(x))
+    return np.ascontiguousarray(torch.cat([x] * reps)[:bs].numpy().astype(np.float32))
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    if a is b:
+        return True
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _state_bytes(m: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in m.state_dict().values())
+
+
+def _file_bytes(p: Any) -> int | None:
+    try:
+        from pathlib import Path
+
+        p = Path(p)
+        if p.is_dir():
+            return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        size = p.stat().st_size
+        data = p.with_name(p.name + ".data")  # ONNX external data
+        return size + (data.stat().st_size if data.exists() else 0)
+    except OSError:
+        return None
+
+
+def _rel(ctx: StageContext, p: Any) -> str:
+    from pathlib import Path
+
+    try:
+        return str(Path(p).resolve().relative_to(ctx.run_dir.resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _describe(session: Any) -> dict[str, Any]:
+    try:
+        return dict(session.describe())
+    except Exception as exc:
+        return {"error": f"describe() failed: {exc}"}
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+__all__ = ["VerifyStage", "VerifyConfig", "LatencyConfig", "GatesConfig", "BACKENDS", "StageFailed"]

@@ -1,0 +1,1 @@
+"""Verification building blocks: accuracy/agreement, honest latency statistics, CI gates."""
