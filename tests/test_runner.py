@@ -154,3 +154,51 @@ def test_json_output(tmp_path, capsys):
         main(["run", str(path), "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["exit_code"] == 0 and result["stages"][0]["id"] == "count"
+
+
+class SleepConfig(StageConfig):
+    seconds: float = 30.0
+
+
+class SleepStage(Stage):
+    name: ClassVar[str] = "sleep"
+    Config = SleepConfig
+
+    def run(self, ctx, cfg):
+        import time
+
+        ctx.path("started").write_text("1")
+        time.sleep(cfg.seconds)
+        return StageResult()
+
+
+def test_real_sigint_exits_130(tmp_path):
+    """A real Ctrl-C (SIGINT to the process) mid-stage: exit 130, manifest says interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = recipe_file(tmp_path, values=(1,))
+    path.write_text(path.read_text().replace("  - count: {value: 1}", "  - count: {value: 1}\n  - sleep: {}"))
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from pipeline import stages\n"
+        "stages.STAGES['count'] = 'test_runner:CountStage'\n"
+        "stages.STAGES['sleep'] = 'test_runner:SleepStage'\n"
+        "from pipeline.cli import main\n"
+        "main(['run', %r])\n" % (str(Path(__file__).parent), str(path))
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    marker = tmp_path / "runs" / "unit" / "started"
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), proc.stderr.read().decode() if proc.poll() is not None else "stage never started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err
+    manifest = json.loads((tmp_path / "runs" / "unit" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert [s["status"] for s in manifest["stages"]] == ["ok", "interrupted"]
