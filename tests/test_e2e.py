@@ -1,0 +1,100 @@
+"""End to end, as a user runs it: `fmap run recipes/quickstart.yaml` in a subprocess, then resume,
+an impossible gate, `fmap report` and `fmap compare`. Uses the real embedded default."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+FAST = ["--set", "stages.verify.latency.iterations=10", "--set", "stages.verify.latency.warmup=2"]
+
+
+def fmap(*args: str, cwd: Path | None = None, timeout: int = 400) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CI="1")
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("e2e") / "quickstart"
+    proc = fmap("run", str(QUICKSTART), "--out", str(out), "--json", *FAST)
+    return out, proc
+
+
+def test_quickstart_runs_every_stage_and_writes_reports(quickstart_run):
+    out, proc = quickstart_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert [s["id"] for s in result["stages"]] == ["profile", "prune", "export", "quantize", "verify", "visualize"]
+    assert all(s["status"] == "ok" for s in result["stages"])
+    for name in ("report.json", "report.md", "report.html", "junit.xml", "manifest.json", "recipe.lock.yaml",
+                 "pruned.pt", "qa.html"):
+        assert (out / name).is_file(), name
+    assert "feature maps" in proc.stderr and "stem.0" in proc.stderr  # the per-layer table
+    assert "Traceback" not in proc.stderr
+
+
+def test_quickstart_report_is_schema_valid_with_int8_next_to_fp32(quickstart_run):
+    import jsonschema
+
+    out, _ = quickstart_run
+    report = json.loads((out / "report.json").read_text())
+    schema = json.loads((ROOT / "pipeline" / "report" / "report.schema.json").read_text())
+    jsonschema.validate(report, schema)
+    rows = {(r["artifact"], r["backend"]): r for r in report["artifacts"]}
+    original = rows[("original", "torch")]
+    int8 = rows[("onnx_int8", "onnxruntime")]
+    assert ("onnx_fp32", "onnxruntime") in rows and ("pruned_checkpoint", "torch") in rows
+    assert original["top1"] >= 0.97  # the embedded model is a real model
+    assert int8["top1"] >= original["top1"] - 0.01  # the quickstart's own gate
+    assert int8["size_bytes"] < rows[("onnx_fp32", "onnxruntime")]["size_bytes"] / 2
+    prune = next(s for s in report["stages"] if s["kind"] == "prune")["metrics"]
+    assert prune["after"]["macs"] <= 0.52 * prune["before"]["macs"]
+    assert prune["after"]["liveness_peak_bytes"] < prune["before"]["liveness_peak_bytes"]
+    visual = next(s for s in report["stages"] if s["kind"] == "visualize")["metrics"]
+    assert set(visual["similarity"]) >= {"onnx_int8"}
+
+
+def test_resume_skips_every_finished_stage(quickstart_run):
+    out, _ = quickstart_run
+    proc = fmap("run", str(QUICKSTART), "--out", str(out), "--json", "--resume", *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(s["resumed"] for s in json.loads(proc.stdout)["stages"])
+
+
+def test_impossible_gate_exits_1_naming_it(quickstart_run, tmp_path):
+    out, _ = quickstart_run
+    copy = tmp_path / "gate"
+    shutil.copytree(out, copy)
+    proc = fmap("run", str(QUICKSTART), "--out", str(copy), "--resume", *FAST,
+                "--set", "stages.verify.gates.min_speedup=1000")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "min_speedup" in proc.stderr and "FAIL" in proc.stderr
+    junit = (copy / "junit.xml").read_text()
+    assert "min_speedup" in junit and "<failure" in junit
+
+
+def test_report_regenerates_and_compare_shows_channel_changes(quickstart_run, tmp_path):
+    out, _ = quickstart_run
+    (out / "report.md").unlink()
+    proc = fmap("report", str(out), "--format", "md")
+    assert proc.returncode == 0 and (out / "report.md").is_file()
+    other = tmp_path / "pruned30"
+    shutil.copytree(out, other)
+    run_b = fmap("run", str(QUICKSTART), "--out", str(other), "--resume", *FAST,
+                 "--set", "stages.prune.amount=0.3", "--set", "stages.prune.finetune.epochs=1")
+    assert run_b.returncode in (0, 1), run_b.stderr[-2000:]
+    cmp = fmap("compare", str(out), str(other), "--json")
+    assert cmp.returncode in (0, 1), cmp.stderr[-2000:]
+    diff = json.loads(cmp.stdout)
+    assert diff["channels"], "per-layer channel changes missing"
+    assert any(c.get("a") != c.get("b") for c in diff["channels"] if isinstance(c, dict))
