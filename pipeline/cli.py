@@ -88,7 +88,7 @@ def run(recipe: Path, overrides: tuple[str, ...], resume: bool, out: Path | None
     console.print(f"[bold]fmap {__version__}[/] running recipe [bold]{loaded.name}[/] ({len(loaded.stages)} stages)"
                   f" -> {loaded.run_dir(out)}")
     outcome = run_recipe(loaded, out=out, resume=resume, console=console)
-    if outcome.exit_code != EXIT_INTERRUPTED:
+    if outcome.exit_code not in (EXIT_INTERRUPTED, EXIT_BAD_INPUT):  # bad input: just the one line
         print_summary(console, outcome.manifest)
     if as_json:
         click.echo(json.dumps(_json_result(outcome), indent=2))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 import pipeline
 from pipeline import atomic
@@ -189,7 +190,8 @@ class Runner:
         self.manifest["exit_code"] = exit_code
         self.manifest["error"] = error
         self._write_manifest()
-        if exit_code != EXIT_INTERRUPTED:
+        started = any(st["status"] != "pending" for st in self.manifest["stages"])
+        if exit_code != EXIT_INTERRUPTED and started:  # nothing to report when the inputs never loaded
             self._write_reports()
         return RunOutcome(self.run_dir, exit_code, self.manifest, failed, error)
 
@@ -237,7 +239,7 @@ class Runner:
                 raise StageFailed(msg) from exc
             self._record(ctx, spec, entry, result, time.perf_counter() - t0, entry["started"])
             if result.status == "skipped":
-                self.console.print(f"[yellow]skipped[/] {spec.id}: {result.skip_reason}")
+                self.console.print(f"[yellow]skipped[/] {spec.id}: {escape(str(result.skip_reason))}")
             else:
                 self.console.print(f"[green]done[/] {spec.id} in {entry['duration_s']:.1f} s")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.report import fmt
@@ -27,7 +28,7 @@ def print_summary(console: Console, manifest: dict[str, Any]) -> None:
         raw = next((s for s in manifest.get("stages", []) if s["id"] == st["id"]), {})
         status = st["status"] + (" (resumed)" if raw.get("resumed") else "")
         dur = f"{raw['duration_s']:.1f} s" if raw.get("duration_s") is not None else "-"
-        stages.add_row(st["id"], status, dur, raw.get("error") or key_numbers(st))
+        stages.add_row(st["id"], status, dur, escape(raw.get("error") or key_numbers(st)))
     console.print(stages)
     if report["artifacts"]:
         t = Table(title="artifacts (speedup and latency at batch %s, 95%% CI)" % report["artifacts"][0]["batch_size"])
@@ -39,7 +40,8 @@ def print_summary(console: Console, manifest: dict[str, Any]) -> None:
                       fmt.ratio_ci(r["speedup"], r["speedup_ci95"]), fmt.size(r["size_bytes"]))
         console.print(t)
     for u in report["unavailable"]:
-        console.print(f"[yellow]not measured[/] {u.get('artifact') or 'all artifacts'} on {u.get('backend')}: {u.get('reason')}")
+        console.print(f"[yellow]not measured[/] {escape(str(u.get('artifact') or 'all artifacts'))} on "
+                      f"{escape(str(u.get('backend')))}: {escape(str(u.get('reason')))}")
     if report["gates"]:
         t = Table(title="gates")
         for col in ("gate", "artifact", "value", "threshold", "result"):

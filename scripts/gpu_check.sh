@@ -29,7 +29,7 @@ echo "== gpu tests"
 
 echo "== resnet18-trt recipe"
 mkdir -p "${RUN_DIR}"
-SETS=(--set stages.export.tensorrt.require=true --set "stages[3].tensorrt.require=true")
+SETS=(--set stages.tensorrt.require=true)
 if [[ $QUICK == 1 ]]; then
   SETS+=(--set data.eval.samples=64 --set stages.verify.latency.iterations=20 --set stages.verify.latency.warmup=5)
 fi

@@ -98,3 +98,25 @@ def test_report_regenerates_and_compare_shows_channel_changes(quickstart_run, tm
     diff = json.loads(cmp.stdout)
     assert diff["channels"], "per-layer channel changes missing"
     assert any(c.get("a") != c.get("b") for c in diff["channels"] if isinstance(c, dict))
+
+
+@pytest.mark.slow
+def test_resnet18_trt_recipe_degrades_visibly_without_gpu(tmp_path):
+    """Issue 8: on a machine without CUDA the TensorRT stage is a visible skip and the run still passes."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device exists here: the gpu tests cover this recipe")
+    out = tmp_path / "trt"
+    proc = fmap("run", str(ROOT / "recipes" / "resnet18-trt.yaml"), "--out", str(out), "--json",
+                "--set", "data.eval.samples=16", "--set", "data.calibration.samples=16",
+                "--set", "stages.verify.latency.iterations=3", "--set", "stages.verify.latency.batch_sizes=[1]",
+                timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipped tensorrt: no CUDA device" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    trt = next(s for s in report["stages"] if s["kind"] == "tensorrt")
+    assert trt["status"] == "skipped" and "no CUDA device" in trt["skip_reason"]
+    assert any(u["backend"] == "tensorrt" for u in report["unavailable"])
+    assert "skipped" in (out / "report.md").read_text()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
+from rich.markup import escape
 
 from pipeline.atomic import atomic_path, write_bytes, write_json, write_text
 from pipeline.errors import BadInput, StageFailed
@@ -248,7 +249,7 @@ def _source_for(precision: EnginePrecision, artifacts: Mapping[str, Artifact]) -
 def _skip(ctx: StageContext, cfg: TensorRTConfig, reason: str, **extra: Any) -> StageResult:
     if cfg.require:
         raise StageFailed(f"tensorrt is required (require: true) but was not built: {reason}")
-    ctx.console.print(f"[yellow]skipped[/] tensorrt: {reason}")
+    ctx.console.print(f"[yellow]skipped[/] tensorrt: {escape(reason)}")
     return StageResult.skipped(reason, tensorrt={"status": "skipped", "reason": reason, **extra})
 
 
@@ -280,7 +281,7 @@ def build_engines(ctx: StageContext, cfg: TensorRTConfig, sources: Mapping[str, 
         if src is None:
             if cfg.require:
                 raise StageFailed(f"tensorrt {precision} engine required but not buildable: {why}")
-            ctx.console.print(f"[yellow]skipped[/] tensorrt {precision}: {why}")
+            ctx.console.print(f"[yellow]skipped[/] tensorrt {precision}: {escape(str(why))}")
             engines[precision] = {"status": "skipped", "reason": why}
             continue
         if strong and precision == "fp16":
