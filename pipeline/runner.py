@@ -157,6 +157,8 @@ class Runner:
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> RunOutcome:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("error.log", "report-error.log"):  # from an earlier run of this directory
+            (self.run_dir / stale).unlink(missing_ok=True)
         previous = self._load_previous()
         atomic.write_text(self.run_dir / LOCK, dump_lock(self.recipe))
         self.manifest = {

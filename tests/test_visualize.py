@@ -149,9 +149,9 @@ def test_gate_fails_when_artifact_is_a_different_model(make_ctx, tiny_model):
     torch.manual_seed(123)
     ctx.model = type(tiny_model)().eval()  # "compressed" model replaced by different random weights
     res = VisualizeStage().run(ctx, VisualizeConfig(images=8, min_attention_similarity=0.8, scaling=False))
-    sim = res.metrics["similarity"]["model"]
+    sim = res.metrics["similarity"]["pruned"]
     assert sim["method"] == "gradcam" and sim["mean"] < 0.8 and len(sim["worst"]) == 5
-    assert [g.passed for g in res.gates] == [False] and res.gates[0].artifact == "model"
+    assert [g.passed for g in res.gates] == [False] and res.gates[0].artifact == "pruned"
     assert "worst_model" in res.artifacts
 
 
@@ -166,7 +166,7 @@ def test_gate_passes_for_identical_copy_and_fp32_onnx(make_ctx, tiny_model, tmp_
     ctx.artifacts["onnx_fp32"] = Artifact(onnx_path, "onnx", "fp32")
     res = VisualizeStage().run(ctx, VisualizeConfig(images=6, min_attention_similarity=0.95, scaling=False))
     s = res.metrics["similarity"]
-    assert s["model"]["mean"] > 0.99
+    assert s["pruned"]["mean"] > 0.99
     assert s["onnx_fp32"]["method"] == "featuremap" and s["onnx_fp32"]["mean"] > 0.999
     assert s["onnx_fp32"]["layers"]["conv1"] == "/conv1/Conv_output_0"  # BN folded into the conv
     assert s["onnx_fp32"]["agreement"] == 1.0

@@ -52,7 +52,9 @@ def compare_all(ctx: StageContext, ref: nn.Module, x: torch.Tensor, layers: list
     """Yield one Comparison per compressed model found in ctx (skipped ones carry the reason)."""
     targets = ref_logits.argmax(1)
     if ctx.model is not ref and not same_weights(ctx.model, ref):
-        yield compare_torch("model", ref, ctx.model, x, layers[-1], targets)
+        # Named like verify names it: the torch artifact that holds it (the prune checkpoint), else "pruned".
+        name = next((n for n, a in ctx.artifacts.items() if a.kind == "torch"), "pruned")
+        yield compare_torch(name, ref, ctx.model, x, layers[-1], targets)
     for name, art in ctx.artifacts.items():
         if art.kind == "onnx":
             try:
