@@ -152,7 +152,7 @@ def test_gate_fails_when_artifact_is_a_different_model(make_ctx, tiny_model):
     sim = res.metrics["similarity"]["pruned"]
     assert sim["method"] == "gradcam" and sim["mean"] < 0.8 and len(sim["worst"]) == 5
     assert [g.passed for g in res.gates] == [False] and res.gates[0].artifact == "pruned"
-    assert "worst_model" in res.artifacts
+    assert "worst_pruned" in res.artifacts
 
 
 def test_gate_passes_for_identical_copy_and_fp32_onnx(make_ctx, tiny_model, tmp_path: Path):
