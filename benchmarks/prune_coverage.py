@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 QUICK = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "vit_b_32"]
-FIXED_224 = ("vit_", "maxvit_")  # position embeddings / partition sizes fix the input at 224 px
+# 224 px: ViT position embeddings and MaxViT partitions are fixed; AlexNet/VGG end in an adaptive
+# pool to 6x6/7x7 that ONNX exports only when the feature map is a multiple of it.
+FIXED_224 = ("vit_", "maxvit_", "alexnet", "vgg")
 MIN_INPUT = {"inception_v3": 80}  # its stem needs >= 75 px
 CNN_INPUT = 64  # smallest size every other model accepts: keeps the run short on a shared CPU
 
@@ -140,6 +142,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trace", action="store_true", help="print tracebacks of failures")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per model (each runs in a subprocess)")
+    ap.add_argument("--jsonl", type=Path, help="also append each row to this file as it finishes")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: check one model, print JSON
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,6 +154,9 @@ def main() -> int:
     for name in names:
         row = _isolated(name, args)
         rows.append(row)
+        if args.jsonl:
+            with args.jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         status = "pass" if row["ok"] else f"FAIL at {row['step']}: {row['reason']}"
         print(f"{name:28s} {row['seconds']:6.1f}s  {status}", flush=True)
     print(f"\n{sum(r['ok'] for r in rows)}/{len(rows)} passed")

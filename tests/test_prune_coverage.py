@@ -15,7 +15,8 @@ _spec.loader.exec_module(coverage)  # type: ignore[union-attr]
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "vit_b_32"])
+# shufflenet (torch-pruning ZeroDivisionError) and swin (graph analysis > 5 min) failed before the guards
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "shufflenet_v2_x0_5", "swin_t", "vit_b_32"])
 def test_model_prunes_and_exports(name):
     row = coverage.check_model(name)
     assert row["ok"], f"{name} failed at {row['step']}: {row['reason']}"

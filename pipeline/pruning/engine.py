@@ -3,8 +3,8 @@
 `prune_copy` prunes a deep copy by a channel ratio; `prune_to_target` bisects that ratio until a
 MACs / params / peak-memory reduction is met. Layer names the user gives are validated here, the
 classifier is found and protected, and attention layers get the head bookkeeping torch-pruning
-needs (nn.MultiheadAttention heads; custom qkv attention is left alone because its forward
-reshapes by the original width).
+needs (nn.MultiheadAttention heads; custom qkv attention is left whole because its forward
+reshapes by the original width). `guards` hides the graph patterns torch-pruning cannot map.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from torch import nn
 
 from pipeline.errors import BadInput, StageFailed
 from pipeline.profiling.stats import ChannelStats
+from pipeline.pruning.guards import (ATTENTION_REASON, SHUFFLE_REASON, attention_modules, guarded_trace,
+                                     shuffle_coupled_layers)
 from pipeline.pruning.importance import StatsImportance, make_importance
 from pipeline.pruning.measure import LAYER_TYPES, model_cost, out_channels
-
-QKV_NAMES = ("qkv", "to_qkv")
-ATTN_OUT_NAMES = ("proj", "merge", "out_proj")
 
 
 @dataclass(frozen=True)
@@ -108,19 +107,20 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
 
 
 def attention_protection(model: nn.Module, protect: Protection) -> dict[nn.Module, int]:
-    """Head counts for nn.MultiheadAttention; protect custom qkv attention projections."""
-    num_heads: dict[nn.Module, int] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            num_heads[m] = m.num_heads
-            continue
-        children = dict(m.named_children())
-        if any(isinstance(children.get(q), nn.Linear) for q in QKV_NAMES):
-            for child, sub in children.items():
-                if isinstance(sub, nn.Linear) and child in QKV_NAMES + ATTN_OUT_NAMES:
-                    protect.add(f"{name}.{child}" if name else child,
-                                "attention projection (forward reshapes by the original width)")
+    """Head counts for nn.MultiheadAttention; custom qkv attention modules are left whole."""
+    num_heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    for name, m in attention_modules(model).items():
+        protect.add(name, ATTENTION_REASON)
+        for child, sub in m.named_modules():
+            if isinstance(sub, LAYER_TYPES):
+                protect.add(f"{name}.{child}" if name else child, ATTENTION_REASON)
     return num_heads
+
+
+def shuffle_protection(model: nn.Module, example: torch.Tensor, protect: Protection) -> None:
+    """Protect the layers feeding a channel shuffle (their groups would need a permutation)."""
+    for name in shuffle_coupled_layers(model, example):
+        protect.add(name, SHUFFLE_REASON)
 
 
 def _fix_attributes(model: nn.Module) -> None:
@@ -145,14 +145,17 @@ def prune_copy(model: nn.Module, example: torch.Tensor, ratio: float, settings: 
                 p.grad = grads[name].clone()
     modules = dict(work.named_modules())
     num_heads = attention_protection(work, protect)
-    ignored = [modules[n] for n in (*settings.ignored, *protect.reasons) if n in modules]
     imp = make_importance(settings.criterion, work, stats, settings.correlation_aware)
     try:
-        pruner = tp.pruner.BasePruner(
-            work, example[:1], importance=imp, global_pruning=settings.global_pruning,
-            pruning_ratio=ratio, ignored_layers=ignored, round_to=settings.round_to,
-            iterative_steps=settings.iterative_steps, num_heads=num_heads,
-        )
+        shuffle_protection(work, example, protect)
+        ignored = [modules[n] for n in (*settings.ignored, *protect.reasons) if n in modules]
+        with guarded_trace(work) as customized:  # the graph is built here, pruned below
+            pruner = tp.pruner.BasePruner(
+                work, example[:1], importance=imp, global_pruning=settings.global_pruning,
+                pruning_ratio=ratio, ignored_layers=ignored, round_to=settings.round_to,
+                iterative_steps=settings.iterative_steps, num_heads=num_heads,
+                customized_pruners=customized or None,
+            )
         for _ in range(settings.iterative_steps):
             for group in pruner.step(interactive=True):
                 if isinstance(imp, StatsImportance):
