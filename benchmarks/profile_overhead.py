@@ -3,7 +3,7 @@
 Goal: streaming statistics (mean |a|, APoZ, variance, dead, correlation) cost <= 1.3x plain
 inference. HRank ranks (an SVD per feature map on a subsample) are timed separately.
 
-    .venv/bin/python benchmarks/profile_overhead.py [--quick] [--write]
+    .venv/bin/python benchmarks/profile_overhead.py [--quick] [--write] [--threads N] [--cpu-time]
 
 --write replaces the "## Profiler overhead" section of benchmarks/RESULTS.md.
 """
@@ -11,6 +11,7 @@ inference. HRank ranks (an SVD per feature map on a subsample) are timed separat
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -35,10 +36,13 @@ def _models(quick: bool) -> list[tuple[str, torch.nn.Module, list[int], int, int
             (f"resnet18 @ {size}", torchvision.models.resnet18(weights=None), [3, size, size], 8, n)]
 
 
+_CLOCK = time.perf_counter  # --cpu-time: time.process_time, steadier on a shared machine (1 thread)
+
+
 def _time(fn) -> float:
-    t = time.perf_counter()
+    t = _CLOCK()
     fn()
-    return time.perf_counter() - t
+    return _CLOCK() - t
 
 
 def run(quick: bool) -> str:
@@ -60,11 +64,21 @@ def run(quick: bool) -> str:
         rows.append(f"| {name} | {n} x {bs} | {t_plain:.3f} | {t_stats:.3f} | {t_stats / t_plain:.2f}x | "
                     f"{t_rank / t_plain:.2f}x |")
     cmd = "python benchmarks/profile_overhead.py" + (" --quick" if quick else "")
+    cmd += " --cpu-time" if _CLOCK is time.process_time else ""
+    load = _load_note()
     return "\n".join([
         "## Profiler overhead", "",
-        f"`{cmd}` ({torch.get_num_threads()} threads, torch {torch.__version__}). Goal: stats <= 1.3x plain.", "",
+        f"`{cmd}` ({torch.get_num_threads()} threads, torch {torch.__version__}, {load}). "
+        "Goal: stats <= 1.3x plain.", "",
         "| model | batches x size | plain s | with stats s | overhead | with stats + ranks (64 samples) |",
         "|---|---|---|---|---|---|", *rows, ""])
+
+
+def _load_note() -> str:
+    """The 1-minute load at the end of the run: timings on a busy machine are not final."""
+    load = os.getloadavg()[0]
+    busy = load >= 0.75 * (os.cpu_count() or 1)
+    return f"load {load:.2f} on {os.cpu_count()} cores" + (": machine busy, numbers not final" if busy else "")
 
 
 def write_section(section: str, path: Path) -> None:
@@ -80,7 +94,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small inputs, 2 batches: a smoke test")
     ap.add_argument("--write", action="store_true", help="replace the section in benchmarks/RESULTS.md")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--cpu-time", action="store_true", help="process CPU time instead of wall time")
     args = ap.parse_args()
+    global _CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        _CLOCK = time.process_time
     section = run(args.quick)
     print(section)
     if args.write:

@@ -86,3 +86,33 @@ def test_two_highly_correlated_channels_are_counted(tiny_model, tiny_data):
 def test_unknown_layer_is_bad_input(tiny_model, tiny_data):
     with pytest.raises(BadInput, match="nope"):
         collect_channel_stats(tiny_model, tiny_data.calibration.batches(), layers=["nope"])
+
+
+def test_moments_without_correlation_match(tiny_model, tiny_data):
+    xs = [x for x, _ in tiny_data.calibration.batches(16)]
+    with_corr = collect_channel_stats(tiny_model, xs, rank_samples=0)
+    without = collect_channel_stats(tiny_model, xs, rank_samples=0, correlation=False)
+    for name, st in without.layers.items():
+        assert st.corr is None and st.num_high_corr_pairs == 0
+        for key in ("mean_abs", "apoz", "variance", "dead"):
+            np.testing.assert_allclose(getattr(st, key), getattr(with_corr.layers[name], key), rtol=1e-6, atol=1e-9)
+
+
+def test_accumulators_sharing_scratch_stay_exact():
+    """Two layers of different sizes reuse one scratch buffer, batch after batch."""
+    from pipeline.profiling.stats import _Accumulator, _Scratch
+
+    torch.manual_seed(0)
+    scratch = _Scratch()
+    big, small = _Accumulator(1, True, 0, scratch), _Accumulator(-1, True, 0, scratch)
+    xb = [torch.randn(4, 3, 5, 5).relu() - 0.3 * (i % 2) for i in range(3)]  # mixed-sign and post-ReLU batches
+    xs = [torch.randn(7, 6).relu() for _ in range(3)]
+    for b, s in zip(xb, xs):
+        big.update(b)
+        small.update(s)
+    for acc, data in ((big, torch.cat(xb).transpose(0, 1).reshape(3, -1)), (small, torch.cat(xs).T)):
+        st, a = acc.finish("x"), data.double().numpy()
+        np.testing.assert_allclose(st.mean_abs, np.abs(a).mean(1), rtol=1e-6)
+        np.testing.assert_allclose(st.apoz, (a == 0).mean(1), rtol=0, atol=0)
+        np.testing.assert_allclose(st.variance, a.var(1), rtol=1e-5)
+        np.testing.assert_allclose(st.corr, np.corrcoef(a), atol=1e-5)
