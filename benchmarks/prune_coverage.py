@@ -142,7 +142,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trace", action="store_true", help="print tracebacks of failures")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per model (each runs in a subprocess)")
-    ap.add_argument("--jsonl", type=Path, help="also append each row to this file as it finishes")
+    ap.add_argument("--jsonl", type=Path, help="append each row to this file as it finishes; models already "
+                    "in it are not run again (resume an interrupted sweep)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: check one model, print JSON
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,7 +152,16 @@ def main() -> int:
         return 0
     names = args.models or (QUICK if args.quick else sorted(torchvision.models.list_models(module=torchvision.models)))
     rows = []
+    done = {}
+    if args.jsonl and args.jsonl.exists():  # resume an interrupted sweep: keep the rows already written
+        for line in args.jsonl.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["name"]] = row
     for name in names:
+        if name in done:
+            rows.append(done[name])
+            continue
         row = _isolated(name, args)
         rows.append(row)
         if args.jsonl:
