@@ -49,10 +49,12 @@ class LazyGroup(click.Group):
             try:
                 return getattr(importlib.import_module(module_name), attr)
             except (ImportError, AttributeError) as exc:  # a missing tool, not a broken CLI
-                @click.command(name=name, help=f"{help_text} (unavailable: {exc})",
+                why = str(exc)  # `exc` is unbound after the except block; the closure needs a copy
+
+                @click.command(name=name, help=f"{help_text} (unavailable: {why})",
                                context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
                 def _missing() -> None:
-                    raise FmapError(f"'fmap {name}' is unavailable in this installation: {exc}")
+                    raise FmapError(f"'fmap {name}' is unavailable in this installation: {why}")
 
                 return _missing
         return super().get_command(ctx, name)

@@ -9,7 +9,7 @@ import torch
 from pipeline.errors import BadInput
 from pipeline.profiling.stats import ChannelStats, LayerStats
 from pipeline.pruning.engine import PruneSettings, Protection, default_protection, prune_copy, prune_to_target, resolve_ignored
-from pipeline.pruning.importance import collect_basic_stats
+from pipeline.profiling.stats import collect_channel_stats
 from pipeline.pruning.measure import model_cost
 from pipeline.stages.prune import PruneConfig, PruneStage
 
@@ -35,7 +35,7 @@ def test_dead_channel_is_pruned_first(tiny_model, tiny_data):
     with torch.no_grad():
         tiny_model.conv3.weight[5] = 0.0
         tiny_model.conv3.bias[5] = 0.0
-    stats = collect_basic_stats(tiny_model, (x for x, _ in tiny_data.calibration.batches()))
+    stats = collect_channel_stats(tiny_model, (x for x, _ in tiny_data.calibration.batches()))
     assert stats.layers["conv3"].dead[5]
     pruned = prune_copy(tiny_model, torch.randn(1, 1, 16, 16), 1 / 16, PruneSettings(), _protect("conv1", "fc"), stats)
     assert pruned.conv3.out_channels == 15

@@ -202,3 +202,13 @@ def test_real_sigint_exits_130(tmp_path):
     manifest = json.loads((tmp_path / "runs" / "unit" / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"
     assert [s["status"] for s in manifest["stages"]] == ["ok", "interrupted"]
+
+
+def test_missing_command_module_is_a_clear_error_not_a_crash(monkeypatch, capsys):
+    from pipeline import cli as cli_module
+
+    monkeypatch.setitem(cli_module.LAZY_COMMANDS, "ghost", ("pipeline.no_such_module:cmd", "A missing tool."))
+    with pytest.raises(SystemExit) as info:
+        main(["ghost"])
+    assert info.value.code == 3
+    assert "'fmap ghost' is unavailable" in capsys.readouterr().err

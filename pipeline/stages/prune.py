@@ -187,19 +187,11 @@ def _channel_stats(ctx: StageContext, model: torch.nn.Module) -> tuple[Any, str]
                 return stats, "profile_stats"
         except (NotImplementedError, OSError, ValueError, KeyError):
             pass
+    from pipeline.profiling.stats import collect_channel_stats
+
     cal = ctx.data.require("calibration", "prune")
-    xs = (x for _, (x, _y) in zip(range(8), cal.batches()))
-    stats = None
-    try:
-        from pipeline.profiling.stats import collect_channel_stats  # type: ignore[attr-defined]
-
-        stats = collect_channel_stats(model, xs)
-        src = "collected (profiler)"
-    except (ImportError, NotImplementedError):
-        from pipeline.pruning.importance import collect_basic_stats
-
-        stats = collect_basic_stats(model, (x for _, (x, _y) in zip(range(8), cal.batches())))
-        src = "collected (prune fallback)"
+    stats = collect_channel_stats(model, (x for _, (x, _y) in zip(range(8), cal.batches())))
+    src = "collected on calibration data"
     if not stats.layers:
         raise BadInput("prune: no Conv2d/Linear layer statistics could be collected for this model")
     return stats, src
