@@ -41,6 +41,7 @@ def test_openvino_forces_f32_for_fp32_and_reports_precision(onnx_file):
     sess = ov_backend.load(onnx_file, threads=1, precision_hint="fp32")
     d = sess.describe()
     assert d["precision_hint"] == "f32" and d["threads"] == 1
+    assert d["streams"] == 1  # one request at a time gets every thread: the latency setting
     assert set(d["execution_precision"]) == {"f32"} and sum(d["execution_precision"].values()) >= 4
 
 

@@ -260,3 +260,85 @@ def test_fallback_keeps_best_step_when_target_missed(tmp_path, monkeypatch):
         base_exclude=[], max_float_layers=2, max_steps=2)
     assert not out.met and len(out.steps) == 3
     assert out.chosen_step == 0 and out.path == paths[0] and out.float_layers == []
+
+
+def _relu6_net() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU6(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight[2] *= 20  # large range, and this channel does reach the clip
+        model[0].weight[5] *= 0.02  # tiny range that never clips: clip-aware CLE may scale it up
+    return model, torch.randn(16, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+
+
+def test_equalization_relu6_policies(tmp_path):
+    from pipeline.export.onnx import export_onnx
+    from pipeline.quantization.calibration import StreamingReader
+    from pipeline.quantization.equalization import equalize
+
+    model, x = _relu6_net()
+    src = export_onnx(model, x[:1], tmp_path / "m.onnx")
+    reader = StreamingReader(TensorSplit("x", x, None), "input")
+    ref = ort.InferenceSession(str(src)).run(None, {"input": x.numpy()})[0]
+    out, pairs, spread = {}, {}, {}
+    for policy in ("skip", "exact", "relu"):
+        dst, pairs[policy] = equalize(src, tmp_path / f"{policy}.onnx", relu6=policy, reader=reader)
+        out[policy] = ort.InferenceSession(str(dst)).run(None, {"input": x.numpy()})[0]
+        w0 = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer if list(t.dims) == [8, 3, 3, 3]][0]
+        ranges = np.abs(w0).reshape(8, -1).max(1)
+        spread[policy] = ranges.max() / ranges.min()
+    assert pairs == {"skip": 0, "exact": 2, "relu": 2}
+    np.testing.assert_allclose(out["exact"], ref, rtol=1e-4, atol=1e-4)  # exact on the calibration data
+    assert np.abs(out["relu"] - ref).max() > 1e-2  # Clip -> Relu changes the function where x > 6
+    assert spread["exact"] < 0.5 * spread["skip"] and spread["relu"] < spread["exact"]
+    with pytest.raises(ValueError, match="reader"):
+        equalize(src, tmp_path / "x.onnx", relu6="exact")
+
+
+def test_bias_correction_handles_depthwise(tmp_path):
+    from pipeline.export.onnx import export_onnx
+    from pipeline.quantization.bias_correction import correct_biases, fake_quant
+    from pipeline.quantization.calibration import StreamingReader
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 3, groups=6).eval()
+    x = torch.rand(32, 6, 8, 8) + torch.arange(6.0).view(1, 6, 1, 1)  # a different mean per channel
+    src = export_onnx(conv, x[:1], tmp_path / "dw.onnx", simplify=False)
+    dst, n = correct_biases(src, tmp_path / "bc.onnx", StreamingReader(TensorSplit("x", x, None), "input"))
+    assert n == 1
+    with torch.no_grad():
+        ref = conv(x)
+        wq = torch.from_numpy(fake_quant(conv.weight.numpy().astype(np.float64)).astype(np.float32))
+        new_b = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer if len(t.dims) == 1][0]
+        plain = (nn.functional.conv2d(x, wq, conv.bias, groups=6) - ref).mean((0, 2, 3)).abs().mean()
+        fixed = (nn.functional.conv2d(x, wq, torch.from_numpy(new_b.copy()), groups=6) - ref).mean((0, 2, 3)).abs().mean()
+    assert fixed < 0.1 * plain
+
+
+def test_keep_float_presets_name_layers(tmp_path):
+    from pipeline.export.onnx import export_onnx
+    from pipeline.quantization.ort_quant import keep_float_layers
+
+    model, x = _relu6_net()
+    net = nn.Sequential(model, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    path = export_onnx(net, x[:1], tmp_path / "m.onnx")
+    convs = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    assert keep_float_layers(path, ["first_conv", "last_conv"]) == [convs[0], convs[-1]]
+    assert keep_float_layers(path, ["depthwise"]) == [convs[1]]
+    assert len(keep_float_layers(path, ["classifier"])) == 1
+    with pytest.raises(BadInput, match="preset"):
+        keep_float_layers(path, ["nonsense"])
+
+
+def test_keep_float_depthwise_in_stage(tmp_path, make_ctx):
+    model, x = _relu6_net()
+    net = nn.Sequential(model, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    split = TensorSplit("x", x, None, batch_size=8)
+    cfg = QuantizeConfig(keep_float=["depthwise"], equalization=True, bias_correction=True, **FAST)
+    result = QuantizeStage().run(make_ctx(net, DataBundle(calibration=split, eval=split), example_input=x[:1]), cfg)
+    graph = onnx.load(str(result.artifacts["onnx_int8"].path)).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    dw = next(n for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i == 8 for a in n.attribute))
+    assert producers.get(dw.input[1]) != "DequantizeLinear"  # depthwise weight stayed float
+    assert result.metrics["keep_float_layers"] == 1 and result.metrics["equalized_pairs"] == 2

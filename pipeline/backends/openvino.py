@@ -68,8 +68,17 @@ class OpenVinoSession:
             hint = None
         return {"backend": self.backend, "version": ov.get_version(), "device": self.device,
                 "threads": int(self._compiled.get_property("INFERENCE_NUM_THREADS")),
+                "streams": self._property("NUM_STREAMS", int),
+                "cpu_pinning": self._property("ENABLE_CPU_PINNING", bool),
                 "precision_hint": hint, "requested_precision": self.hint,
                 "execution_precision": self.execution_precision(), "path": str(self.path)}
+
+    def _property(self, name: str, cast: Any) -> Any:
+        """A compiled-model property, or None where this device/version does not expose it."""
+        try:
+            return cast(self._compiled.get_property(name))
+        except Exception:
+            return None
 
     def close(self) -> None:
         self._request = None
@@ -81,6 +90,8 @@ def load(path: str | Path, threads: int, precision_hint: str | None = None, **op
 
     precision_hint: the artifact's precision. "fp32" (or None) forces f32 execution; "int8" keeps
     f32 for the non-quantized parts too; "fp16"/"bf16" let OpenVINO use that precision.
+    opts: `performance_hint` (LATENCY), `num_streams` (1: one request at a time, all threads on it),
+    `cpu_pinning` (None = OpenVINO's default).
     """
     reason = available()
     if reason:
@@ -92,7 +103,10 @@ def load(path: str | Path, threads: int, precision_hint: str | None = None, **op
         raise BadInput(f"model file not found: {path}")
     device = opts.get("device", "CPU")
     config: dict[str, Any] = {"INFERENCE_NUM_THREADS": max(1, int(threads)),
-                              "PERFORMANCE_HINT": opts.get("performance_hint", "LATENCY")}
+                              "PERFORMANCE_HINT": opts.get("performance_hint", "LATENCY"),
+                              "NUM_STREAMS": int(opts.get("num_streams", 1))}
+    if opts.get("cpu_pinning") is not None:  # OpenVINO's default (pinned on Linux) unless asked
+        config["ENABLE_CPU_PINNING"] = bool(opts["cpu_pinning"])
     exec_precision = {"fp16": "f16", "bf16": "bf16"}.get(precision_hint or "fp32", "f32")
     config["INFERENCE_PRECISION_HINT"] = exec_precision
     core = ov.Core()

@@ -33,3 +33,34 @@ def set_initializer(graph: Any, name: str, array: Any) -> None:
             graph.initializer[i].CopyFrom(numpy_helper.from_array(array.astype(numpy_helper.to_array(t).dtype), name))
             return
     raise KeyError(name)
+
+
+def channel_stats(model: Any, names: list[str], reader: Any) -> dict[str, dict[str, Any]]:
+    """Per-channel mean and max of the float tensors `names` over `reader`'s batches (streamed).
+
+    Bias correction needs E[x] per input channel; ReLU6-aware equalization needs the largest
+    pre-clip value per channel. One extra pass over the calibration data serves both.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    stats: dict[str, dict[str, Any]] = {n: {"sum": 0.0, "count": 0, "max": None} for n in names}
+    reader.rewind()
+    for feed in iter(reader.get_next, None):
+        for name, arr in zip(names, session.run(names, feed)):
+            axes = (0,) + tuple(range(2, arr.ndim))
+            s = stats[name]
+            s["sum"] = s["sum"] + arr.astype(np.float64).sum(axis=axes)
+            s["count"] += int(arr.size // arr.shape[1])
+            mx = arr.max(axis=axes).astype(np.float64)
+            s["max"] = mx if s["max"] is None else np.maximum(s["max"], mx)
+    reader.rewind()
+    return {n: {"mean": s["sum"] / max(s["count"], 1), "max": s["max"]} for n, s in stats.items()}

@@ -100,3 +100,33 @@ def resolve_exclude(names: list[str], nodes: list[str]) -> list[str]:
                            f"(examples: {', '.join(nodes[:5])})")
         resolved.extend(hits)
     return list(dict.fromkeys(resolved))
+
+
+KEEP_FLOAT_PRESETS = ("first_conv", "last_conv", "classifier", "depthwise")
+
+
+def keep_float_layers(path: Path, presets: list[str]) -> list[str]:
+    """Layers named by presets: `first_conv`/`last_conv` (graph order), `classifier` (last
+    Gemm/MatMul), `depthwise` (every Conv with one input channel per group). Layers, not nodes:
+    debug.nodes_to_keep_float adds the fused activation and consumers of each."""
+    import onnx
+
+    from pipeline.quantization.graph import attr, index
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits, _, _ = index(graph)
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    picked: list[str] = []
+    for preset in presets:
+        if preset == "first_conv":
+            picked += [n.name for n in convs[:1]]
+        elif preset == "last_conv":
+            picked += [n.name for n in convs[-1:]]
+        elif preset == "classifier":
+            picked += [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1:]
+        elif preset == "depthwise":
+            picked += [n.name for n in convs if attr(n, "group", 1) > 1 and n.input[1] in inits
+                       and inits[n.input[1]].dims[1] == 1]
+        else:
+            raise BadInput(f"quantize.keep_float: unknown preset '{preset}' (use {', '.join(KEEP_FLOAT_PRESETS)})")
+    return list(dict.fromkeys(picked))

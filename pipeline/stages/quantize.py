@@ -33,9 +33,13 @@ class QuantizeConfig(StageConfig):
     samples: int = Field(256, gt=0)  # calibration samples, streamed batch by batch
     activation_type: Literal["quint8", "qint8"] = "quint8"  # U8S8: fastest on ORT VNNI and OpenVINO
     equalization: bool = False  # cross-layer equalization on the FP32 ONNX before calibration
+    # pairs behind ReLU6: skip | exact (clip-aware, exact on calibration data) | relu (Nagel: Clip->Relu)
+    equalization_relu6: Literal["skip", "exact", "relu"] = "exact"
     bias_correction: bool = False  # empirical bias correction for weight quantization error
     fallback: FallbackConfig = FallbackConfig()
     exclude: list[str] = Field(default_factory=list)  # ONNX node names or torch module paths kept float
+    # layer families kept float from the start (with their fused activation and consumers)
+    keep_float: list[Literal["first_conv", "last_conv", "classifier", "depthwise"]] = Field(default_factory=list)
     backends: list[Backend] = Field(default_factory=lambda: ["onnxruntime", "openvino"])
     eval_samples: int = Field(256, gt=0)
     debug_samples: int = Field(8, gt=0)  # samples for the per-tensor error analysis (holds activations)
@@ -107,7 +111,7 @@ class QuantizeStage(Stage):
         if cfg.equalization:
             from pipeline.quantization.equalization import equalize
 
-            prep, pairs = equalize(prep, work / "prep_cle.onnx")
+            prep, pairs = equalize(prep, work / "prep_cle.onnx", relu6=cfg.equalization_relu6, reader=reader)
             metrics["equalized_pairs"] = pairs
         if cfg.bias_correction:
             from pipeline.quantization.bias_correction import correct_biases
@@ -115,6 +119,12 @@ class QuantizeStage(Stage):
             prep, corrected = correct_biases(prep, work / "prep_bc.onnx", reader, cfg.per_channel)
             metrics["bias_corrected_layers"] = corrected
         exclude = ort_quant.resolve_exclude(cfg.exclude, ort_quant.node_names(prep))
+        if cfg.keep_float:
+            from pipeline.quantization.debug import nodes_to_keep_float
+
+            kept = ort_quant.keep_float_layers(prep, list(cfg.keep_float))
+            exclude = list(dict.fromkeys(exclude + [n for k in kept for n in nodes_to_keep_float(k, prep)]))
+            metrics["keep_float_layers"] = len(kept)
 
         def quantize(nodes: list[str], step: int) -> Path:
             reader.rewind()
