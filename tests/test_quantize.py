@@ -342,3 +342,14 @@ def test_keep_float_depthwise_in_stage(tmp_path, make_ctx):
     dw = next(n for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i == 8 for a in n.attribute))
     assert producers.get(dw.input[1]) != "DequantizeLinear"  # depthwise weight stayed float
     assert result.metrics["keep_float_layers"] == 1 and result.metrics["equalized_pairs"] == 2
+
+
+def test_qint8_activations_are_symmetric_for_tensorrt(tmp_path, tiny_model, tiny_data, make_ctx):
+    """TensorRT reads Q/DQ as-is and needs zero points of 0: activation_type qint8 must give that."""
+    from pipeline.export.tensorrt import qdq_incompatibility
+    from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
+
+    ctx = make_ctx(tiny_model, tiny_data)
+    res = QuantizeStage().run(ctx, QuantizeConfig(activation_type="qint8", backends=["onnxruntime"], samples=32,
+                                                  eval_samples=32))
+    assert qdq_incompatibility(res.artifacts["onnx_int8"].path) is None

@@ -40,7 +40,9 @@ def quantize_static_qdq(prep_path: Path, out_path: Path, reader: Any, *, calibra
     qtype = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
     # Gemm outputs stay float: a CNN's only Gemm is usually the classifier, and 8-bit logits flip
     # near-tie top-1 decisions for no speed gain (a following quantized op re-quantizes its input).
-    options = {"WeightSymmetric": True, "ActivationSymmetric": False,
+    # Signed activations are made symmetric (zero point 0): that is what TensorRT's explicit
+    # quantization accepts, and U8 activations keep the asymmetric range that VNNI kernels like.
+    options = {"WeightSymmetric": True, "ActivationSymmetric": activation_type == "qint8",
                "OpTypesToExcludeOutputQuantization": ["Gemm"]}
     if calibration == "percentile":
         options["CalibPercentile"] = 99.999

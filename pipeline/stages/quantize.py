@@ -35,7 +35,7 @@ class QuantizeConfig(StageConfig):
     equalization: bool = False  # cross-layer equalization on the FP32 ONNX before calibration
     # pairs behind ReLU6: skip | exact (clip-aware, exact on calibration data) | relu (Nagel: Clip->Relu)
     equalization_relu6: Literal["skip", "exact", "relu"] = "exact"
-    bias_correction: bool = False  # empirical bias correction for weight quantization error
+    bias_correction: bool = True  # on by default: +3.5 to +6 points agreement measured, ~1 s; empirical bias correction for weight quantization error
     fallback: FallbackConfig = FallbackConfig()
     exclude: list[str] = Field(default_factory=list)  # ONNX node names or torch module paths kept float
     # layer families kept float from the start (with their fused activation and consumers)
