@@ -48,7 +48,7 @@ def check_model(name: str, ratio: float = 0.3) -> dict:
     import torchvision
 
     from pipeline.pruning.engine import PruneSettings, default_protection, prune_copy
-    from pipeline.pruning.importance import collect_basic_stats
+    from pipeline.profiling.stats import collect_channel_stats
 
     t0 = time.perf_counter()
     row = {"name": name, "ok": False, "step": "build", "reason": ""}
@@ -59,7 +59,7 @@ def check_model(name: str, ratio: float = 0.3) -> dict:
         size = input_size(name)
         x = torch.randn(1, 3, size, size)
         row["step"] = "stats"
-        stats = collect_basic_stats(model, [torch.randn(2, 3, size, size) for _ in range(2)])
+        stats = collect_channel_stats(model, [torch.randn(2, 3, size, size) for _ in range(2)])
         row["step"] = "prune"
         pruned = prune_copy(model, x, ratio, PruneSettings(criterion="activation"),
                             default_protection(model, x), stats)

@@ -55,7 +55,7 @@ def main() -> int:
     import torchvision
 
     from pipeline.pruning.engine import PruneSettings, default_protection, prune_to_target
-    from pipeline.pruning.importance import collect_basic_stats
+    from pipeline.profiling.stats import collect_channel_stats
     from pipeline.pruning.measure import model_cost
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,7 +77,7 @@ def main() -> int:
     for name, amount, criterion, round_to in grid:
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, weights=None).eval()
-        stats = collect_basic_stats(model, [torch.randn(4, 3, 224, 224) for _ in range(2)])
+        stats = collect_channel_stats(model, [torch.randn(4, 3, 224, 224) for _ in range(2)])
         settings = PruneSettings(criterion=criterion, round_to=round_to)
         found = prune_to_target(model, x1, "macs", amount, settings, default_protection(model, x1), stats)
         red = 1 - model_cost(found.model, x1)["macs"] / model_cost(model, x1)["macs"]

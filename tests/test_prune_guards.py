@@ -7,7 +7,7 @@ from torch import nn
 
 from pipeline.pruning.engine import PruneSettings, Protection, default_protection, prune_copy
 from pipeline.pruning.guards import ATTENTION_REASON, SHUFFLE_REASON, is_channel_regroup
-from pipeline.pruning.importance import collect_basic_stats
+from pipeline.profiling.stats import collect_channel_stats
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -70,7 +70,7 @@ def _zero_rows(layer: nn.Module, rows: range) -> None:
 
 
 def _prune_half(model: nn.Module, x: torch.Tensor, ignore: tuple[str, ...] = ()) -> tuple[nn.Module, Protection]:
-    stats = collect_basic_stats(model, [torch.randn(4, *x.shape[1:]) for _ in range(2)])
+    stats = collect_channel_stats(model, [torch.randn(4, *x.shape[1:]) for _ in range(2)])
     protect = default_protection(model, x, ignore)
     return prune_copy(model, x, 0.5, PruneSettings(ignored=ignore), protect, stats), protect
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli, main
 from pipeline.errors import BadInput
-from pipeline.recipe import apply_override, load_recipe, parse_recipe
+from pipeline.recipe import apply_override, load_recipe
 
 GOOD = textwrap.dedent("""\
     name: t
