@@ -61,19 +61,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--amounts", type=float, nargs="*", default=[0.3, 0.5], help="MACs reductions in the grid")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--write", action="store_true", help="replace the section in benchmarks/RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         grid = [("resnet18", 0.5, "activation", None)]
         batch_sizes, warmup, iters = [1], 2, 5
     else:
-        grid = list(itertools.product(["resnet18", "mobilenet_v2"], [0.3, 0.5], ["activation", "l2"], [None, 8]))
-        batch_sizes, warmup, iters = [1, 8], 10, 50
+        grid = list(itertools.product(["resnet18", "mobilenet_v2"], args.amounts, ["activation", "l2"], [None, 8]))
+        batch_sizes, warmup, iters = [1, 8], 10, args.iters
     x1 = torch.randn(1, 3, 224, 224)
     base_cache: dict[tuple[str, int], dict[str, float]] = {}
-    print("| model | MACs cut | criterion | round_to | bs | MACs reduction | torch ms (base -> pruned) | "
-          "ORT ms (base -> pruned) | ORT speedup |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    lines = ["| model | MACs cut | criterion | round_to | bs | MACs reduction | torch ms (base -> pruned) | "
+             "ORT ms (base -> pruned) | ORT speedup |", "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines))
     for name, amount, criterion, round_to in grid:
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, weights=None).eval()
@@ -85,9 +88,19 @@ def main() -> int:
             if (name, bs) not in base_cache:
                 base_cache[(name, bs)] = latency(model, bs, args.threads, warmup, iters)
             b, p = base_cache[(name, bs)], latency(found.model.eval(), bs, args.threads, warmup, iters)
-            print(f"| {name} | {amount:.0%} | {criterion} | {round_to} | {bs} | {red:.1%} | "
-                  f"{b['torch_ms']:.1f} -> {p['torch_ms']:.1f} | {b['ort_ms']:.1f} -> {p['ort_ms']:.1f} | "
-                  f"{b['ort_ms'] / p['ort_ms']:.2f}x |", flush=True)
+            lines.append(f"| {name} | {amount:.0%} | {criterion} | {round_to} | {bs} | {red:.1%} | "
+                         f"{b['torch_ms']:.1f} -> {p['torch_ms']:.1f} | {b['ort_ms']:.1f} -> {p['ort_ms']:.1f} | "
+                         f"{b['ort_ms'] / p['ort_ms']:.2f}x |")
+            print(lines[-1], flush=True)
+    if args.write:
+        from benchmarks.common import machine_line, write_section
+
+        heading = "## Pruning speed (benchmarks/prune_speed.py)"
+        cmd = "python benchmarks/prune_speed.py " + " ".join(sys.argv[1:])
+        write_section("\n".join([heading, "", f"Command: `{cmd}` · {machine_line(args.threads)} · "
+                                 f"median of {iters} runs after {warmup} warmup, 224x224, random weights. "
+                                 "Base and pruned are timed one after the other in the same process.", "",
+                                 *lines]), heading)
     return 0
 
 
