@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 from rich.markup import escape
 
-from pipeline.atomic import atomic_path, write_bytes, write_json, write_text
+from pipeline.atomic import write_bytes, write_json, write_text
 from pipeline.errors import BadInput, StageFailed
 from pipeline.stages.base import Artifact, Stage, StageConfig, StageContext, StageResult
 
@@ -98,14 +98,11 @@ def qdq_incompatibility(onnx_path: Path) -> str | None:
 
 
 def onnx_to_fp16(src: Path, dst: Path) -> Path:
-    """Write an FP16 copy of `src` with float32 inputs/outputs (for strongly typed FP16 builds)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """Write an FP16 copy of `src` with float32 inputs/outputs (for strongly typed FP16 builds):
+    the same conversion as the quantize stage's fp16 mode."""
+    from pipeline.quantization.ort_quant import convert_fp16
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    with atomic_path(dst) as tmp:
-        onnx.save(model, str(tmp))
-    return dst
+    return convert_fp16(src, dst)
 
 
 # --------------------------------------------------------------------------- engine inspection
