@@ -271,7 +271,7 @@ def write_results(rows: list[dict[str, Any]], load: str) -> None:
 
     section = "\n".join([
         SECTION, "",
-        f"{machine_line(THREADS)} `python benchmarks/quantize.py --write --variants`; load average before the run: "
+        f"{machine_line(THREADS)} `python benchmarks/quantize.py {' '.join(sys.argv[1:])}`; load average before the run: "
         f"{load}. torchvision models have random weights: agreement is top-1 agreement with torch FP32 on crops of "
         f"real photos ({describe()}) after centring the classifier bias so predictions depend on the input "
         "(`FP32 classes seen` shows they do); BatchNorm statistics are left as initialised (re-estimating them "
