@@ -1,7 +1,7 @@
 """Cost of a model (whole and per layer), the yardstick that prune targets are bisected against.
 
-Totals come from the profiler's `summarize` when it is available, so prune's "before/after"
-agree with the profile stage; per-layer numbers come from forward hooks on Conv/Linear layers.
+Totals come from the profiler's `summarize`, so prune's "before/after" agree with the profile
+stage; per-layer numbers come from forward hooks on Conv/Linear layers.
 """
 
 from __future__ import annotations
@@ -62,19 +62,10 @@ def layer_costs(model: nn.Module, example: torch.Tensor) -> dict[str, dict[str, 
 
 
 def model_cost(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-    """{macs, params, liveness_peak_bytes} for a batch of 1 (liveness None without the profiler)."""
-    try:
-        from pipeline.profiling import summarize  # type: ignore[attr-defined]
-    except ImportError:
-        summarize = None
-    if summarize is not None:
-        s = summarize(model, example[:1])
-        return {"macs": int(s["macs"]), "params": int(s["params"]),
-                "liveness_peak_bytes": None if s.get("liveness_peak_bytes") is None
-                else int(s["liveness_peak_bytes"])}
-    import torch_pruning as tp
+    """{macs, params, liveness_peak_bytes} for a batch of 1, from the profiler's `summarize`, so
+    prune's before/after agree with the profile stage."""
+    from pipeline.profiling import summarize
 
-    was_training = model.training
-    macs, params = tp.utils.count_ops_and_params(model.eval(), example[:1])
-    model.train(was_training)
-    return {"macs": int(macs), "params": int(params), "liveness_peak_bytes": None}
+    s = summarize(model, example[:1])
+    return {"macs": int(s["macs"]), "params": int(s["params"]),
+            "liveness_peak_bytes": None if s.get("liveness_peak_bytes") is None else int(s["liveness_peak_bytes"])}

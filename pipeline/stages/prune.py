@@ -85,8 +85,6 @@ class PruneStage(Stage):
         model, example = ctx.model.eval(), ctx.example_input
         ignored = resolve_ignored(model, cfg.ignore)
         protect = default_protection(model, example, ignored)
-        if cfg.target == "peak_memory" and model_cost(model, example)["liveness_peak_bytes"] is None:
-            raise StageFailed("prune target 'peak_memory' needs pipeline.profiling.summarize (not available)")
 
         stats, stats_source = (_channel_stats(ctx, model) if cfg.criterion in ("activation", "apoz")
                                else (None, None))
