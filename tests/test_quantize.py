@@ -208,21 +208,14 @@ def test_equalization_preserves_function_and_evens_ranges(tmp_path):
 
 
 def test_bias_correction_removes_weight_quantization_bias(tmp_path):
-    from pipeline.export.onnx import export_onnx
-    from pipeline.quantization.bias_correction import correct_biases, fake_quant
-    from pipeline.quantization.calibration import StreamingReader
 
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3).eval()
     x = torch.rand(32, 4, 8, 8) + 1.0  # positive mean inputs: weight rounding error shows in the mean
-    src = export_onnx(conv, x[:1], tmp_path / "c.onnx", simplify=False)
-    dst, n = correct_biases(src, tmp_path / "bc.onnx", StreamingReader(TensorSplit("x", x, None), "input"))
-    assert n == 1
+    wq, new_b = _bias_corrected(conv, x, tmp_path)
     with torch.no_grad():
         ref = conv(x)
-        wq = torch.from_numpy(fake_quant(conv.weight.numpy().astype(np.float64)).astype(np.float32))
         plain = nn.functional.conv2d(x, wq, conv.bias)
-        new_b = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer if len(t.dims) == 1][0]
         corrected = nn.functional.conv2d(x, wq, torch.from_numpy(new_b.copy()))
     bias_plain = (plain - ref).mean((0, 2, 3)).abs().mean()
     bias_fixed = (corrected - ref).mean((0, 2, 3)).abs().mean()
@@ -297,20 +290,13 @@ def test_equalization_relu6_policies(tmp_path):
 
 
 def test_bias_correction_handles_depthwise(tmp_path):
-    from pipeline.export.onnx import export_onnx
-    from pipeline.quantization.bias_correction import correct_biases, fake_quant
-    from pipeline.quantization.calibration import StreamingReader
 
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 6, 3, groups=6).eval()
     x = torch.rand(32, 6, 8, 8) + torch.arange(6.0).view(1, 6, 1, 1)  # a different mean per channel
-    src = export_onnx(conv, x[:1], tmp_path / "dw.onnx", simplify=False)
-    dst, n = correct_biases(src, tmp_path / "bc.onnx", StreamingReader(TensorSplit("x", x, None), "input"))
-    assert n == 1
+    wq, new_b = _bias_corrected(conv, x, tmp_path)
     with torch.no_grad():
         ref = conv(x)
-        wq = torch.from_numpy(fake_quant(conv.weight.numpy().astype(np.float64)).astype(np.float32))
-        new_b = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer if len(t.dims) == 1][0]
         plain = (nn.functional.conv2d(x, wq, conv.bias, groups=6) - ref).mean((0, 2, 3)).abs().mean()
         fixed = (nn.functional.conv2d(x, wq, torch.from_numpy(new_b.copy()), groups=6) - ref).mean((0, 2, 3)).abs().mean()
     assert fixed < 0.1 * plain
@@ -353,3 +339,17 @@ def test_qint8_activations_are_symmetric_for_tensorrt(tmp_path, tiny_model, tiny
     res = QuantizeStage().run(ctx, QuantizeConfig(activation_type="qint8", backends=["onnxruntime"], samples=32,
                                                   eval_samples=32))
     assert qdq_incompatibility(res.artifacts["onnx_int8"].path) is None
+
+
+def _bias_corrected(conv: nn.Module, x: torch.Tensor, tmp_path) -> tuple[torch.Tensor, np.ndarray]:
+    """Export `conv`, bias-correct it on `x`; return its fake-quantized weight and the new bias."""
+    from pipeline.export.onnx import export_onnx
+    from pipeline.quantization.bias_correction import correct_biases, fake_quant
+    from pipeline.quantization.calibration import StreamingReader
+
+    src = export_onnx(conv, x[:1], tmp_path / "c.onnx", simplify=False)
+    dst, n = correct_biases(src, tmp_path / "bc.onnx", StreamingReader(TensorSplit("x", x, None), "input"))
+    assert n == 1
+    wq = torch.from_numpy(fake_quant(conv.weight.detach().numpy().astype(np.float64)).astype(np.float32))
+    new_b = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer if len(t.dims) == 1][0]
+    return wq, new_b
