@@ -200,3 +200,30 @@ def test_fallback_picks_the_candidate_that_measures_best_not_the_debuggers_first
         meets=lambda s: s["agreement"] >= 0.95, errors=lambda p: [_Err("A"), _Err("B")],
         base_exclude=[], max_float_layers=3, max_steps=3)
     assert outcome.float_layers == ["B"] and outcome.met and outcome.chosen_step == 1
+
+
+def test_range_search_clips_heavy_tails_where_it_lowers_the_error():
+    """Laplace activations: the MSE-optimal 8-bit clip sits near 10 scale units (Banner et al.),
+    inside the min-max range; a uniform tensor has nothing worth clipping."""
+    from pipeline.quantization.range_search import BINS, _expected_mse, best_range
+
+    rng = np.random.default_rng(0)
+    t = rng.laplace(0, 1, 400_000)
+    lo, hi = float(t.min()), float(t.max())
+    hist, edges = np.histogram(t, bins=BINS, range=(lo, hi))
+    new_lo, new_hi = best_range(hist, lo, hi)
+    centres = (edges[:-1] + edges[1:]) / 2
+    assert lo < new_lo < -8 and 8 < new_hi < hi
+    assert _expected_mse(hist, centres, new_lo, new_hi) < 0.85 * _expected_mse(hist, centres, lo, hi)
+    flat = rng.uniform(0, 6, 100_000)
+    hist, _ = np.histogram(flat, bins=BINS, range=(0.0, 6.0))
+    lo, hi = best_range(hist, 0.0, 6.0)
+    assert lo == 0.0 and hi > 5.9
+
+
+def test_mse_calibration_runs_through_the_stage(stem_setup, make_ctx):
+    model, data = stem_setup
+    m = QuantizeStage().run(make_ctx(model, data), QuantizeConfig(**FAST, calibration="mse")).metrics
+    assert m["calibration"] == "mse" and m["range_search"]["tensors"] >= 3
+    assert m["artifacts"]["onnx_int8"]["agreement"] >= 0.9
+
