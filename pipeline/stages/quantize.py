@@ -33,6 +33,8 @@ class QuantizeConfig(StageConfig):
     mode: Literal["static", "dynamic", "fp16"] = "static"
     # the CPU/runtime the artifact is for; auto = this machine. x86-avx2 = safe on every x86-64 CPU
     target: Target = "auto"
+    # nearest, or gptq: error-compensating rounding from calibration data (gptq.py), static mode only
+    weight_rounding: Literal["nearest", "gptq"] = "nearest"
     # mse: per-tensor range search by quantization error (range_search.py) over min-max calibration
     calibration: Literal["minmax", "entropy", "percentile", "mse"] = "minmax"
     per_channel: bool = True
@@ -150,6 +152,8 @@ class QuantizeStage(Stage):
         metrics["layer_errors"] = [t.to_dict() for t in tensor_errors(prep, final, debug_reader)[:10]]
         if quantize.range_search is not None:
             metrics["range_search"] = quantize.range_search
+        if quantize.gptq is not None:
+            metrics["gptq"] = quantize.gptq
         metrics["target"] = _report_target(ctx, target, saturation.check(final, ranges), quantize.seven_bit,
                                            quantize.widened.get(outcome.path, {}))
         if not outcome.met:
@@ -247,6 +251,8 @@ class _Quantizer:
         self.seven_bit: dict[str, int] = {}  # float weight name -> channel axis
         self.widened: dict[Path, dict[str, Any]] = {}  # artifact -> {layer: channels widened}
         self.range_search: dict[str, Any] | None = None  # calibration: mse, what the search changed
+        self.gptq: dict[str, Any] | None = None  # weight_rounding: gptq, output MSE per layer
+        self._rounding_cache: dict[str, Any] = {}
 
     def __call__(self, nodes: list[str], tag: str) -> Path:
         from pipeline.quantization import saturation
@@ -254,6 +260,12 @@ class _Quantizer:
 
         path = self.work / f"int8_step{tag}.onnx"
         self._quantize(nodes, path)
+        if self.cfg.weight_rounding == "gptq":
+            from pipeline.quantization import gptq
+
+            with self.ctx.console.status("error-compensating weight rounding (GPTQ)"):
+                self.gptq = gptq.apply(path, self.prep, self.reader, self._rounding_cache,
+                                       reference="nearest" if self.cfg.bias_correction else "float")
         if self.fix:
             self.widened[path] = widen_scales(path, self.prep, self.ranges)
             risky = saturation.at_risk(saturation.check(path, self.ranges))
