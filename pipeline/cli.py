@@ -130,6 +130,7 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> int:
     from pipeline.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
+    loaded.run_dir()  # an output_dir outside the recipe's folder is refused here too
     click.echo(f"{recipe}: ok ({loaded.name}: {', '.join(s.id for s in loaded.stages)})")
     return 0
 

@@ -30,7 +30,7 @@ class RecipeHeader(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     seed: int = 0
     threads: int = Field(default=2, gt=0, le=256)
-    output_dir: str = "runs"
+    output_dir: str | None = None  # default: runs/ under the working directory
     model: ModelConfig
     data: DataConfig = DataConfig()
     stages: list[Any] = Field(min_length=1)
@@ -60,8 +60,27 @@ class Recipe:
     stages: tuple[StageSpec, ...]
     source_path: Path | None = None
 
+    output_dir_explicit: bool = False
+
     def run_dir(self, out: str | Path | None = None) -> Path:
-        return Path(out) if out is not None else Path(self.output_dir) / self.name
+        """`--out` wins; an explicit `output_dir` is relative to the recipe's folder and must stay
+        inside it (a shared recipe must not write anywhere it likes); else `runs/<name>`."""
+        if out is not None:
+            return Path(out)
+        if not self.output_dir_explicit:
+            return Path(self.output_dir) / self.name
+        base = self.source_path.parent if self.source_path is not None else Path(".")
+        target = base / self.output_dir
+        inside = not Path(self.output_dir).is_absolute()
+        if inside:
+            try:
+                target.resolve().relative_to(base.resolve())
+            except ValueError:
+                inside = False
+        if not inside:
+            raise BadInput(f"output_dir '{self.output_dir}' is outside the recipe's folder {base}; "
+                           "use a path inside it, or choose the run directory with --out")
+        return target / self.name
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe, defaults included: what recipe.lock.yaml records."""
@@ -143,8 +162,10 @@ def _validate(data: dict[str, Any], node: yaml.Node | None, filename: str, sourc
         seen[kind] = seen.get(kind, 0) + 1
         stage_id = kind if seen[kind] == 1 else f"{kind}_{seen[kind]}"
         specs.append(StageSpec(kind=kind, id=stage_id, index=i, config=cfg))
-    return Recipe(name=header.name, seed=header.seed, threads=header.threads, output_dir=header.output_dir,
-                  model=header.model, data=header.data, stages=tuple(specs), source_path=source_path)
+    return Recipe(name=header.name, seed=header.seed, threads=header.threads,
+                  output_dir=header.output_dir if header.output_dir is not None else "runs",
+                  model=header.model, data=header.data, stages=tuple(specs), source_path=source_path,
+                  output_dir_explicit=header.output_dir is not None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,10 +44,12 @@ def compare(run_a: Path, run_b: Path, max_accuracy_drop: float, max_latency_incr
             max_size_increase: float, as_json: bool) -> None:
     """Show what changed from RUN_A to RUN_B; exit 1 if B regresses A beyond the tolerances."""
     from pipeline.report import load_manifest
-    from pipeline.report.compare import compare_runs
+    from pipeline.report.compare import compare_runs, require_finished
 
-    result = compare_runs(load_manifest(run_a), load_manifest(run_b), max_accuracy_drop,
-                          max_latency_increase, max_size_increase)
+    manifest_a, manifest_b = load_manifest(run_a), load_manifest(run_b)
+    require_finished(manifest_a, run_a)
+    require_finished(manifest_b, run_b)
+    result = compare_runs(manifest_a, manifest_b, max_accuracy_drop, max_latency_increase, max_size_increase)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:

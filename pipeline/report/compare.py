@@ -9,9 +9,26 @@ Regressions judged per artifact@backend present in both runs:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from pipeline.errors import BadInput
 from pipeline.report.json import build_report
+
+FINISHED = ("ok", "gate_failed")  # a run that got through verify, whatever its gates said
+
+
+def require_finished(manifest: dict[str, Any], run_dir: str | Path) -> None:
+    """Refuse (exit 2) a run that did not finish: comparing against nothing must not pass CI."""
+    status = manifest.get("status")
+    if not manifest:
+        raise BadInput(f"run {run_dir} has an empty manifest.json: it did not finish, nothing to compare")
+    if status not in FINISHED:
+        shown = "no status" if status is None else f"status '{status}'"
+        why = f": {manifest['error']}" if manifest.get("error") else ""
+        raise BadInput(f"run {run_dir} did not finish ({shown}{why}); compare needs a finished run")
+    if not manifest.get("stages"):
+        raise BadInput(f"run {run_dir} has no stages in its manifest.json; nothing to compare")
 
 
 def compare_runs(a: dict[str, Any], b: dict[str, Any], max_accuracy_drop: float = 0.01,
