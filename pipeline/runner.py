@@ -121,6 +121,7 @@ class Runner:
     def build_context(self) -> StageContext:
         import torch
 
+        from pipeline.sources.checks import check_finite_weights, check_split, output_classes
         from pipeline.sources.data import build_bundle
         from pipeline.sources.models import build_model, default_input_shape
 
@@ -128,20 +129,24 @@ class Runner:
         torch.set_num_threads(self.recipe.threads)
         log = lambda msg: self.console.print(f"[dim]{msg}[/]")  # noqa: E731
         model = build_model(self.recipe.model, log=log)
+        check_finite_weights(model, self.recipe.model.weights or f"model '{self.recipe.model.source}'")
         input_shape = default_input_shape(self.recipe.model)
         data = build_bundle(self.recipe.data, input_shape, seed=self.recipe.seed)
         example = torch.randn(input_shape, generator=torch.Generator().manual_seed(self.recipe.seed))
-        self._check_model_runs(model, example)
+        classes = output_classes(self._check_model_runs(model, example))
+        for split in (data.calibration, data.eval, data.train):
+            if split is not None:
+                check_split(split, model, classes)
         return StageContext(recipe=self.recipe, run_dir=self.run_dir, model=model,
                             original_model=copy.deepcopy(model).eval(), example_input=example, data=data,
                             console=self.console, threads=self.recipe.threads, seed=self.recipe.seed)
 
-    def _check_model_runs(self, model: Any, example: Any) -> None:
+    def _check_model_runs(self, model: Any, example: Any) -> Any:
         import torch
 
         try:
             with torch.no_grad():
-                model(example)
+                return model(example)
         except Exception as exc:
             shape = list(example.shape)
             raise BadInput(f"model '{self.recipe.model.source}' fails on an input of shape {shape}: "

@@ -28,16 +28,16 @@ BackendName = Literal["torch", "onnxruntime", "openvino", "tensorrt"]
 
 class LatencyConfig(StageConfig):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
-    warmup: int = Field(default=10, ge=0)
-    iterations: int = Field(default=50, ge=5)
+    warmup: int = Field(default=10, ge=0, le=100_000)
+    iterations: int = Field(default=50, ge=5, le=1_000_000)
     threads: int | None = Field(default=None, gt=0)  # None: the run's thread count (ctx.threads)
     interleave: bool = True
 
     @field_validator("batch_sizes")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
-        if any(b <= 0 for b in v):
-            raise ValueError("batch sizes must be positive")
+        if any(b <= 0 or b > 4096 for b in v):
+            raise ValueError("batch sizes must be between 1 and 4096")
         return list(dict.fromkeys(v))
 
 
