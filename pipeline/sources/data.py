@@ -163,6 +163,12 @@ def _numpy_split(cfg, name: str, input_shape: list[int]) -> TensorSplit:
     path = Path(cfg.path)
     if not path.is_file():
         raise BadInput(f"data.{name}.path: file '{cfg.path}' does not exist")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+        what = "a single .npy array" if head == b"\x93NUMPY" else ("empty" if not head else "no zip archive")
+        raise BadInput(f"data.{name}.path: '{cfg.path}' is not a readable .npz file (it is {what}; expected "
+                       f"arrays '{cfg.x_key}' and '{cfg.y_key}' saved with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             if not hasattr(npz, "files"):
@@ -175,7 +181,7 @@ def _numpy_split(cfg, name: str, input_shape: list[int]) -> TensorSplit:
             y = npz[cfg.y_key] if cfg.y_key and cfg.y_key in npz.files else None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise BadInput(f"data.{name}.path: '{cfg.path}' is not a readable .npz file ({str(exc)[:160]})") from None
-    except AttributeError:  # np.load returned a bare ndarray (.npy content), which is no context manager
+    except TypeError:  # np.load returned a bare ndarray (.npy content), which is no context manager
         raise BadInput(f"data.{name}.path: '{cfg.path}' is a single .npy array, expected an .npz archive "
                        f"with arrays '{cfg.x_key}' and '{cfg.y_key}'") from None
     _check_arrays(x, y, name, cfg)
