@@ -158,6 +158,9 @@ def init(model_spec: str, out_file: Path, force: bool) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: map every failure to its exit code and a one-line message, never a traceback."""
+    from pipeline.verify.threads import quiet_thread_pools
+
+    quiet_thread_pools()  # before anything imports torch: OpenMP reads it once
     try:
         rv = cli.main(args=argv, prog_name="fmap", standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -70,6 +70,9 @@ def environment(threads: int) -> dict[str, Any]:
     """Library versions and machine facts, so a report says what produced its numbers."""
     from importlib import metadata
 
+    from pipeline.verify.machine import cpu_info
+    from pipeline.verify.threads import thread_env
+
     libs = {}
     for dist in ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "openvino", "onnxslim", "numpy",
                  "tensorrt"):
@@ -81,7 +84,9 @@ def environment(threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
+        "cpu_flags": cpu_info()["cpu_flags"],
         "cpu_count": os.cpu_count(),
+        "thread_env": thread_env(),
         "threads": threads,
         "libraries": libs,
     }

@@ -22,6 +22,8 @@ from pipeline.stages.base import Stage, StageConfig, StageContext, StageResult
 from pipeline.verify.accuracy import AccuracyAccumulator
 from pipeline.verify.gates import GatesConfig, evaluate_gates, gate_targets
 from pipeline.verify.latency import RssProbe, measure, speedup_ci, summarize
+from pipeline.verify.machine import conditions, cpu_info, load_average
+from pipeline.verify.threads import thread_env
 
 BackendName = Literal["torch", "onnxruntime", "openvino", "tensorrt"]
 
@@ -121,7 +123,7 @@ class VerifyStage(Stage):
                         ctx.console.print(f"verify: loaded {cand.name} on {b}")
             base = next(r for r in runs if r.cand.name == cfg.baseline and r.backend == "torch")
             accuracy = _accuracy(ctx, cfg, split, base, runs)
-            latency, speedup = _latency(ctx, cfg, split, base, runs)
+            latency, speedup, speedup_fp32, speedup_vs, machine = _latency(ctx, cfg, split, base, runs)
         finally:
             for r in runs:
                 try:
@@ -136,7 +138,8 @@ class VerifyStage(Stage):
                 "artifact": r.cand.name, "backend": r.backend, "kind": r.cand.kind,
                 "precision": r.cand.precision, "path": r.cand.path, "size_bytes": r.cand.size_bytes,
                 "size_method": r.cand.size_method, "accuracy": accuracy[key], "latency": latency[key],
-                "speedup": speedup[key], "memory": r.memory, "session": r.description,
+                "speedup": speedup[key], "speedup_fp32": speedup_fp32[key], "speedup_vs": speedup_vs[key],
+                "memory": r.memory, "session": r.description,
                 "baseline": r.cand.name == cfg.baseline and r.backend == "torch",
             })
         deployable = _deployable(ctx, cands)
@@ -155,7 +158,7 @@ class VerifyStage(Stage):
             "gate_batch_size": cfg.latency.batch_sizes[0], "threads": threads,
             "eval": {"split": getattr(split, "name", None), "samples": accuracy[(cfg.baseline, "torch")]["samples"],
                      "has_labels": bool(split is not None and split.has_labels)},
-            "latency_config": cfg.latency.model_dump(),
+            "latency_config": cfg.latency.model_dump(), "machine": machine, "thread_env": thread_env(),
             "results": results, "unavailable": unavailable,
         }
         for u in unavailable:
@@ -254,10 +257,35 @@ def _accuracy(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run,
     return out
 
 
+def _fp32_references(runs: list[_Run], base: _Run) -> dict[tuple[str, str], tuple[str, str]]:
+    """For every run, the same runtime's FP32 artifact to compare against (what compression bought).
+
+    torch: the original model. Other backends: the FP32 artifact of the same kind on that backend
+    (onnx_fp32 for onnx_int8 on onnxruntime). A run that is itself the reference gets none.
+    """
+    refs: dict[tuple[str, str], tuple[str, str]] = {}
+    base_key = (base.cand.name, base.backend)
+    for r in runs:
+        key = (r.cand.name, r.backend)
+        if r.backend == "torch":
+            ref = base_key
+        else:
+            ref = next(((o.cand.name, o.backend) for o in runs if o.backend == r.backend
+                        and o.cand.kind == r.cand.kind and (o.cand.precision or "fp32") == "fp32"), None)
+        if ref is not None and ref != key:
+            refs[key] = ref
+    return refs
+
+
 def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs: list[_Run]):
     lc = cfg.latency
     latency: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
     speedup: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
+    speedup_fp32: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
+    speedup_vs: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
+    refs = _fp32_references(runs, base)
+    named = [] if cfg.gates.speedup_vs in ("original", "fp32") else [cfg.gates.speedup_vs]
+    machine = {**cpu_info(), "conditions": {}}
     for bs in lc.batch_sizes:
         x = _batch(ctx, split, bs)
         runners = {}
@@ -272,14 +300,34 @@ def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs:
                 latency[key][str(bs)] = {"batch_size": bs, "error": f"{type(exc).__name__}: {exc}"[:300]}
         ctx.console.print(f"verify: latency batch {bs}: {len(runners)} sessions x {lc.iterations} iterations"
                           f"{' (interleaved)' if lc.interleave else ''}")
+        before = load_average()
         times = measure(runners, lc.warmup, lc.iterations, lc.interleave)  # type: ignore[arg-type]
+        cond = conditions(before, load_average(), machine["cores"])
+        machine["conditions"][str(bs)] = cond
+        if cond["busy"]:
+            ctx.console.print(f"[yellow]warning: busy machine while timing batch {bs}: load average "
+                              f"{cond['load_avg_1m_before']} → {cond['load_avg_1m_after']} on {cond['cores']} cores; "
+                              "latencies and speedups are marked busy and may be biased[/yellow]")
         base_key = (base.cand.name, base.backend)
+
+        def ratio(ref: tuple[str, str], t: list[float]) -> dict[str, Any]:
+            value, ci = speedup_ci(times[ref], t)
+            return {"ratio": value, "ci95": list(ci), "paired": lc.interleave, "vs": f"{ref[0]}@{ref[1]}"}
+
         for key, t in times.items():
-            latency[key][str(bs)] = summarize(t, bs)
+            latency[key][str(bs)] = {**summarize(t, bs), "load_avg_1m": [cond["load_avg_1m_before"],
+                                                                         cond["load_avg_1m_after"]],
+                                     "busy": cond["busy"]}
             if base_key in times:
-                ratio, ci = speedup_ci(times[base_key], t)
-                speedup[key][str(bs)] = {"ratio": ratio, "ci95": list(ci), "paired": lc.interleave}
-    return latency, speedup
+                speedup[key][str(bs)] = ratio(base_key, t)
+            if key in refs and refs[key] in times:
+                speedup_fp32[key][str(bs)] = ratio(refs[key], t)
+            for name in named:
+                ref = (name, key[1])
+                if ref in times and ref != key:
+                    speedup_vs[key].setdefault(name, {})[str(bs)] = ratio(ref, t)
+    machine["busy"] = any(c["busy"] for c in machine["conditions"].values())
+    return latency, speedup, speedup_fp32, speedup_vs, machine
 
 
 def _batch(ctx: StageContext, split: Any, bs: int) -> np.ndarray:
