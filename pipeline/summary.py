@@ -37,7 +37,7 @@ def print_summary(console: Console, manifest: dict[str, Any]) -> None:
             t.add_column(col)
         for r in report["artifacts"]:
             t.add_row(r["artifact"] + (" *" if r["deployable"] else ""), r["backend"], fmt.pct(r["top1"]),
-                      fmt.pct(r["agreement"]), fmt.ms_ci(r["p50_ms"], r["p50_ci95_ms"]) + (" busy" if r.get("busy") else ""),
+                      fmt.pct(r["agreement"]), fmt.ms_ci(r["p50_ms"], r["p50_ci95_ms"]),
                       fmt.ratio_ci(r["speedup"], r["speedup_ci95"]),
                       fmt.ratio_ci(r.get("speedup_fp32"), r.get("speedup_fp32_ci95")), fmt.size(r["size_bytes"]))
         console.print(t)

@@ -62,6 +62,18 @@ def test_artifact_with_the_same_sha256_is_never_flagged():
     assert d["unchanged"] and d["regressions"] == [] and not res["regressed"]
 
 
+def test_same_runtime_fp32_ratio_is_preferred_when_both_runs_have_it():
+    """Under load torch's ratio swings (original 5x -> 18x); the FP32 ratio of one runtime does not."""
+    a, b = manifest(100.0, 25.0), manifest(400.0, 100.0 * 4 / 18, sha="b" * 64)  # vs original: 4x -> 18x
+    for m, fp32 in ((a, 1.55), (b, 1.45)):
+        m["stages"][1]["metrics"]["results"][1]["speedup_fp32"] = {
+            "1": {"ratio": fp32, "ci95": [fp32 * 0.95, fp32 * 1.05], "vs": "onnx_fp32@onnxruntime"}}
+    res = compare_runs(b, a)  # busy run as the reference: vs original, A would look 4.5x slower
+    d = next(d for d in res["artifacts"] if d["artifact"] == "onnx_int8")
+    assert d["latency_basis"] == "within_run_fp32_ratio" and not res["regressed"]
+    assert abs(d["latency_change"] - (1.45 / 1.55 - 1)) < 1e-9
+
+
 def test_absolute_p50_only_when_a_run_has_no_ratio():
     a, b = manifest(100.0, 25.0), manifest(100.0, 50.0, sha="b" * 64)
     for m in (a, b):

@@ -3,7 +3,8 @@
 Regressions judged per artifact@backend present in both runs:
 - accuracy: top-1 (agreement when unlabelled) dropped by more than `max_accuracy_drop` (absolute);
 - latency: judged by *within-run ratios*: each run's speedup of the artifact over its own
-  baseline (the original in torch, timed interleaved in the same process). Two runs on a machine
+  reference timed interleaved in the same process: the same runtime's FP32 artifact when both
+  runs have it (steadiest under load), else the original in torch. Two runs on a machine
   under different load differ in absolute times, but the load hits both sides of a within-run
   ratio alike. A regression is a slowdown relative to the run's own baseline of more than
   `max_latency_increase` AND non-overlapping 95% intervals of the two ratios. Absolute p50s are
@@ -66,7 +67,9 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any], max_accuracy_drop: float 
             if drop is not None and drop > max_accuracy_drop:
                 d["regressions"].append(f"{where}: {metric} dropped {drop:.4f} (> {max_accuracy_drop})")
             if lat is not None and lat > max_latency_increase and significant:
-                what = "relative to its run's original" if basis == "within_run_ratio" else "absolute p50"
+                what = {"within_run_ratio": "relative to its run's original",
+                        "within_run_fp32_ratio": f"relative to its run's {x.get('speedup_fp32_vs')}"}.get(
+                            basis, "absolute p50")
                 d["regressions"].append(f"{where}: latency +{100 * lat:.1f}% {what} "
                                         f"(> {100 * max_latency_increase:.1f}%, intervals do not overlap)")
             if size is not None and size > max_size_increase:
@@ -91,12 +94,17 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any], max_accuracy_drop: float 
 
 def _latency_change(x: dict[str, Any], y: dict[str, Any]) -> tuple[float | None, bool, str]:
     """(relative slowdown B vs A, significant?, basis). Within-run ratios when both runs have them."""
-    sa, sb = x.get("speedup"), y.get("speedup")
-    if sa and sb and not x.get("baseline"):
-        change = sa / sb - 1.0  # B needs this much more time than A, each relative to its own original
-        ca, cb = x.get("speedup_ci95"), y.get("speedup_ci95")
-        significant = bool(ca and cb and cb[1] < ca[0])
-        return change, significant, "within_run_ratio"
+    # The same runtime's FP32 artifact is the steadier reference: both sides of the ratio share a
+    # runtime and its threading, so load hits them alike (benchmarks/RESULTS.md, busy machine).
+    for field, basis in (("speedup_fp32", "within_run_fp32_ratio"), ("speedup", "within_run_ratio")):
+        sa, sb = x.get(field), y.get(field)
+        if field == "speedup_fp32" and x.get("speedup_fp32_vs") != y.get("speedup_fp32_vs"):
+            continue
+        if sa and sb and not x.get("baseline"):
+            change = sa / sb - 1.0  # B needs this much more time than A, each relative to its own reference
+            ca, cb = x.get(f"{field}_ci95"), y.get(f"{field}_ci95")
+            significant = bool(ca and cb and cb[1] < ca[0])
+            return change, significant, basis
     if x.get("baseline") and y.get("baseline"):
         return 0.0, False, "baseline"  # each run's reference: 1.0 by definition
     lat = _rel(x["p50_ms"], y["p50_ms"])
@@ -158,8 +166,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
     for d in result["artifacts"]:
         lat = "n/a" if d["latency_change"] is None else f"{100 * d['latency_change']:+.1f}%" + (
             "" if d["latency_change_significant"] else " (n.s.)")
-        if d["latency_basis"] == "absolute_p50":
-            lat += " (absolute p50)"
+        lat += {"absolute_p50": " (absolute p50)", "within_run_fp32_ratio": " (vs FP32)"}.get(d["latency_basis"], "")
         state = "unchanged (same sha256)" if d["unchanged"] else ("❌ REGRESSED" if d["regressions"] else "✅")
         lines.append(f"| {d['artifact']} | {d['backend']} | {fmt.pct(d['accuracy_a'])} → {fmt.pct(d['accuracy_b'])} | "
                      f"{fmt.ratio_ci(d['speedup_a'], d['speedup_ci95_a'])} → "
