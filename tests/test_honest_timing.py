@@ -144,3 +144,48 @@ def test_verify_records_machine_and_fp32_speedup(tiny_model, tiny_data, make_ctx
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((ROOT / "pipeline" / "report" / "report.schema.json").read_text())
     jsonschema.validate(report, schema)
+
+
+def test_isolate_times_each_artifact_in_its_own_process(tiny_model, tiny_data, make_ctx, tmp_path, monkeypatch):
+    """Real child processes: the original rebuilt from the recipe's model config, ONNX by path."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from pipeline.export.onnx import export_onnx
+    from pipeline.verify import isolated
+
+    from types import SimpleNamespace
+
+    from pipeline.recipe_models import ModelConfig
+
+    ctx = make_ctx(tiny_model, tiny_data)
+    ctx.recipe = SimpleNamespace(model=ModelConfig(source="python:conftest:TinyCNN", input_shape=[1, 1, 16, 16]))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    fp32 = export_onnx(tiny_model, torch.randn(1, 1, 16, 16), tmp_path / "model_fp32.onnx")
+    ctx.artifacts["onnx_fp32"] = Artifact(fp32, "onnx", "fp32")
+    specs = []
+    real = isolated.time_in_subprocess
+
+    def spy(spec, batch, timeout_s=900):
+        specs.append(spec)
+        return real(spec, batch, timeout_s)
+
+    monkeypatch.setattr(isolated, "time_in_subprocess", spy)
+    cfg = VerifyConfig(backends=["torch", "onnxruntime"], latency={**FAST, "isolate": True})
+    res = get_stage("verify")().run(ctx, cfg)
+    rows = {(r["artifact"], r["backend"]): r for r in res.metrics["results"]}
+    assert {s["backend"] for s in specs} == {"torch", "onnxruntime"} and len(specs) == 2
+    assert next(s for s in specs if s["backend"] == "torch")["model"]["source"] == ctx.recipe.model.source
+    onnx = rows[("onnx_fp32", "onnxruntime")]
+    assert onnx["latency"]["1"]["iterations"] == 6 and onnx["speedup"]["1"]["paired"] is False
+    assert "error" not in rows[("original", "torch")]["latency"]["1"]
+
+
+def test_isolated_child_failure_is_reported_not_raised(tmp_path):
+    import numpy as np
+
+    from pipeline.verify.isolated import time_in_subprocess
+
+    with pytest.raises(RuntimeError, match="isolated timing process failed"):
+        time_in_subprocess({"backend": "onnxruntime", "artifact": str(tmp_path / "missing.onnx"), "threads": 1,
+                            "warmup": 0, "iterations": 5}, np.zeros((1, 1, 4, 4), np.float32))

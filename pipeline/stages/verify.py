@@ -34,6 +34,7 @@ class LatencyConfig(StageConfig):
     iterations: int = Field(default=50, ge=5, le=1_000_000)
     threads: int | None = Field(default=None, gt=0)  # None: the run's thread count (ctx.threads)
     interleave: bool = True
+    isolate: bool = False  # time each artifact x backend in its own process (no interleaving, unpaired CIs)
 
     @field_validator("batch_sizes")
     @classmethod
@@ -298,10 +299,13 @@ def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs:
                 runners[key] = (lambda s=r.session: s.infer(x))
             except Exception as exc:
                 latency[key][str(bs)] = {"batch_size": bs, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        ctx.console.print(f"verify: latency batch {bs}: {len(runners)} sessions x {lc.iterations} iterations"
-                          f"{' (interleaved)' if lc.interleave else ''}")
+        mode = " (each in its own process)" if lc.isolate else (" (interleaved)" if lc.interleave else "")
+        ctx.console.print(f"verify: latency batch {bs}: {len(runners)} sessions x {lc.iterations} iterations{mode}")
         before = load_average()
-        times = measure(runners, lc.warmup, lc.iterations, lc.interleave)  # type: ignore[arg-type]
+        if lc.isolate:
+            times = _isolated_times(ctx, runs, runners, x, lc, lc.threads or ctx.threads, latency, bs)
+        else:
+            times = measure(runners, lc.warmup, lc.iterations, lc.interleave)  # type: ignore[arg-type]
         cond = conditions(before, load_average(), machine["cores"])
         machine["conditions"][str(bs)] = cond
         if cond["busy"]:
@@ -310,9 +314,11 @@ def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs:
                               "latencies and speedups are marked busy and may be biased[/yellow]")
         base_key = (base.cand.name, base.backend)
 
+        paired = lc.interleave and not lc.isolate
+
         def ratio(ref: tuple[str, str], t: list[float]) -> dict[str, Any]:
-            value, ci = speedup_ci(times[ref], t)
-            return {"ratio": value, "ci95": list(ci), "paired": lc.interleave, "vs": f"{ref[0]}@{ref[1]}"}
+            value, ci = speedup_ci(times[ref], t, paired=paired or times[ref] is t)  # itself: always paired
+            return {"ratio": value, "ci95": list(ci), "paired": paired, "vs": f"{ref[0]}@{ref[1]}"}
 
         for key, t in times.items():
             latency[key][str(bs)] = {**summarize(t, bs), "load_avg_1m": [cond["load_avg_1m_before"],
@@ -328,6 +334,38 @@ def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs:
                     speedup_vs[key].setdefault(name, {})[str(bs)] = ratio(ref, t)
     machine["busy"] = any(c["busy"] for c in machine["conditions"].values())
     return latency, speedup, speedup_fp32, speedup_vs, machine
+
+
+def _isolated_times(ctx: StageContext, runs: list[_Run], runners: dict[Any, Any], x: np.ndarray,
+                    lc: LatencyConfig, threads: int, latency: dict[tuple[str, str], dict[str, Any]],
+                    bs: int) -> dict[tuple[str, str], list[float]]:
+    """Time each runnable artifact x backend in a fresh process, one after the other."""
+    from pathlib import Path
+
+    from pipeline.verify.isolated import time_in_subprocess
+
+    times: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        key = (r.cand.name, r.backend)
+        if key not in runners:
+            continue
+        spec: dict[str, Any] = {"backend": r.backend, "threads": threads, "warmup": lc.warmup,
+                                "iterations": lc.iterations, "precision": r.cand.precision}
+        if r.backend == "torch":
+            spec["model"] = ctx.recipe.model.model_dump(mode="json")
+            if r.cand.name != "original":
+                if not r.cand.path:
+                    latency[key][str(bs)] = {"batch_size": bs, "error": "cannot be timed in its own process: "
+                                             "the model has no checkpoint file"}
+                    continue
+                spec["checkpoint"] = str(ctx.run_dir / r.cand.path)
+        else:
+            spec["artifact"] = str(Path(r.cand.source))
+        try:
+            times[key] = time_in_subprocess(spec, x)
+        except Exception as exc:  # visible per row; gates on it fail as unmeasured
+            latency[key][str(bs)] = {"batch_size": bs, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    return times
 
 
 def _batch(ctx: StageContext, split: Any, bs: int) -> np.ndarray:
