@@ -333,3 +333,88 @@ def test_compare_refuses_a_run_that_did_not_finish(tmp_path, content, expect):
         res = CliRunner().invoke(compare, [str(a), str(b)], standalone_mode=False)
         assert isinstance(res.exception, BadInput) and res.exception.exit_code == 2
         assert expect in str(res.exception) and str(bad) in str(res.exception)
+
+
+PIPELINE_STAGES = """\
+  - profile: {}
+  - pause: {point: 1}
+  - export: {}
+  - pause: {point: 2}
+  - quantize: {samples: 32}
+  - pause: {point: 3}
+  - verify: {backends: [torch, onnxruntime], latency: {batch_sizes: [1], warmup: 1, iterations: 5}}
+  - pause: {point: 4}
+"""
+
+PAUSE_STAGE = """\
+import os, time
+from pathlib import Path
+from pipeline.stages.base import Stage, StageConfig, StageResult
+
+class PauseConfig(StageConfig):
+    point: int = 0
+
+class PauseStage(Stage):
+    name = "pause"
+    Config = PauseConfig
+
+    def run(self, ctx, cfg):
+        if os.environ.get("FMAP_TEST_KILL_AT") == str(cfg.point):
+            Path(ctx.run_dir, "READY").write_text("")
+            time.sleep(300)
+        return StageResult(metrics={"point": cfg.point})
+"""
+
+
+def _final_numbers(out: Path) -> dict:
+    """Everything but timings: artifact hashes, accuracy and agreement per artifact x backend."""
+    m = manifest(out)
+    hashes = {n: a.get("sha256") for s in m["stages"] for n, a in s["artifacts"].items()}
+    verify = next(s for s in m["stages"] if s["kind"] == "verify")
+    acc = {(r["artifact"], r["backend"]): {k: r["accuracy"].get(k) for k in ("top1", "agreement", "max_abs_err")}
+           for r in verify["metrics"]["results"]}
+    return {"status": m["status"], "hashes": hashes, "accuracy": acc}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigkill_at_four_points_then_resume_gives_the_uninterrupted_numbers(tmp_path):
+    (tmp_path / "pausestage.py").write_text(PAUSE_STAGE)
+    npz = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(npz, x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32), y=rng.integers(0, 2, 32))
+    recipe = write_recipe(tmp_path, stages=PIPELINE_STAGES, data=f"eval: {{source: numpy, path: {npz}}}")
+    recipe.write_text(recipe.read_text().replace("data:\n", f"data:\n  calibration: {{source: numpy, path: {npz}}}\n"))
+    script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from pipeline import stages; "
+              "stages.STAGES['pause'] = 'pausestage:PauseStage'; from pipeline.cli import main; main(sys.argv[3:])")
+
+    def fmap_run(out: Path, *extra: str, kill_at: int | None = None):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CI": "1"}
+        env.pop("FMAP_TEST_KILL_AT", None)
+        if kill_at is not None:
+            env["FMAP_TEST_KILL_AT"] = str(kill_at)
+        argv = [sys.executable, "-c", script, str(tmp_path), str(Path(__file__).parent), "run", str(recipe),
+                "--out", str(out), *extra]
+        return subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    reference = tmp_path / "reference"
+    ref = fmap_run(reference)
+    assert ref.wait(600) == 0, ref.stderr.read().decode()[-2000:]
+    expected = _final_numbers(reference)
+    for point in (1, 2, 3, 4):
+        out = tmp_path / f"killed{point}"
+        proc = fmap_run(out, kill_at=point)
+        deadline = time.monotonic() + 300
+        while not (out / "READY").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        assert manifest(out)["status"] == "running"
+        (out / "READY").unlink()
+        resumed = fmap_run(out, "--resume")
+        assert resumed.wait(600) == 0, resumed.stderr.read().decode()[-2000:]
+        assert _final_numbers(out) == expected, f"kill at point {point}"
+        assert not [p for p in out.rglob("*") if atomic.TEMP_MARK in p.name or p.name == LOCK_FILE]
+        assert (out / "report.json").is_file() and (out / "junit.xml").is_file()
