@@ -60,7 +60,8 @@ def main() -> None:
         cmp = fmap("compare", str(tmp / "as_is"), str(tmp / "busy"), "--json")
         result = json.loads(cmp.stdout) if cmp.stdout.strip() else {}
         print(f"load (1 min) as-is: {_loads(quiet)}; with {args.busy} busy processes: {_loads(busy)}")
-        print("| artifact@backend | vs original: as-is → busy (change) | vs same-runtime FP32: as-is → busy (change) |")
+        print("| artifact@backend | vs original: as-is → busy (change) "
+              "| vs same-runtime FP32: as-is → busy (change) |")
         print("|---|---|---|")
         rows_b = {(r["artifact"], r["backend"]): r for r in busy["artifacts"]}
         for r in quiet["artifacts"]:

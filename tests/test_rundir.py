@@ -120,6 +120,12 @@ def test_second_writer_is_refused_naming_the_pid(tmp_path, capsys):
         holder.wait(10)
 
 
+def test_run_directory_that_is_a_file_is_bad_input(tmp_path, capsys):
+    (tmp_path / "out").write_text("not a folder")
+    assert exit_code(["run", str(write_recipe(tmp_path)), "--out", str(tmp_path / "out")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
 def test_lock_is_exclusive_in_process_and_released(tmp_path):
     with RunDirLock(tmp_path):
         with pytest.raises(BadInput, match=f"in use by pid {os.getpid()}"):
