@@ -50,7 +50,13 @@ def check_split(split: Any, model: Any, classes: int | None) -> None:
         elif labels is None and split.num_classes is not None and split.num_classes > classes:
             raise BadInput(f"data.{name}: {split.num_classes} classes (class folders) but the model has "
                            f"{classes} outputs")
-    x, _ = split.first_batch(2)
+    try:
+        x, _ = split.first_batch(2)
+    except BadInput:
+        raise
+    except Exception as exc:  # a transform that cannot apply to these samples
+        raise BadInput(f"data.{name}: cannot load a first batch: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
     try:
         with torch.no_grad():
             model(x)

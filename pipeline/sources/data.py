@@ -161,8 +161,13 @@ def _numpy_split(cfg, name: str, input_shape: list[int]) -> TensorSplit:
     from pipeline.errors import BadInput
 
     path = Path(cfg.path)
+    if path.is_dir():
+        raise BadInput(f"data.{name}.path: '{cfg.path}' is a folder, expected an .npz file "
+                       "(use source: imagefolder for a folder of images)")
     if not path.is_file():
         raise BadInput(f"data.{name}.path: file '{cfg.path}' does not exist")
+    if (cfg.mean is None) != (cfg.std is None):
+        raise BadInput(f"data.{name}: give both mean and std (or neither) for numpy data")
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as fh:
             head = fh.read(6)
@@ -178,6 +183,9 @@ def _numpy_split(cfg, name: str, input_shape: list[int]) -> TensorSplit:
                 raise BadInput(f"data.{name}: '{cfg.path}' has no array '{cfg.x_key}' "
                                f"(it has {', '.join(npz.files) or 'no arrays'})")
             x = npz[cfg.x_key]
+            if cfg.y_key and cfg.y_key not in npz.files and "y_key" in cfg.model_fields_set:
+                raise BadInput(f"data.{name}: '{cfg.path}' has no array '{cfg.y_key}' (data.{name}.y_key; "
+                               f"it has {', '.join(npz.files)}); set y_key: null for unlabelled data")
             y = npz[cfg.y_key] if cfg.y_key and cfg.y_key in npz.files else None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise BadInput(f"data.{name}.path: '{cfg.path}' is not a readable .npz file ({str(exc)[:160]})") from None
@@ -196,6 +204,7 @@ def _numpy_split(cfg, name: str, input_shape: list[int]) -> TensorSplit:
         tx = tx.float() / 255.0
     tx = tx.float()
     if cfg.mean is not None and cfg.std is not None:
+        _check_norm(cfg.mean, cfg.std, int(tx.shape[1]), name)
         mean = torch.tensor(cfg.mean).view(1, -1, *([1] * (tx.ndim - 2)))
         std = torch.tensor(cfg.std).view(1, -1, *([1] * (tx.ndim - 2)))
         tx = (tx - mean) / std
@@ -203,6 +212,16 @@ def _numpy_split(cfg, name: str, input_shape: list[int]) -> TensorSplit:
         raise BadInput(f"data.{name}: '{cfg.path}' samples have shape {list(tx.shape[1:])}, the model expects {input_shape[1:]}")
     ty = None if y is None else torch.from_numpy(np.asarray(y)).long()
     return TensorSplit(name, tx, ty, batch_size=cfg.batch_size)
+
+
+def _check_norm(mean: list[float], std: list[float], channels: int, name: str) -> None:
+    """mean/std hold one value per channel (or one for all)."""
+    from pipeline.errors import BadInput
+
+    for key, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise BadInput(f"data.{name}.{key}: {len(values)} values for {channels}-channel inputs "
+                           f"(expected 1 or {channels})")
 
 
 def _check_arrays(x, y, name: str, cfg) -> None:
@@ -241,6 +260,9 @@ def _imagefolder_split(cfg, name: str, input_shape: list[int], seed: int) -> Ima
     from pipeline.errors import BadInput
 
     root = Path(cfg.path)
+    if root.is_file():
+        raise BadInput(f"data.{name}.path: '{cfg.path}' is a file, expected a folder of class subfolders "
+                       "(use source: numpy for an .npz file)")
     if not root.is_dir():
         raise BadInput(f"data.{name}.path: folder '{cfg.path}' does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -265,6 +287,7 @@ def _imagefolder_split(cfg, name: str, input_shape: list[int], seed: int) -> Ima
         mean, std = cfg.mean, cfg.std
     steps.append(T.ToTensor())
     if mean is not None and std is not None:
+        _check_norm(mean, std, channels, name)
         steps.append(T.Normalize(mean, std))
     return ImageFolderSplit(name, files, T.Compose(steps), cfg.batch_size, len(classes), channels)
 
