@@ -466,3 +466,37 @@ def test_bad_file_or_user_code_is_one_line_exit_2(case, tmp_path, capsys, monkey
 def test_corpus_is_big_enough():
     assert len(RECIPES) + len(OVERRIDES) >= 80
     assert len(FILES) >= 30
+
+
+HOSTILE_VALUES = ["abc", "-1", ".inf", ".nan", "[]", "{}", "null", "1e30", "99999999999999999999999", "[[1]]", "0"]
+
+
+def _key_paths(obj, prefix: tuple = ()) -> list[str]:
+    """Every key path of a resolved recipe, stages addressed by position (stages.3.mode)."""
+    out = [".".join(map(str, prefix))] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _key_paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            inner = next(iter(v.values())) if prefix == ("stages",) and isinstance(v, dict) and len(v) == 1 else v
+            out += _key_paths(inner, (*prefix, i))
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_hostile_override_of_every_quickstart_key_is_accepted_or_one_line(capsys):
+    """~1,500 overrides: each either validates or is exit 2 with one line naming the override."""
+    from pipeline.recipe import load_recipe
+
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    keys = sorted(set(_key_paths(load_recipe(quickstart).to_dict())))
+    assert len(keys) > 50
+    for key in keys:
+        for value in HOSTILE_VALUES:
+            item = f"{key}={value}"
+            code, err = run_cli(["validate", str(quickstart), "--set", item], capsys)
+            if code == 0:
+                continue
+            line = assert_one_line_bad_input(code, err, whole_stderr=True)
+            assert f"--set '{item}'" in line, line
