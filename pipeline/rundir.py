@@ -117,3 +117,38 @@ def remove_stale_reports(run_dir: Path) -> list[Path]:
             p.unlink()
             removed.append(p)
     return removed
+
+
+RESERVE_FILE = f".fmap.reserve{TEMP_MARK}"  # carries the temp mark: a killed run's reserve is an orphan
+RESERVE_BYTES = (64 * 1024, 16 * 1024)  # a failed run's manifest is ~16 KB (quickstart's full one ~70 KB)
+
+
+class SpaceReserve:
+    """Disk space held back while a run writes, given up to write the final manifest on disk full.
+
+    Without it a full disk leaves `manifest.json` at "running" forever (the final write has no
+    room either). The reserve is created when the run starts (when there is room) and deleted
+    just before the final status is written after an ENOSPC, and always at the end.
+    """
+
+    def __init__(self, run_dir: Path, sizes: tuple[int, ...] = RESERVE_BYTES) -> None:
+        self.path = Path(run_dir) / RESERVE_FILE
+        self.sizes = sizes
+        self.held = False
+
+    def hold(self) -> bool:
+        for size in self.sizes:
+            try:
+                with open(self.path, "wb") as fh:
+                    fh.write(b"\0" * size)  # real blocks (a sparse file would free nothing)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                self.held = True
+                return True
+            except OSError:  # not that much room: try less, or hold nothing back
+                self.path.unlink(missing_ok=True)
+        return False
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.held = False

@@ -37,7 +37,7 @@ from pipeline.errors import (EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_S
                              StageFailed)
 from pipeline.fingerprint import input_fingerprints
 from pipeline.recipe import Recipe, StageSpec, dump_lock
-from pipeline.rundir import RunDirLock, remove_orphans, remove_stale_reports
+from pipeline.rundir import RunDirLock, SpaceReserve, remove_orphans, remove_stale_reports
 from pipeline.stages import get_stage
 from pipeline.stages.base import Artifact, GateResult, StageContext, StageResult
 
@@ -184,6 +184,14 @@ class Runner:
     def _run_locked(self) -> RunOutcome:
         previous = self._load_previous()
         self._clean_run_dir()
+        self.reserve = SpaceReserve(self.run_dir)
+        self.reserve.hold()
+        try:
+            return self._run_reserved(previous)
+        finally:
+            self.reserve.release()
+
+    def _run_reserved(self, previous: dict[str, dict[str, Any]]) -> RunOutcome:
         self.manifest = {
             "fmap_version": pipeline.__version__,
             "recipe_name": self.recipe.name,
@@ -234,8 +242,16 @@ class Runner:
             self._write_manifest()
         except OSError as exc:
             msg = _os_error_message(exc, self.run_dir / MANIFEST)
-            self.console.print(f"[red]error[/] {escape(msg)}")
+            if exc.errno == errno.ENOSPC and self.reserve.held:
+                self.reserve.release()  # the room held back for exactly this write
+                self.manifest.update(status="failed", exit_code=EXIT_STAGE_FAILED, error=error or msg)
+                try:
+                    self._write_manifest()
+                except OSError:
+                    pass
             return msg
+        if error and error.startswith("no space left on device"):
+            return None  # the disk is full: reports cannot be written either; the manifest says why
         return self._write_reports() if reports else None
 
     def _clean_run_dir(self) -> None:
@@ -346,6 +362,12 @@ class Runner:
                      gates=[g.to_dict() for g in result.gates])
         self._write_manifest()
 
+    def _remove_reports(self) -> None:
+        from pipeline.report import FORMATS
+
+        for name in FORMATS.values():
+            (self.run_dir / name).unlink(missing_ok=True)
+
     def _write_reports(self) -> str | None:
         """Write every report; a failure is returned as the run's error (exit 3: CI must not pass
         on a run whose junit.xml or report.md is missing)."""
@@ -354,8 +376,10 @@ class Runner:
         try:
             written = write_reports(self.run_dir)
         except OSError as exc:
+            self._remove_reports()  # a partial set would describe the run as it was before it failed
             return _os_error_message(exc, self.run_dir)
         except Exception as exc:
+            self._remove_reports()
             try:
                 atomic.write_text(self.run_dir / "report-error.log", traceback.format_exc())
             except OSError:

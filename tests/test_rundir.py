@@ -283,6 +283,7 @@ def test_disk_full_while_writing_reports_fails_the_run(tmp_path, monkeypatch, ca
     m = manifest(run_dir)
     assert m["status"] == "failed" and m["exit_code"] == 3
     assert not (run_dir / "report.html").exists()
+    assert not (run_dir / "report.json").exists(), "a report from before the failure would say the run was ok"
     assert not [p for p in run_dir.rglob("*") if atomic.TEMP_MARK in p.name], "half-written temp file left"
 
 
@@ -424,3 +425,37 @@ def test_sigkill_at_four_points_then_resume_gives_the_uninterrupted_numbers(tmp_
         assert _final_numbers(out) == expected, f"kill at point {point}"
         assert not [p for p in out.rglob("*") if atomic.TEMP_MARK in p.name or p.name == LOCK_FILE]
         assert (out / "report.json").is_file() and (out / "junit.xml").is_file()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real, small tmpfs (root with mount rights only, else skipped); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        mnt = tmp_path / f"disk-{size}"
+        mnt.mkdir()
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                                               capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
+        mounted.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounted:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("size", ["40k", "200k"])
+def test_real_disk_full_fails_the_run_with_a_final_manifest(tmp_path, tiny_disk, capsys, size):
+    """40k: full while profiling; 200k: full while writing reports. Either way exit 3, the file
+    named, manifest `failed` (written into the space the run held back), nothing half-written."""
+    out = tiny_disk(size) / "out"
+    recipe = write_recipe(tmp_path, stages="  - profile: {}\n  - export: {}\n")
+    assert exit_code(["run", str(recipe), "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: no space left on device while writing" in err
+    m = manifest(out)
+    assert m["status"] == "failed" and m["exit_code"] == 3 and m["error"].startswith("no space left on device")
+    assert not [p for p in out.rglob("*") if atomic.TEMP_MARK in p.name or p.name == LOCK_FILE]
+    assert not [p for p in out.iterdir() if p.name in ("report.json", "report.md", "report.html", "junit.xml")]
