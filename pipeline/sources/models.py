@@ -103,13 +103,23 @@ def _python_factory(target: str, kwargs: dict[str, Any]) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise BadInput(f"model 'python:{target}': cannot import module '{module_name}': {exc}") from None
+    except SyntaxError as exc:
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else module_name
+        raise BadInput(f"model 'python:{target}': syntax error in {where}: {exc.msg}") from None
+    except SystemExit as exc:  # user code must not pick fmap's exit code
+        raise BadInput(f"model 'python:{target}': importing '{module_name}' called sys.exit({exc.code!r})") from None
+    except Exception as exc:  # the user's module raised while importing
+        raise BadInput(f"model 'python:{target}': importing '{module_name}' failed: "
+                       f"{type(exc).__name__}: {_first_line(exc)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise BadInput(f"model 'python:{target}': module '{module_name}' has no callable '{attr}'")
     try:
         model = factory(**kwargs)
+    except SystemExit as exc:
+        raise BadInput(f"model 'python:{target}': the factory called sys.exit({exc.code!r})") from None
     except Exception as exc:  # the user's code: report it as bad input, one line
-        raise BadInput(f"model 'python:{target}' failed to build: {type(exc).__name__}: {exc}") from None
+        raise BadInput(f"model 'python:{target}' failed to build: {type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(model, torch.nn.Module):
         raise BadInput(f"model 'python:{target}' returned {type(model).__name__}, expected a torch.nn.Module")
     return model
@@ -122,8 +132,12 @@ def load_weights(model: Any, weights: str, allow_pickle: bool = False) -> Any:
     import torch
 
     path = Path(weights)
+    if path.is_dir():
+        raise BadInput(f"weights file '{weights}' is a folder, expected a state_dict file")
     if not path.is_file():
         raise BadInput(f"weights file '{weights}' does not exist")
+    if path.stat().st_size == 0:
+        raise BadInput(f"weights file '{weights}' is empty")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
@@ -155,6 +169,10 @@ def load_weights(model: Any, weights: str, allow_pickle: bool = False) -> Any:
         detail = lines[1] if len(lines) > 1 else lines[0]
         raise BadInput(f"weights file '{weights}' does not match the model: {detail[:200]}") from None
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def _suggest(name: str, choices: list[str]) -> str:
