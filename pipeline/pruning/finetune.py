@@ -181,7 +181,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, ref:
 
     def key(m: dict[str, float | None]) -> tuple[float, float]:
         primary = m["val_acc"] if m["val_acc"] is not None else m["agreement"]
-        return (primary or 0.0, -(m["kl"] or 0.0))
+        return (primary or 0.0, -(m["kl"] if m["kl"] is not None else math.inf))
 
     zero = evaluate()
     history: list[dict[str, Any]] = [{"step": 0, "epoch": 0, "loss": None, "lr": 0.0, **zero}]
@@ -228,7 +228,9 @@ def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, ref:
                            description=f"step {step}", info=f"loss {running / max(seen, 1):.4f}")
                 if step % eval_every == 0 or done:
                     m = evaluate()
-                    history.append({"step": step, "epoch": epoch, "loss": round(running / max(seen, 1), 6),
+                    mean_loss = running / max(seen, 1)
+                    history.append({"step": step, "epoch": epoch,
+                                    "loss": round(mean_loss, 6) if math.isfinite(mean_loss) else None,
                                     "lr": round(s.lr * factor, 8), **m})
                     running, seen = 0.0, 0
                     model.train()

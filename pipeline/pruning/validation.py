@@ -10,6 +10,7 @@ teacher's logits computed once; `score` evaluates any candidate against it. Labe
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import dataclass
 
@@ -75,13 +76,18 @@ def _tensor(out: object) -> torch.Tensor:
 
 @torch.no_grad()
 def score(model: nn.Module, ref: Reference, batch_size: int = 64) -> dict[str, float | None]:
-    """{agreement, kl, val_acc}: top-1 agreement with the teacher, mean KL(teacher || student), accuracy."""
+    """{agreement, kl, val_acc}: top-1 agreement with the teacher, mean KL(teacher || student), accuracy.
+
+    `kl` is None when the student's outputs are not finite (a diverged fine-tune); its agreement is 0.
+    """
     out = logits(model, ref.x, batch_size)
     agreement = float((out.argmax(1) == ref.teacher_logits.argmax(1)).float().mean())
     kl = float(F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref.teacher_logits, 1), log_target=True,
                         reduction="batchmean"))
     acc = None if ref.y is None else float((out.argmax(1) == ref.y).float().mean())
-    return {"agreement": round(agreement, 6), "kl": round(kl, 6), "val_acc": None if acc is None else round(acc, 6)}
+    if not math.isfinite(kl):
+        agreement, kl = 0.0, math.inf  # a diverged student (NaN/inf logits) agrees with nothing
+    return {"agreement": round(agreement, 6), "kl": round(kl, 6) if math.isfinite(kl) else None, "val_acc": None if acc is None else round(acc, 6)}
 
 
 def split_holdout(split: DataSplit, fraction: float, seed: int = 0) -> tuple[DataSplit, DataSplit] | None:
