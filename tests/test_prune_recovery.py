@@ -198,3 +198,52 @@ def test_unlabelled_image_folder(tmp_path):
     empty.mkdir()
     with pytest.raises(BadInput, match="no images"):
         build_split(ImageFolderData(source="imagefolder", path=str(empty)), "train", [1, 3, 16, 16])
+
+
+def test_sensitivity_probe_masks_like_pruning_and_spares_the_sensitive_layer(tiny_model):
+    """Masking a group must change the output exactly as removing it does; a layer whose channels
+    the output depends on heavily gets a smaller weight than one that barely matters."""
+    import torch_pruning as tp
+
+    from pipeline.pruning.engine import PruneSettings, default_protection, prune_copy
+    from pipeline.pruning.sensitivity import allocation_weights, measure_sensitivity
+
+    model = copy.deepcopy(tiny_model)
+    x = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    reestimate_batchnorm(model, [x])
+    with torch.no_grad():
+        model.fc.weight.mul_(10.0)
+        model.conv3.weight.mul_(10.0)  # conv3 drives the logits: masking it must hurt most
+    ex = x[:1]
+    protect = default_protection(model, ex)
+    rows = measure_sensitivity(model, ex, x, lambda m: tp.importance.MagnitudeImportance(p=2),
+                               list(protect.reasons), probe=0.5)
+    by = {r["layer"]: r for r in rows}
+    assert set(by) == {"conv1", "conv3"}  # conv2 is coupled to conv1 by the residual add; fc is protected
+    assert by["conv3"]["probe_channels"] == 8 and by["conv1"]["probe_channels"] == 4
+    assert all(r["macs_saved"] > 0 and r["kl"] >= 0 for r in rows)
+    w = allocation_weights(rows)
+    assert w["conv3"] < w["conv1"] and sum(w.values()) / len(w) == pytest.approx(1.0, abs=1e-3)
+    # the probe's damage equals the damage of really removing those channels
+    pruned = prune_copy(model, ex, 0.0, PruneSettings(criterion="l2", layer_weights=(("conv3", 0.5),)),
+                        copy.deepcopy(protect))
+    assert pruned.conv3.out_channels == 16  # ratio 0 * weight: nothing pruned
+    pruned = prune_copy(model, ex, 1.0, PruneSettings(criterion="l2", layer_weights=(("conv3", 0.5),),
+                                                      max_layer_ratio=0.5), copy.deepcopy(protect))
+    assert pruned.conv3.out_channels == 8
+    from pipeline.pruning.validation import logits
+
+    real = torch.nn.functional.kl_div(torch.log_softmax(logits(pruned, x), 1), torch.log_softmax(logits(model, x), 1),
+                                      log_target=True, reduction="batchmean")
+    assert float(real) == pytest.approx(by["conv3"]["kl"], rel=1e-3, abs=1e-5)
+
+
+def test_stage_sensitivity_allocation_and_comparison(tiny_model, tiny_data, make_ctx):
+    ctx = make_ctx(tiny_model, tiny_data)
+    cfg = PruneConfig.model_validate({"macs": 0.3, "allocation": "sensitivity", "compare_allocations": True})
+    m = PruneStage().run(ctx, cfg).metrics
+    assert m["allocation"] == "sensitivity" and {r["layer"] for r in m["sensitivity"]} == {"conv1", "conv3"}
+    assert [r["allocation"] for r in m["allocation_comparison"]] == ["uniform", "global", "sensitivity"]
+    assert all(0 <= r["agreement_after_bn"] <= 1 for r in m["allocation_comparison"])
+    with pytest.raises(ValidationError):
+        PruneConfig.model_validate({"macs": 0.3, "allocation": "sensitivity", "global": True})

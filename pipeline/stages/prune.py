@@ -10,6 +10,7 @@ stays untouched as the reference.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -66,6 +67,9 @@ class PruneConfig(StageConfig):
     correlation_aware: bool = False
     tolerance: float = Field(0.02, gt=0, lt=0.5)  # accepted |reduction - amount| for cost targets
     bn_reestimate: bool = True  # recompute BatchNorm running stats on calibration images after pruning
+    allocation: Literal["uniform", "sensitivity"] = "uniform"  # per-layer ratios: same, or by measured damage
+    sensitivity_probe: float = Field(0.3, gt=0, lt=1)  # fraction of a group's channels masked per probe
+    compare_allocations: bool = False  # also prune with uniform and global ranking, report agreement of each
     finetune: FinetuneConfig | None = None
 
     @model_validator(mode="before")
@@ -81,6 +85,12 @@ class PruneConfig(StageConfig):
         data = dict(data)
         data["target"], data["amount"] = given[0], data.pop(given[0])
         return data
+
+    @model_validator(mode="after")
+    def _one_allocation(self) -> PruneConfig:
+        if self.allocation == "sensitivity" and self.global_pruning:
+            raise ValueError("allocation 'sensitivity' sets per-layer ratios; it cannot be combined with global: true")
+        return self
 
 
 class PruneStage(Stage):
@@ -111,6 +121,11 @@ class PruneStage(Stage):
         settings = PruneSettings(criterion=cfg.criterion, global_pruning=cfg.global_pruning, ignored=ignored,
                                  round_to=cfg.round_to, iterative_steps=cfg.iterative_steps,
                                  correlation_aware=cfg.correlation_aware)
+        sensitivity = None
+        if cfg.allocation == "sensitivity":
+            with ctx.console.status("prune: measuring per-group sensitivity on calibration images"):
+                sensitivity = _sensitivity(ctx, cfg, model, example, stats, grads, protect)
+            settings = replace(settings, layer_weights=tuple((r["layer"], r["weight"]) for r in sensitivity))
         before_cost, before_layers = model_cost(model, example), layer_costs(model, example)
         acc_before = accuracy(model, ctx.data.eval)
 
@@ -158,7 +173,10 @@ class PruneStage(Stage):
             "accuracy": {"before": acc_before, "after_prune": acc_pruned, "after_finetune": acc_ft},
             "agreement": {**agreement, "source": None if reference is None else reference.source,
                           "samples": None if reference is None else len(reference)},
-            "batchnorm": bn_metrics, "finetune": ft_metrics,
+            "batchnorm": bn_metrics, "finetune": ft_metrics, "allocation": cfg.allocation,
+            "sensitivity": sensitivity,
+            "allocation_comparison": (_compare_allocations(ctx, cfg, model, example, settings, protect, stats, grads,
+                                                           reference) if cfg.compare_allocations else None),
             "stats_source": stats_source,
         }
         history = {k: metrics[k] for k in ("criterion", "target", "amount", "ratio", "before", "after")}
@@ -179,6 +197,60 @@ class PruneStage(Stage):
         if art is None:
             raise StageFailed("prune: cannot resume, the previous run recorded no pruned_checkpoint")
         ctx.model = load_checkpoint(art.path, copy.deepcopy(ctx.original_model)).eval()
+
+
+def _calibration_images(ctx: StageContext, limit: int = 64) -> torch.Tensor:
+    cal = ctx.data.require("calibration", "prune")
+    xs, n = [], 0
+    for x, _ in cal.batches():
+        xs.append(x)
+        n += len(x)
+        if n >= limit:
+            break
+    return torch.cat(xs)[:limit]
+
+
+def _sensitivity(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, example: torch.Tensor, stats: Any,
+                 grads: Any, protect: Any) -> list[dict[str, Any]]:
+    """Per-group damage rows with the allocation weight each gets."""
+    import torch_pruning as tp
+
+    from pipeline.pruning.importance import make_importance
+    from pipeline.pruning.sensitivity import allocation_weights, measure_sensitivity
+
+    def importance(work: torch.nn.Module) -> Any:
+        if cfg.criterion == "taylor":  # gradients belong to the original parameters; rank by L2 here
+            return tp.importance.MagnitudeImportance(p=2)
+        return make_importance(cfg.criterion, work, stats, cfg.correlation_aware)
+
+    rows = measure_sensitivity(model, example, _calibration_images(ctx), importance,
+                               [*cfg.ignore, *protect.reasons], probe=cfg.sensitivity_probe, round_to=cfg.round_to)
+    weights = allocation_weights(rows)
+    return [{**r, "weight": weights.get(r["layer"], 1.0)} for r in rows]
+
+
+def _compare_allocations(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, example: torch.Tensor,
+                         settings: Any, protect: Any, stats: Any, grads: Any, reference: Any) -> list[dict[str, Any]]:
+    """The same target pruned with uniform ratios and torch-pruning's global ranking (and the chosen
+    allocation), each scored by agreement right after pruning and after BN re-estimation."""
+    from pipeline.pruning.batchnorm import reestimate_batchnorm
+    from pipeline.pruning.engine import prune_to_target
+
+    variants = {"uniform": replace(settings, layer_weights=(), global_pruning=False),
+                "global": replace(settings, layer_weights=(), global_pruning=True)}
+    if settings.layer_weights:
+        variants["sensitivity"] = settings
+    cal = _calibration_images(ctx, 256)
+    rows = []
+    for label, s in variants.items():
+        found = prune_to_target(model, example, cfg.target, cfg.amount, s, copy.deepcopy(protect), stats, grads,
+                                tolerance=cfg.tolerance)
+        row = {"allocation": label, "ratio": round(found.ratio, 4), "reduction": round(found.reduction, 4),
+               "agreement_after_prune": _agree(found.model, reference)}
+        reestimate_batchnorm(found.model, (cal[i:i + 32] for i in range(0, len(cal), 32)))
+        row["agreement_after_bn"] = _agree(found.model, reference)
+        rows.append(row)
+    return rows
 
 
 def _agreement_reference(ctx: StageContext, model: torch.nn.Module) -> Any:
