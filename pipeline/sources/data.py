@@ -77,17 +77,21 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 class ImageFolderSplit(DataSplit):
-    """Class-subfolder images read lazily, one batch at a time (bounded memory at any size)."""
+    """Class-subfolder images read lazily, one batch at a time (bounded memory at any size).
+
+    A folder of images with no class subfolders is an unlabelled split (y is None): enough for
+    calibration, agreement and distillation, which need no labels.
+    """
 
     def __init__(self, name: str, files: list[tuple[str, int]], transform, batch_size: int, num_classes: int,
-                 channels: int) -> None:
+                 channels: int, labelled: bool = True) -> None:
         self.name = name
         self.files = files
         self.transform = transform
         self.batch_size = batch_size
         self.num_samples = len(files)
-        self.has_labels = True
-        self.num_classes = num_classes
+        self.has_labels = labelled
+        self.num_classes = num_classes if labelled else None
         self.channels = channels
 
     def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
@@ -99,7 +103,8 @@ class ImageFolderSplit(DataSplit):
             imgs = []
             for path, _ in chunk:
                 imgs.append(self._load(Image, path))
-            yield torch.stack(imgs), torch.tensor([label for _, label in chunk], dtype=torch.int64)
+            labels = torch.tensor([label for _, label in chunk], dtype=torch.int64) if self.has_labels else None
+            yield torch.stack(imgs), labels
 
     def _load(self, image_module, path: str) -> torch.Tensor:
         """One image, transformed; an unreadable or truncated file is bad input naming the file."""
@@ -271,10 +276,13 @@ def _imagefolder_split(cfg, name: str, input_shape: list[int], seed: int) -> Ima
     if not root.is_dir():
         raise BadInput(f"data.{name}.path: folder '{cfg.path}' does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise BadInput(f"data.{name}.path: '{cfg.path}' has no class subfolders (expected PATH/<class>/<image>)")
-    files = [(str(f), idx) for idx, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
-             if f.suffix.lower() in IMAGE_EXTENSIONS]
+    flat = [(str(f), -1) for f in sorted(root.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not classes and not flat:
+        raise BadInput(f"data.{name}.path: '{cfg.path}' has no images and no class subfolders "
+                       "(expected PATH/<class>/<image>, or PATH/<image> for unlabelled images)")
+    labelled = bool(classes)
+    files = flat if not labelled else [(str(f), idx) for idx, c in enumerate(classes)
+                                       for f in sorted((root / c).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise BadInput(f"data.{name}.path: no images under '{cfg.path}'")
     random.Random(seed).shuffle(files)  # a capped sample should cover every class
@@ -294,7 +302,7 @@ def _imagefolder_split(cfg, name: str, input_shape: list[int], seed: int) -> Ima
     if mean is not None and std is not None:
         _check_norm(mean, std, channels, name)
         steps.append(T.Normalize(mean, std))
-    return ImageFolderSplit(name, files, T.Compose(steps), cfg.batch_size, len(classes), channels)
+    return ImageFolderSplit(name, files, T.Compose(steps), cfg.batch_size, len(classes), channels, labelled)
 
 
 def build_bundle(data_cfg, input_shape: list[int], seed: int = 0) -> DataBundle:
