@@ -20,8 +20,7 @@ from pydantic import Field, ValidationError
 
 from pipeline.errors import BadInput
 from pipeline.recipe_models import DataConfig, ModelConfig, Strict
-from pipeline.stages import STAGES, get_stage
-from pipeline.stages.base import StageConfig
+from pipeline.contracts import StageConfig
 
 
 class RecipeHeader(Strict):
@@ -145,6 +144,8 @@ Applied = list[tuple[str, tuple[Any, ...]]]  # (--set item, the data path it wro
 
 def _validate(data: dict[str, Any], node: yaml.Node | None, filename: str, source_path: Path | None,
               applied: Applied | None = None) -> Recipe:
+    from pipeline.stages import STAGES, get_stage  # lazy: no recipe -> stages -> recipe cycle
+
     ov = applied or []
     try:
         header = RecipeHeader.model_validate(data)
@@ -225,6 +226,8 @@ def apply_override(data: dict[str, Any], item: str) -> tuple[Any, ...]:
 
 
 def _descend(target: Any, part: str | int, path: list[str | int], item: str, written: list[Any]) -> Any:
+    from pipeline.stages import STAGES  # lazy: no recipe -> stages -> recipe cycle
+
     where = ".".join(map(str, path))
     if isinstance(target, list):
         if isinstance(part, int):
@@ -296,6 +299,8 @@ def _show(value: Any) -> str:
 
 def _allowed_keys(exc: ValidationError, err: dict[str, Any]) -> list[str]:
     """Best effort: the field names of the model that rejected an extra key."""
+    from pipeline.stages import STAGES, get_stage  # lazy: no recipe -> stages -> recipe cycle
+
     title = exc.title
     from pipeline import recipe_models
 

@@ -117,7 +117,7 @@ def visualize_batch(ctx: StageContext, cfg: VisualizeConfig, x: torch.Tensor, y:
     if cfg.compare:
         from pipeline.visualize.compare import compare_all
 
-        for res in compare_all(ctx, ref, x, layers, acts, logits):
+        for res in compare_all(ctx.model, ctx.artifacts, ctx.threads, ref, x, layers, acts, logits):
             if res.skipped:
                 ctx.console.print(f"[yellow]visualize: {res.name}: not compared ({res.skipped})[/]")
                 m["similarity"][res.name] = {"skipped": res.skipped}

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.stages.base import GateResult, StageConfig
+from pipeline.contracts import GateResult, StageConfig
 
 MB = 1024 * 1024  # "MB" in gate names means MiB (2**20 bytes), as in the reports
 

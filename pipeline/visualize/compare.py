@@ -1,20 +1,20 @@
 """Find what compression produced and measure, per image, how far its attention moved.
 
-Candidates: `ctx.model` when it differs from the original (pruned), compared by Grad-CAM for the
+Candidates: the current model when it differs from the original (pruned), compared by Grad-CAM for the
 original's predicted class; every ONNX artifact (FP32, INT8 QDQ), compared by feature maps at the
 layers whose ONNX tensors map back to torch modules (see similarity.onnx_layer_map).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.stages.base import StageContext
+from pipeline.contracts import Artifact
 from pipeline.visualize import similarity as sim
 from pipeline.visualize.featuremaps import conv_layers
 from pipeline.visualize.gradcam import grad_cam
@@ -47,18 +47,20 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def compare_all(ctx: StageContext, ref: nn.Module, x: torch.Tensor, layers: list[str],
-                ref_acts: dict[str, torch.Tensor], ref_logits: torch.Tensor) -> Iterator[Comparison]:
-    """Yield one Comparison per compressed model found in ctx (skipped ones carry the reason)."""
+def compare_all(model: nn.Module, artifacts: Mapping[str, Artifact], threads: int, ref: nn.Module,
+                x: torch.Tensor, layers: list[str], ref_acts: dict[str, torch.Tensor],
+                ref_logits: torch.Tensor) -> Iterator[Comparison]:
+    """Yield one Comparison per compressed model: `model` when it differs from `ref` (pruned), and
+    every model artifact (skipped ones carry the reason)."""
     targets = ref_logits.argmax(1)
-    if ctx.model is not ref and not same_weights(ctx.model, ref):
+    if model is not ref and not same_weights(model, ref):
         # Named like verify names it: the torch artifact that holds it (the prune checkpoint), else "pruned".
-        name = next((n for n, a in ctx.artifacts.items() if a.kind == "torch"), "pruned")
-        yield compare_torch(name, ref, ctx.model, x, layers[-1], targets)
-    for name, art in ctx.artifacts.items():
+        name = next((n for n, a in artifacts.items() if a.kind == "torch"), "pruned")
+        yield compare_torch(name, ref, model, x, layers[-1], targets)
+    for name, art in artifacts.items():
         if art.kind == "onnx":
             try:
-                yield compare_onnx(name, str(art.path), x, layers, ref_acts, targets, ctx.threads)
+                yield compare_onnx(name, str(art.path), x, layers, ref_acts, targets, threads)
             except Exception as exc:  # best effort: an unreadable or exotic graph is a visible skip
                 yield Comparison(name, skipped=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         elif art.is_model and art.kind != "torch":
