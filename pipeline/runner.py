@@ -35,7 +35,7 @@ import pipeline
 from pipeline import atomic
 from pipeline.errors import (EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_STAGE_FAILED, BadInput, FmapError,
                              StageFailed)
-from pipeline.fingerprint import input_fingerprints
+from pipeline.fingerprint import input_fingerprints, sha256_file
 from pipeline.recipe import Recipe, StageSpec, dump_lock
 from pipeline.rundir import RunDirLock, SpaceReserve, remove_orphans, remove_stale_reports
 from pipeline.stages import get_stage
@@ -56,14 +56,6 @@ class RunOutcome:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def environment(threads: int) -> dict[str, Any]:

@@ -459,3 +459,32 @@ def test_real_disk_full_fails_the_run_with_a_final_manifest(tmp_path, tiny_disk,
     assert m["status"] == "failed" and m["exit_code"] == 3 and m["error"].startswith("no space left on device")
     assert not [p for p in out.rglob("*") if atomic.TEMP_MARK in p.name or p.name == LOCK_FILE]
     assert not [p for p in out.iterdir() if p.name in ("report.json", "report.md", "report.html", "junit.xml")]
+
+
+def test_sigterm_ends_the_run_as_interrupted(tmp_path):
+    """CI cancelling a job sends SIGTERM: the manifest must say interrupted, exit 130."""
+    (tmp_path / "pausestage.py").write_text(PAUSE_STAGE)
+    recipe = write_recipe(tmp_path, stages="  - pause: {point: 1}\n")
+    out = tmp_path / "out"
+    script = ("import sys; sys.path[:0] = [sys.argv[1]]; from pipeline import stages; "
+              "stages.STAGES['pause'] = 'pausestage:PauseStage'; sys.path.insert(0, sys.argv[2]); "
+              "from pipeline.cli import main; main(sys.argv[3:])")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FMAP_TEST_KILL_AT": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(Path(__file__).parent), "run",
+                             str(recipe), "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "READY").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130
+    finally:
+        proc.kill()
+        proc.wait(10)
+    m = manifest(out)
+    assert m["status"] == "interrupted" and m["exit_code"] == 130
+    assert [s["status"] for s in m["stages"]] == ["interrupted"]
+    assert not (out / LOCK_FILE).exists()

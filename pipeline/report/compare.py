@@ -157,7 +157,8 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
     verdict = (f"❌ {len(result['regressions'])} regression(s)" if result["regressed"] else "✅ no regression")
     lines = [f"## fmap compare — {verdict}", "",
              f"`{result['run_a']}` (A, reference) → `{result['run_b']}` (B, candidate). Latency is judged by each "
-             "run's speedup over its own original (within-run ratio), so load differences between runs cancel.", ""]
+             "run's speedup over its own reference (the same runtime's FP32 artifact where both runs have one, "
+             "marked 'vs FP32', else the original), so load differences between runs cancel.", ""]
     busy = [side.upper() for side in ("a", "b") if (result.get("busy") or {}).get(side)]
     if busy:
         lines += [f"> ⚠️ run {' and '.join(busy)} measured latency on a busy machine.", ""]
