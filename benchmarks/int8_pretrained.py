@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 THREADS = 2
-GREY_LEVEL = 1.0 / 255.0 / 0.226  # one 8-bit grey level after ImageNet normalisation
+GREY_LEVEL = 1.0 / 255.0 / 0.5  # one 8-bit grey level after Lite0's [-1, 1] normalisation
 HEADING = "## INT8 on a pretrained model (EfficientNet-Lite0, real photos)"
 
 
@@ -131,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.quantization.targets import host_cpu
     from pipeline.sources import photos
     from pipeline.sources.data import TensorSplit
-    from pipeline.sources.pretrained import efficientnet_lite0
+    from pipeline.sources.pretrained import LITE_MEAN, LITE_STD, efficientnet_lite0
 
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
     model = efficientnet_lite0()
-    calib = TensorSplit("calibration", photos.photo_split("calibration", args.calib), None, batch_size=16)
-    evals = TensorSplit("test", photos.photo_split("test", args.eval), None, batch_size=16)
+    norm = {"mean": LITE_MEAN, "std": LITE_STD}  # Lite0 was trained on [-1, 1] pixels
+    calib = TensorSplit("calibration", photos.photo_split("calibration", args.calib, **norm), None, batch_size=16)
+    evals = TensorSplit("test", photos.photo_split("test", args.eval, **norm), None, batch_size=16)
     with torch.no_grad():
         ref = torch.cat([model(evals.x[i:i + 16]) for i in range(0, len(evals), 16)]).numpy()
     g = torch.Generator().manual_seed(0)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{machine_line(THREADS)} CPU int8 flags: {', '.join(cpu.flags)} (fmap target `{cpu.target}`); "
                    f"load average {load:.1f} during the run.", "",
                    f"Calibration: {args.calib} crops of {photos.describe('calibration')}; evaluation: {args.eval} "
-                   f"crops of {photos.describe('test')} (no photo in both). Agreement = top-1 identical to torch "
+                   f"crops of {photos.describe('test')} (no photo in both), scaled to [-1, 1] as Lite0 was trained. Agreement = top-1 identical to torch "
                    "FP32; confident = crops where FP32's top-1 probability is >= 0.5; SQNR = logits vs FP32.", "",
                    *lines]
         write_section("\n".join(section), HEADING)

