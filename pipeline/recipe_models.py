@@ -16,8 +16,8 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    """Where the model comes from. `source` is `torchvision:NAME`, `builtin:NAME`,
-    `python:package.module:factory`; `weights` is a local state_dict or an fmap checkpoint."""
+    """Where the model comes from. `source` is `prefix:rest` of a registered source
+    (pipeline/sources/registry.py); `weights` is a local state_dict or an fmap checkpoint."""
 
     source: str
     weights: str | None = None
@@ -28,11 +28,11 @@ class ModelConfig(Strict):
     @field_validator("source")
     @classmethod
     def _check_source(cls, v: str) -> str:
-        prefix, sep, rest = v.partition(":")
-        if not sep or prefix not in ("torchvision", "builtin", "python") or not rest:
-            raise ValueError("expected 'torchvision:NAME', 'builtin:NAME' or 'python:package.module:factory'")
-        if prefix == "python" and ":" not in rest:
-            raise ValueError("expected 'python:package.module:factory' (module and factory separated by ':')")
+        from pipeline.sources.registry import check_spec
+
+        problem = check_spec(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("input_shape")

@@ -115,13 +115,16 @@ class Runner:
         import torch
 
         from pipeline.sources.data import build_bundle
+        from pipeline.sources.capabilities import check_stages
         from pipeline.sources.models import build_model, default_input_shape
 
         torch.manual_seed(self.recipe.seed)
         torch.set_num_threads(self.recipe.threads)
         log = lambda msg: self.console.print(f"[dim]{msg}[/]")  # noqa: E731
-        model = build_model(self.recipe.model, log=log)
-        input_shape = default_input_shape(self.recipe.model)
+        base_dir = self.recipe.source_path.parent if self.recipe.source_path else None
+        model = build_model(self.recipe.model, log=log, base_dir=base_dir)
+        input_shape = default_input_shape(self.recipe.model, base_dir)
+        check_stages(self.recipe, model)
         data = build_bundle(self.recipe.data, input_shape, seed=self.recipe.seed)
         example = torch.randn(input_shape, generator=torch.Generator().manual_seed(self.recipe.seed))
         self._check_model_runs(model, example)
