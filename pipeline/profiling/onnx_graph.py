@@ -123,6 +123,9 @@ def profile_onnx(path: str | Path, input_shape: list[int], method: str = "onnx")
             d = max(_attr(n, "dilations", [1]) or [1])
             st = max(_attr(n, "strides", [1]) or [1])
             r, s = r + ((k - 1) * d) * s, s * st
+        elif n.op_type in _GLOBAL_POOL and n.input[0] in shapes and shapes[n.input[0]][0]:
+            spatial = max(shapes[n.input[0]][0][2:] or [1])  # the whole remaining map: its span in the input
+            r, s = r + (spatial - 1) * s, s * spatial
         out_bytes, params = 0, 0
         for o in n.output:
             shape, eb = shapes.get(o, (None, 4))

@@ -129,7 +129,10 @@ SUFFIX_PREFIX = {".onnx": "onnx", ".pt2": "exported", ".ts": "torchscript", ".to
 
 def spec_from_path(spec: str) -> str:
     """`model.onnx` -> `onnx:model.onnx` when the file exists and its suffix names a source."""
-    if ":" in spec:
+    head, sep, _ = spec.partition(":")
+    if sep and head.endswith(".py"):  # model.py:factory
+        return f"python:{spec}"
+    if sep:
         return spec
     prefix = SUFFIX_PREFIX.get(Path(spec).suffix.lower())
     return f"{prefix}:{spec}" if prefix and Path(spec).is_file() else spec
