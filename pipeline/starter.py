@@ -116,7 +116,7 @@ def starter_recipe(model_spec: str, data_dir: str | None = None, file: str = "re
     folder = _folder(data_dir) if data_dir else None
     shape = default_input_shape(cfg)
     known = source.input_shape is not None and source.input_shape(rest, dict(cfg.kwargs), _ctx()) is not None
-    origin = f"from the {source.kind}"
+    origin = f"from the {source.kind}"  # builtin table, timm config, ONNX input, exported program
     if not known and folder is not None:
         shape, origin = _image_shape(folder[2]), f"from {folder[2].name}, the first image of --data"
     elif not known:

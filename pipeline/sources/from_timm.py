@@ -39,7 +39,7 @@ def input_shape(name: str, kwargs: dict[str, Any], ctx: BuildContext) -> list[in
     return [1, *map(int, size)] if size else None
 
 
-@model_source("timm", "timm:NAME", input_shape=input_shape)
+@model_source("timm", "timm:NAME", input_shape=input_shape, kind="timm model")
 def build(name: str, kwargs: dict[str, Any], ctx: BuildContext) -> Any:
     _known(name)
     if kwargs.get("pretrained"):
