@@ -28,13 +28,13 @@ LAZY_COMMANDS = {
 
 def make_console(stderr: bool = True):
     """Rich console for progress and logs: colours and live bars off when not a TTY or in CI."""
-    from rich.console import Console
+    from pipeline.progress import LogConsole
 
     in_ci = bool(os.environ.get("CI"))
     stream = sys.stderr if stderr else sys.stdout
     # Logs (CI, files) get a fixed wide layout instead of rich's 80-column fallback.
     width = None if stream.isatty() or os.environ.get("COLUMNS") else 140
-    return Console(stderr=stderr, no_color=in_ci or bool(os.environ.get("NO_COLOR")),
+    return LogConsole(stderr=stderr, no_color=in_ci or bool(os.environ.get("NO_COLOR")),
                    force_terminal=False if in_ci else None, highlight=False, width=width)
 
 

@@ -30,11 +30,13 @@ import pipeline
 from pipeline import atomic
 from pipeline.errors import (EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, FmapError, StageFailed)
 from pipeline.recipe import Recipe, StageSpec, dump_lock
+from pipeline.runlog import capture_third_party
 from pipeline.stages import get_stage
 from pipeline.stages.base import Artifact, GateResult, StageContext, StageResult
 
 MANIFEST = "manifest.json"
 LOCK = "recipe.lock.yaml"
+RUN_LOG = "run.log"
 
 
 @dataclass
@@ -179,8 +181,9 @@ class Runner:
         self._write_manifest()
         exit_code, error = EXIT_OK, None
         try:
-            ctx = self.build_context()
-            self._run_stages(ctx, previous)
+            with capture_third_party(self.run_dir / RUN_LOG):  # library prints/logs -> run.log, not the console
+                ctx = self.build_context()
+                self._run_stages(ctx, previous)
         except KeyboardInterrupt:
             exit_code, error = EXIT_INTERRUPTED, "interrupted"
             self.manifest["status"] = "interrupted"

@@ -72,19 +72,17 @@ def _bytes(n: int | None) -> str:
 
 
 def _collect(ctx: StageContext, cfg: ProfileConfig) -> Any:
-    from rich.progress import Progress
-
     from pipeline.profiling.stats import collect_channel_stats
+    from pipeline.progress import counter
 
     split = ctx.data.require("calibration", "profile")
     total = len(split)
     if cfg.max_batches is not None:
         total = min(total, cfg.max_batches * split.batch_size)
-    with Progress(console=ctx.console, transient=True) as bar:
-        task = bar.add_task("channel statistics", total=total or None)
+    with counter(ctx.console, "channel statistics", total) as advance:
         return collect_channel_stats(
             ctx.model, (x for x, _ in split.batches()), rank_samples=cfg.rank_samples if cfg.rank else 0,
-            progress=lambda n: bar.advance(task, n), correlation=cfg.correlation, max_batches=cfg.max_batches)
+            progress=advance, correlation=cfg.correlation, max_batches=cfg.max_batches)
 
 
 def _plots(ctx: StageContext, prof: dict[str, Any], stats: Any) -> dict[str, Artifact]:

@@ -128,7 +128,7 @@ class QuantizeStage(Stage):
 
         def quantize(nodes: list[str], step: int) -> Path:
             reader.rewind()
-            with ctx.console.status(f"calibrating ({cfg.calibration}, {cfg.samples} samples, step {step})"):
+            with ctx.console.status(f"calibrating ({cfg.calibration}, {min(cfg.samples, len(calib))} samples, step {step})"):
                 return ort_quant.quantize_static_qdq(
                     prep, work / f"int8_step{step}.onnx", reader, calibration=cfg.calibration,
                     per_channel=cfg.per_channel, exclude=nodes, activation_type=cfg.activation_type)

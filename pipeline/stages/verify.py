@@ -120,7 +120,9 @@ class VerifyStage(Stage):
                         runs.append(run)
                         ctx.console.print(f"verify: loaded {cand.name} on {b}")
             base = next(r for r in runs if r.cand.name == cfg.baseline and r.backend == "torch")
-            accuracy = _accuracy(ctx, cfg, split, base, runs)
+            with ctx.console.status(f"verify: accuracy and agreement, {len(runs)} sessions on "
+                                    f"{len(split) if split is not None else 1} samples"):
+                accuracy = _accuracy(ctx, cfg, split, base, runs)
             latency, speedup = _latency(ctx, cfg, split, base, runs)
         finally:
             for r in runs:
@@ -272,7 +274,8 @@ def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs:
                 latency[key][str(bs)] = {"batch_size": bs, "error": f"{type(exc).__name__}: {exc}"[:300]}
         ctx.console.print(f"verify: latency batch {bs}: {len(runners)} sessions x {lc.iterations} iterations"
                           f"{' (interleaved)' if lc.interleave else ''}")
-        times = measure(runners, lc.warmup, lc.iterations, lc.interleave)  # type: ignore[arg-type]
+        with ctx.console.status(f"verify: latency batch {bs}"):
+            times = measure(runners, lc.warmup, lc.iterations, lc.interleave)  # type: ignore[arg-type]
         base_key = (base.cand.name, base.backend)
         for key, t in times.items():
             latency[key][str(bs)] = summarize(t, bs)
