@@ -71,6 +71,10 @@ def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, eval
     history = []
     progress = Progress(TextColumn("fine-tune {task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=console, transient=True, disable=console is None)
+    from pipeline.progress import Ticker  # a CI log gets timestamped lines, not a bar it never sees
+
+    ticker = Ticker(console, "fine-tune", epochs * steps_per_epoch, "steps") if (
+        console is not None and not console.is_terminal) else None
     with progress:
         task = progress.add_task("", total=epochs * steps_per_epoch, info="")
         for epoch in range(1, epochs + 1):
@@ -88,6 +92,8 @@ def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, eval
                 total += loss.item() * len(x)
                 n += len(x)
                 progress.update(task, advance=1, description=f"epoch {epoch}/{epochs}", info=f"loss {total / n:.4f}")
+                if ticker is not None:
+                    ticker.advance(1)
             model.eval()
             acc = accuracy(model, eval_split)
             history.append({"epoch": epoch, "loss": total / max(n, 1), "val_acc": acc})

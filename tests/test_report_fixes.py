@@ -1,0 +1,62 @@
+"""HTML/Markdown report details users tripped over: a pass banner without gates, plots drawn
+twice, raw Python dicts, numbers wrapping inside table cells."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from pipeline.report import plots, write_reports
+from tests.test_report import synthetic_manifest
+
+
+def _write(run_dir: Path, manifest: dict) -> None:
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_no_gates_is_its_own_state_not_a_pass(tmp_path):
+    d = tmp_path / "run"
+    m = synthetic_manifest(d)
+    m["status"], m["exit_code"] = "ok", 0
+    for st in m["stages"]:
+        st["gates"] = []
+    _write(d, m)
+    out = write_reports(d, ("html", "md"))
+    html, md = out["html"].read_text(), out["md"].read_text()
+    assert 'class="banner none"' in html and "No gates configured" in html
+    assert "gates passed" not in html.lower() and "✅" not in md.splitlines()[0]
+    assert "no gates configured" in md.splitlines()[0]
+
+
+def test_passing_gates_still_get_the_pass_banner(tmp_path):
+    d = tmp_path / "run"
+    m = synthetic_manifest(d)
+    m["status"], m["exit_code"] = "ok", 0
+    m["stages"][-1]["gates"] = [g for g in m["stages"][-1]["gates"] if g["passed"]]
+    _write(d, m)
+    html = write_reports(d, ("html",))["html"].read_text()
+    assert 'class="banner pass"' in html and "All 1 gates passed" in html
+
+
+def test_stage_plots_are_not_drawn_twice_and_left_alone_is_prose(tmp_path):
+    d = tmp_path / "run"
+    m = synthetic_manifest(d)
+    png = base64.b64decode(plots.memory_timeline([["a", 1], ["b", 2]]))
+    (d / "profile").mkdir(parents=True)
+    (d / "profile" / "memory_timeline.png").write_bytes(png)
+    m["stages"][0]["artifacts"]["plot_memory_timeline"] = {"path": "profile/memory_timeline.png", "kind": "plot",
+                                                            "description": "live bytes"}
+    m["stages"][1]["metrics"]["left_alone"] = [{"name": "fc", "reason": "classifier output"}]
+    _write(d, m)
+    html = write_reports(d, ("html",))["html"].read_text()
+    assert base64.b64encode(png).decode() not in html  # the section draws the timeline from report.json
+    assert html.count('alt="memory timeline"') == 1
+    assert "Left alone: fc (classifier output)" in html and "{&#x27;name&#x27;" not in html
+
+
+def test_latency_cells_do_not_wrap():
+    from pipeline.report.html import CSS
+
+    assert "#summary td" in CSS and "white-space:nowrap" in CSS
