@@ -7,6 +7,8 @@ import base64
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.report import plots, write_reports
 from tests.test_report import synthetic_manifest
 
@@ -60,3 +62,21 @@ def test_latency_cells_do_not_wrap():
     from pipeline.report.html import CSS
 
     assert "#summary td" in CSS and "white-space:nowrap" in CSS
+
+
+@pytest.mark.slow  # ~30 s on a shared 2-core machine (loads and runs the builtin model)
+def test_readme_visualize_command_runs_as_written(tmp_path):
+    """The README's `fmap visualize builtin:digits_cnn --images builtin:digits` (plus --out here)."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    line = next(ln for ln in (root / "README.md").read_text().splitlines() if ln.startswith("fmap visualize"))
+    args = line.split("#")[0].split()[1:]
+    assert args == ["visualize", "builtin:digits_cnn", "--images", "builtin:digits"]
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--out", str(tmp_path / "viz"),
+                          "--max-images", "4", "--no-gradcam"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^4 images, layers ", out.stderr, re.M) and (tmp_path / "viz" / "qa.html").is_file()
