@@ -80,3 +80,16 @@ def test_readme_visualize_command_runs_as_written(tmp_path):
                          cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr
     assert re.search(r"^4 images, layers ", out.stderr, re.M) and (tmp_path / "viz" / "qa.html").is_file()
+
+
+def test_readme_summary_block_comes_from_a_run(tmp_path):
+    from pipeline.report.readme import END, START, update_readme
+
+    d = tmp_path / "run"
+    _write(d, synthetic_manifest(d))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nstale 99.63%\n{END}\nrest\n")
+    update_readme(d, readme)
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "| **onnx_int8** | onnxruntime | 88.00% |" in text and "2 threads" in text
