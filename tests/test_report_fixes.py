@@ -93,3 +93,16 @@ def test_readme_summary_block_comes_from_a_run(tmp_path):
     text = readme.read_text()
     assert "stale" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "| **onnx_int8** | onnxruntime | 88.00% |" in text and "2 threads" in text
+
+
+def test_quantization_errors_name_module_paths(tmp_path):
+    d = tmp_path / "run"
+    m = synthetic_manifest(d)
+    m["stages"][2] = {"id": "quantize", "kind": "quantize", "status": "ok", "duration_s": 1.0, "artifacts": {},
+                      "gates": [], "metrics": {"layer_errors": [
+                          {"tensor": "onnx::Conv_64", "kind": "weight", "sqnr_db": 20.0,
+                           "layer": "/layer1/layer1.0/conv1/Conv"}]}}
+    _write(d, m)
+    html = write_reports(d, ("html",))["html"].read_text()
+    table = html.split('id="quant-errors"')[1].split("</table>")[0]
+    assert "<th>module</th>" in table and "<td>layer1.0.conv1</td>" in table

@@ -172,6 +172,22 @@ def _named(item: Any) -> str:
     return str(item)
 
 
+def _with_module(rows: Any) -> Any:
+    """Lead each error row with the torch module path its ONNX node came from (`/layer1/layer1.0/conv1/Conv`
+    -> `layer1.0.conv1`), so a row names something the user wrote, not `onnx::Conv_64`."""
+    from pipeline.profiling.onnx_graph import module_path
+
+    if not isinstance(rows, list):
+        return rows
+    out = []
+    for r in rows:
+        if isinstance(r, dict):
+            where = r.get("layer") or r.get("tensor") or ""
+            r = {"module": module_path(str(where)) if "/" in str(where) else where, **r}
+        out.append(r)
+    return out
+
+
 def _quantize(st: dict[str, Any]) -> list[str]:
     m = st["metrics"]
     out = [f"<h2>Quantization ({_e(st['id'])})</h2>"]
@@ -182,7 +198,7 @@ def _quantize(st: dict[str, Any]) -> list[str]:
     img = plots.layer_errors(m.get("layer_errors"))
     if img:
         out.append(_img(img, "quantization error per layer"))
-    out.append("<h3>Per-layer error</h3>" + _dict_table(m.get("layer_errors"), None, "quant-errors"))
+    out.append("<h3>Per-layer error</h3>" + _dict_table(_with_module(m.get("layer_errors")), None, "quant-errors"))
     return out
 
 
