@@ -27,14 +27,16 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
+	$(PY) -m pip install -q --only-binary=:all: -e '.[test,models]'
 	$(PY) -m pytest -q -m slow
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu
 
 bench: $(STAMP)
-	$(PY) -m pip install -q --only-binary=:all: -e '.[test,bench]'
+	$(PY) -m pip install -q --only-binary=:all: -e '.[test,bench,models]'
 	$(PY) benchmarks/run.py --write
+	$(PY) benchmarks/int8_pretrained.py --write
 
 clean:
 	rm -rf runs .pytest_cache fmap-profile

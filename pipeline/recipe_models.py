@@ -49,10 +49,12 @@ class _DataCommon(Strict):
 
 
 class BuiltinData(_DataCommon):
-    """A dataset that ships with an installed package (offline), split with a fixed seed."""
+    """A dataset that ships with an installed package (offline), split with a fixed seed: `digits`
+    (scikit-learn's labelled scans) or `photos` (unlabelled crops of the photos inside scikit-learn
+    and scikit-image, for ImageNet models; `samples` crops, default 128)."""
 
     source: Literal["builtin"]
-    name: Literal["digits"] = "digits"
+    name: Literal["digits", "photos"] = "digits"
     split: Literal["train", "calibration", "test"] = "test"
 
 

@@ -124,7 +124,7 @@ def starter_recipe(model_spec: str, data_dir: str | None = None, file: str = "re
         shape = list(DEFAULT_INPUT_SHAPE)
     stem = Path(rest).stem if source.prefix in ("onnx", "torchscript", "exported") else rest.split(":")[-1]
     name = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip("-._") or "model"
-    builtin = source.prefix == "builtin"
+    builtin = cfg.source == "builtin:digits_cnn"  # the one model whose data ships with fmap, labelled
     if builtin:
         data, labelled = BUILTIN_DATA, True
     elif folder is not None:

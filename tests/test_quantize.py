@@ -236,25 +236,6 @@ def test_config_defaults():
     assert cfg.fallback.max_float_layers == 5 and cfg.fallback.max_steps == 5
 
 
-def test_fallback_keeps_best_step_when_target_missed(tmp_path, monkeypatch):
-    """When keeping layers float makes things worse, the best step's model is the one kept."""
-    from pipeline.quantization import fallback
-    from pipeline.quantization.debug import TensorError
-    from pipeline.quantization.fallback import run_fallback
-
-    monkeypatch.setattr(fallback, "nodes_to_keep_float", lambda layer, path: [layer])
-    agreement = {0: 0.7, 1: 0.6, 2: 0.65}
-    paths = {k: tmp_path / f"s{k}.onnx" for k in agreement}
-    out = run_fallback(
-        float_path=tmp_path / "missing.onnx", first=paths[0], first_scores={"agreement": 0.7},
-        quantize=lambda nodes, step: paths[step], evaluate=lambda p: {"agreement": agreement[int(p.stem[1:])]},
-        meets=lambda s: s["agreement"] >= 0.99,
-        errors=lambda p: [TensorError(f"t{i}", "activation", 10.0, 0.5, 0.5 - i / 10, f"L{i}") for i in range(5)],
-        base_exclude=[], max_float_layers=2, max_steps=2)
-    assert not out.met and len(out.steps) == 3
-    assert out.chosen_step == 0 and out.path == paths[0] and out.float_layers == []
-
-
 def _relu6_net() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU6(),

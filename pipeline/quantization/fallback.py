@@ -1,19 +1,22 @@
-"""Accuracy-aware fallback: keep the layers that hurt most in float, re-quantize, repeat.
+"""Accuracy-aware fallback: keep in float the layers whose float copy measurably helps, nothing else.
 
-Each step ranks layers by their local quantization noise (debug.tensor_errors), adds the worst
-ones not yet in float to `nodes_to_exclude`, re-quantizes and re-scores, until the target is met
-or the budget (max_steps, max_float_layers) is spent. Every step is reported.
+Each step takes the few layers with the largest local quantization error (debug.tensor_errors, run
+with graph outputs added, which defeats onnxruntime's fused integer kernels) as *candidates only*,
+then measures each one by ablation on the deployable session: that layer (with its fused
+activation and consumers) kept in float, re-quantized, scored with every graph optimisation on,
+exactly as it will run. The best candidate is kept only if it beats the current model; otherwise
+the fallback stops and the step is recorded as undone. So the returned model is never worse than
+step 0, and every step, with every candidate tried, is in the report.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.quantization.debug import TensorError, nodes_to_keep_float
+from pipeline.quantization.debug import TensorError
 
 
 @dataclass
@@ -27,53 +30,50 @@ class FallbackOutcome:
     chosen_step: int = 0
 
 
-def run_fallback(*, float_path: Path, first: Path, first_scores: dict[str, Any],
-                 quantize: Callable[[list[str], int], Path], evaluate: Callable[[Path], dict[str, Any]],
+def run_fallback(*, expand: Callable[[str], list[str]], first: Path, first_scores: dict[str, Any],
+                 quantize: Callable[[list[str], str], Path], evaluate: Callable[[Path], dict[str, Any]],
                  meets: Callable[[dict[str, Any]], bool], errors: Callable[[Path], list[TensorError]],
-                 base_exclude: list[str], max_float_layers: int, max_steps: int) -> FallbackOutcome:
-    """`quantize(exclude, step)` writes a model and returns its path; `meets(scores)` is the target.
-
-    If the target is never met, the best step (by accuracy, else agreement) is the one returned:
-    keeping layers float can make things worse when the error is spread over many layers.
-    """
-    outcome = FallbackOutcome(first, first_scores, excluded_nodes=list(base_exclude))
-    best = (_quality(first_scores), first, first_scores, 0, [], list(base_exclude))
-    outcome.steps.append(_step(0, [], first_scores))
-    outcome.met = meets(first_scores)
-    per_step = max(1, math.ceil(max_float_layers / max(1, max_steps)))
+                 base_exclude: list[str], max_float_layers: int, max_steps: int,
+                 candidates: int = 3) -> FallbackOutcome:
+    """`quantize(exclude, tag)` writes a model and returns its path; `meets(scores)` is the target;
+    `expand(layer)` names the nodes that keep `layer` float (debug.nodes_to_keep_float)."""
+    out = FallbackOutcome(first, first_scores, excluded_nodes=list(base_exclude), met=meets(first_scores))
+    out.steps.append(_step(0, [], first_scores, accepted=True))
     step = 0
-    while not outcome.met and step < max_steps and len(outcome.float_layers) < max_float_layers:
+    while not out.met and step < max_steps and len(out.float_layers) < max_float_layers:
         step += 1
-        ranked = [t.layer for t in errors(outcome.path) if t.layer]
-        new = [layer for layer in dict.fromkeys(ranked)
-               if layer not in outcome.float_layers and layer not in outcome.excluded_nodes]
-        new = new[: min(per_step, max_float_layers - len(outcome.float_layers))]
-        if not new:
+        ranked = dict.fromkeys(t.layer for t in errors(out.path) if t.layer)
+        picks = [layer for layer in ranked if layer not in out.float_layers and layer not in out.excluded_nodes]
+        if not picks:
             break
-        outcome.float_layers.extend(new)
-        for layer in new:
-            outcome.excluded_nodes.extend(n for n in nodes_to_keep_float(layer, float_path)
-                                          if n not in outcome.excluded_nodes)
-        path = quantize(outcome.excluded_nodes, step)
-        scores = evaluate(path)
-        outcome.path, outcome.scores = path, scores
-        outcome.steps.append(_step(step, list(outcome.float_layers), scores))
-        outcome.met = meets(scores)
-        if _quality(scores) > best[0]:
-            best = (_quality(scores), path, scores, step, list(outcome.float_layers), list(outcome.excluded_nodes))
-    outcome.chosen_step = step
-    if not outcome.met and best[3] != step:
-        _, outcome.path, outcome.scores, outcome.chosen_step, outcome.float_layers, outcome.excluded_nodes = best
-    return outcome
+        tried = []
+        for i, layer in enumerate(picks[:candidates]):
+            exclude = out.excluded_nodes + [n for n in expand(layer) if n not in out.excluded_nodes]
+            path = quantize(exclude, f"{step}_{i}")
+            tried.append((layer, path, exclude, evaluate(path)))
+        layer, path, exclude, scores = max(tried, key=lambda t: _quality(t[3]))
+        record = _step(step, out.float_layers + [layer], scores, accepted=_quality(scores) > _quality(out.scores))
+        record["tried"] = [{"layer": t[0], "accuracy": t[3].get("accuracy"), "agreement": t[3].get("agreement")}
+                           for t in tried]
+        out.steps.append(record)
+        if not record["accepted"]:  # no single layer in float helps: undo and stop
+            record["float_layers"] = list(out.float_layers)
+            break
+        out.path, out.scores, out.excluded_nodes = path, scores, exclude
+        out.float_layers.append(layer)
+        out.chosen_step = step
+        out.met = meets(scores)
+    return out
 
 
-def _quality(scores: dict[str, Any]) -> float:
-    value = scores.get("accuracy")
-    if value is None:
-        value = scores.get("agreement")
-    return float(value) if value is not None else float("-inf")
+def _quality(scores: dict[str, Any]) -> tuple[float, float]:
+    """Accuracy when labelled, then agreement: the order in which steps compete."""
+    agreement = scores.get("agreement")
+    agreement = float(agreement) if agreement is not None else float("-inf")
+    accuracy = scores.get("accuracy")
+    return (float(accuracy) if accuracy is not None else agreement, agreement)
 
 
-def _step(step: int, layers: list[str], scores: dict[str, Any]) -> dict[str, Any]:
-    return {"step": step, "float_layers": layers, "accuracy": scores.get("accuracy"),
-            "agreement": scores.get("agreement")}
+def _step(step: int, layers: list[str], scores: dict[str, Any], accepted: bool) -> dict[str, Any]:
+    return {"step": step, "float_layers": list(layers), "accuracy": scores.get("accuracy"),
+            "agreement": scores.get("agreement"), "accepted": accepted}

@@ -36,10 +36,11 @@ def set_initializer(graph: Any, name: str, array: Any) -> None:
 
 
 def channel_stats(model: Any, names: list[str], reader: Any) -> dict[str, dict[str, Any]]:
-    """Per-channel mean and max of the float tensors `names` over `reader`'s batches (streamed).
+    """Per-channel mean, max and min of the float tensors `names` over `reader`'s batches (streamed).
 
     Bias correction needs E[x] per input channel; ReLU6-aware equalization needs the largest
-    pre-clip value per channel. One extra pass over the calibration data serves both.
+    pre-clip value per channel; the saturation check needs each channel's range. One extra pass
+    over the calibration data serves each of them.
     """
     import numpy as np
     import onnx
@@ -48,19 +49,25 @@ def channel_stats(model: Any, names: list[str], reader: Any) -> dict[str, dict[s
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
-    for name in names:
+    inputs = {i.name for i in probe.graph.input}
+    fetched = [n for n in names if n not in inputs]  # graph inputs are read from the feed itself
+    for name in fetched:
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    stats: dict[str, dict[str, Any]] = {n: {"sum": 0.0, "count": 0, "max": None} for n in names}
+    stats: dict[str, dict[str, Any]] = {n: {"sum": 0.0, "count": 0, "max": None, "min": None} for n in names}
     reader.rewind()
     for feed in iter(reader.get_next, None):
-        for name, arr in zip(names, session.run(names, feed)):
+        arrays = dict(zip(fetched, session.run(fetched, feed) if fetched else []))
+        arrays.update({n: feed[n] for n in names if n in inputs})
+        for name in names:
+            arr = arrays[name]
             axes = (0,) + tuple(range(2, arr.ndim))
             s = stats[name]
             s["sum"] = s["sum"] + arr.astype(np.float64).sum(axis=axes)
             s["count"] += int(arr.size // arr.shape[1])
-            mx = arr.max(axis=axes).astype(np.float64)
+            mx, mn = arr.max(axis=axes).astype(np.float64), arr.min(axis=axes).astype(np.float64)
             s["max"] = mx if s["max"] is None else np.maximum(s["max"], mx)
+            s["min"] = mn if s["min"] is None else np.minimum(s["min"], mn)
     reader.rewind()
-    return {n: {"mean": s["sum"] / max(s["count"], 1), "max": s["max"]} for n, s in stats.items()}
+    return {n: {"mean": s["sum"] / max(s["count"], 1), "max": s["max"], "min": s["min"]} for n, s in stats.items()}

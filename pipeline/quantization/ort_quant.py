@@ -13,9 +13,6 @@ from typing import Any
 from pipeline.atomic import atomic_path
 from pipeline.errors import BadInput, StageFailed
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-
-
 def preprocess(fp32_path: Path, out_path: Path) -> Path:
     """quant_pre_process: symbolic shape inference + ORT basic graph optimisation, as ORT advises."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -31,8 +28,16 @@ def preprocess(fp32_path: Path, out_path: Path) -> Path:
 def quantize_static_qdq(prep_path: Path, out_path: Path, reader: Any, *, calibration: str = "minmax",
                         per_channel: bool = True, exclude: list[str] | None = None,
                         activation_type: str = "quint8", weight_type: str = "qint8",
-                        extra_options: dict[str, Any] | None = None) -> Path:
-    """Static INT8 QDQ quantization of an already pre-processed model; `reader` streams calibration."""
+                        extra_options: dict[str, Any] | None = None,
+                        seven_bit_weights: dict[str, int] | None = None,
+                        calibration_cache: Path | None = None) -> Path:
+    """Static INT8 QDQ quantization of an already pre-processed model; `reader` streams calibration.
+
+    `seven_bit_weights` maps float weight names to their channel axis: those weights get 7-bit
+    codes (onnxruntime's `reduce_range`, per tensor), the overflow-safe treatment for kernels that
+    saturate int16 pairs. `calibration_cache` (a JSON path) calibrates once and reuses the ranges
+    on every later call with the same path: the fallback re-quantizes many times.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -47,12 +52,18 @@ def quantize_static_qdq(prep_path: Path, out_path: Path, reader: Any, *, calibra
     if calibration == "percentile":
         options["CalibPercentile"] = 99.999
     options.update(extra_options or {})
+    if seven_bit_weights:
+        overrides = dict(options.get("TensorQuantOverrides", {}))
+        for name, axis in seven_bit_weights.items():
+            overrides[name] = [{"reduce_range": True, **({"axis": axis} if per_channel else {})}]
+        options["TensorQuantOverrides"] = overrides
     with atomic_path(out_path) as tmp:
         try:
             quantize_static(str(prep_path), str(tmp), reader, quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=qtype[activation_type],
                             weight_type=qtype[weight_type], nodes_to_exclude=list(exclude or []),
-                            calibrate_method=method, extra_options=options)
+                            calibrate_method=method, extra_options=options,
+                            calibration_cache_path=None if calibration_cache is None else str(calibration_cache))
         except (ValueError, RuntimeError) as exc:
             raise StageFailed(f"onnxruntime quantize_static failed: {exc}") from exc
     return out_path

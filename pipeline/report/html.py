@@ -191,10 +191,28 @@ def _with_module(rows: Any) -> Any:
 def _quantize(st: dict[str, Any]) -> list[str]:
     m = st["metrics"]
     out = [f"<h2>Quantization ({_e(st['id'])})</h2>"]
+    tgt = m.get("target") or {}
+    if tgt:
+        sat = tgt.get("saturation") or {}
+        out.append(_kv({"target": f"{tgt.get('resolved')} (asked: {tgt.get('requested')})",
+                        "this machine": f"{(tgt.get('host') or {}).get('target')}, {(tgt.get('host') or {}).get('model')}",
+                        "accuracy measured on target kernels": "yes" if tgt.get("measured_on_target") else
+                        "no: not measured here",
+                        "exact on": ", ".join(tgt.get("safe_on") or []),
+                        "layers that can saturate int16 without VNNI": ", ".join(sat.get("layers_at_risk") or [])
+                        or "none",
+                        "overflow fix: widened weight scales": ", ".join(
+                            f"{k} ({v.get('channels')}/{v.get('of')} channels, up to {v.get('max_factor')}x)"
+                            for k, v in (tgt.get("widened_channels") or {}).items()) or "none",
+                        "overflow fix: 7-bit weights": ", ".join(tgt.get("seven_bit_weights") or []) or "none"}))
     fb = m.get("fallback") or {}
     if fb:
         out.append(_kv({"fallback steps": len(fb.get("steps") or []),
                         "layers kept float": ", ".join(map(str, fb.get("float_layers") or [])) or "none"}))
+        steps = [{"step": s.get("step"), "float layers": ", ".join(s.get("float_layers") or []) or "none",
+                  "accuracy": fmt.pct(s.get("accuracy")), "agreement": fmt.pct(s.get("agreement")),
+                  "kept": "yes" if s.get("accepted", True) else "undone"} for s in fb.get("steps") or []]
+        out.append("<h3>Fallback steps</h3>" + _dict_table(steps, None, "fallback-steps"))
     img = plots.layer_errors(m.get("layer_errors"))
     if img:
         out.append(_img(img, "quantization error per layer"))

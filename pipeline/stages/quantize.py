@@ -13,6 +13,8 @@ import numpy as np
 from pydantic import Field
 
 from pipeline.atomic import atomic_path
+from pipeline.errors import BadInput
+from pipeline.quantization.targets import Target
 from pipeline.stages.base import Artifact, Stage, StageConfig, StageContext, StageResult
 from pipeline.stages.export import FP32_NAME, ExportConfig, export_fp32
 
@@ -24,10 +26,13 @@ class FallbackConfig(StageConfig):
     min_agreement: float | None = Field(None, ge=0, le=1)  # top-1 agreement with FP32
     max_float_layers: int = Field(5, ge=0)
     max_steps: int = Field(5, ge=0)
+    candidates: int = Field(3, ge=1)  # layers measured by ablation per step (ranked by the debugger)
 
 
 class QuantizeConfig(StageConfig):
     mode: Literal["static", "dynamic", "fp16"] = "static"
+    # the CPU/runtime the artifact is for; auto = this machine. x86-avx2 = safe on every x86-64 CPU
+    target: Target = "auto"
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
     samples: int = Field(256, gt=0)  # calibration samples, streamed batch by batch
@@ -53,6 +58,8 @@ class QuantizeStage(Stage):
 
     def run(self, ctx: StageContext, cfg: QuantizeConfig) -> StageResult:  # type: ignore[override]
         result = StageResult(metrics={"mode": cfg.mode, "calibration": cfg.calibration if cfg.mode == "static" else None})
+        if cfg.mode == "static" and len(ctx.data.require("calibration", "quantize")) == 0:
+            raise BadInput("data.calibration: the split is empty; static INT8 needs calibration samples")
         fp32 = ctx.artifacts.get(FP32_NAME)
         if fp32 is not None:
             from pipeline.export.onnx import load_onnx
@@ -99,14 +106,60 @@ class QuantizeStage(Stage):
                 metrics: dict[str, Any]) -> Artifact:
         from pipeline.backends import onnxruntime as ort_backend
         from pipeline.export.onnx import INPUT_NAME
-        from pipeline.quantization import ort_quant
+        from pipeline.quantization import saturation
         from pipeline.quantization.calibration import StreamingReader
-        from pipeline.quantization.debug import tensor_errors
+        from pipeline.quantization.debug import nodes_to_keep_float, tensor_errors
         from pipeline.quantization.evaluate import score
         from pipeline.quantization.fallback import run_fallback
 
         calib = ctx.data.require("calibration", "quantize")
+        target = _target_plan(cfg)
         reader = StreamingReader(calib, INPUT_NAME, cfg.samples)
+        prep, exclude = self._prepare(ctx, cfg, fp32_path, work, reader, metrics)
+        with ctx.console.status(f"activation ranges per channel ({reader.samples_available()} samples)"):
+            ranges = saturation.activation_ranges(prep, reader)
+        quantize = _Quantizer(ctx, cfg, prep, work, reader, ranges, fix=target["overflow_fix"])
+        eval_split = ctx.data.eval or calib
+        reference = ort_backend.load(fp32_path, threads=ctx.threads)
+
+        def evaluate(path: Path) -> dict[str, Any]:
+            sess = ort_backend.load(path, threads=ctx.threads)
+            try:
+                return score(sess, reference, eval_split, cfg.eval_samples)
+            finally:
+                sess.close()
+
+        debug_reader = StreamingReader(calib, INPUT_NAME, cfg.debug_samples, batch_size=cfg.debug_samples)
+        fb = cfg.fallback
+        try:
+            first = quantize(exclude, "0")
+            outcome = run_fallback(
+                expand=lambda layer: nodes_to_keep_float(layer, prep), first=first, first_scores=evaluate(first), quantize=quantize, evaluate=evaluate,
+                meets=lambda s: _meets(s, fb), errors=lambda p: tensor_errors(prep, p, debug_reader),
+                base_exclude=exclude, max_float_layers=fb.max_float_layers, max_steps=fb.max_steps,
+                candidates=fb.candidates)
+        finally:
+            reference.close()
+        final = ctx.path("model_int8.onnx")
+        with atomic_path(final) as tmp:
+            shutil.copyfile(outcome.path, tmp)
+        metrics["fallback"] = {"target": fb.model_dump(), "met": outcome.met, "steps": outcome.steps,
+                               "chosen_step": outcome.chosen_step,
+                               "float_layers": outcome.float_layers, "excluded_nodes": outcome.excluded_nodes}
+        metrics["layer_errors"] = [t.to_dict() for t in tensor_errors(prep, final, debug_reader)[:10]]
+        metrics["target"] = _report_target(ctx, target, saturation.check(final, ranges), quantize.seven_bit,
+                                           quantize.widened.get(outcome.path, {}))
+        if not outcome.met:
+            ctx.console.print(f"[yellow]quantize: fallback target not met after {len(outcome.steps) - 1} steps; "
+                              f"keeping step {outcome.chosen_step} ({len(outcome.float_layers)} layers in float)[/]")
+        return Artifact(final, "onnx", "int8", f"static QDQ INT8 ({cfg.calibration}, "
+                        f"{'per-channel' if cfg.per_channel else 'per-tensor'}), {len(outcome.excluded_nodes)} nodes float")
+
+    def _prepare(self, ctx: StageContext, cfg: QuantizeConfig, fp32_path: Path, work: Path, reader: Any,
+                 metrics: dict[str, Any]) -> tuple[Path, list[str]]:
+        """Pre-process, the optional float-model passes, and the nodes kept float from the start."""
+        from pipeline.quantization import ort_quant
+
         prep = ort_quant.preprocess(fp32_path, work / "prep.onnx")
         if cfg.equalization:
             from pipeline.quantization.equalization import equalize
@@ -125,46 +178,7 @@ class QuantizeStage(Stage):
             kept = ort_quant.keep_float_layers(prep, list(cfg.keep_float))
             exclude = list(dict.fromkeys(exclude + [n for k in kept for n in nodes_to_keep_float(k, prep)]))
             metrics["keep_float_layers"] = len(kept)
-
-        def quantize(nodes: list[str], step: int) -> Path:
-            reader.rewind()
-            with ctx.console.status(f"calibrating ({cfg.calibration}, {min(cfg.samples, len(calib))} samples, step {step})"):
-                return ort_quant.quantize_static_qdq(
-                    prep, work / f"int8_step{step}.onnx", reader, calibration=cfg.calibration,
-                    per_channel=cfg.per_channel, exclude=nodes, activation_type=cfg.activation_type)
-
-        eval_split = ctx.data.eval or calib
-        reference = ort_backend.load(fp32_path, threads=ctx.threads)
-
-        def evaluate(path: Path) -> dict[str, Any]:
-            sess = ort_backend.load(path, threads=ctx.threads)
-            try:
-                return score(sess, reference, eval_split, cfg.eval_samples)
-            finally:
-                sess.close()
-
-        debug_reader = StreamingReader(calib, INPUT_NAME, cfg.debug_samples, batch_size=cfg.debug_samples)
-        fb = cfg.fallback
-        try:
-            first = quantize(exclude, 0)
-            outcome = run_fallback(
-                float_path=prep, first=first, first_scores=evaluate(first), quantize=quantize, evaluate=evaluate,
-                meets=lambda s: _meets(s, fb), errors=lambda p: tensor_errors(prep, p, debug_reader),
-                base_exclude=exclude, max_float_layers=fb.max_float_layers, max_steps=fb.max_steps)
-        finally:
-            reference.close()
-        final = ctx.path("model_int8.onnx")
-        with atomic_path(final) as tmp:
-            shutil.copyfile(outcome.path, tmp)
-        metrics["fallback"] = {"target": fb.model_dump(), "met": outcome.met, "steps": outcome.steps,
-                               "chosen_step": outcome.chosen_step,
-                               "float_layers": outcome.float_layers, "excluded_nodes": outcome.excluded_nodes}
-        metrics["layer_errors"] = [t.to_dict() for t in tensor_errors(prep, final, debug_reader)[:10]]
-        if not outcome.met:
-            ctx.console.print(f"[yellow]quantize: fallback target not met after {len(outcome.steps) - 1} steps; "
-                              f"keeping step {outcome.chosen_step} ({len(outcome.float_layers)} layers in float)[/]")
-        return Artifact(final, "onnx", "int8", f"static QDQ INT8 ({cfg.calibration}, "
-                        f"{'per-channel' if cfg.per_channel else 'per-tensor'}), {len(outcome.excluded_nodes)} nodes float")
+        return prep, exclude
 
     # -- measurements ------------------------------------------------------------------------
     def _measure(self, ctx: StageContext, cfg: QuantizeConfig, fp32_path: Path, made: dict[str, Artifact],
@@ -211,3 +225,88 @@ def _meets(scores: dict[str, Any], fb: FallbackConfig) -> bool:
     if fb.min_agreement is not None:
         ok &= (scores.get("agreement") or 0.0) >= fb.min_agreement
     return bool(ok)
+
+
+class _Quantizer:
+    """`quantize(exclude, tag)` for the fallback: calibrates once (a cache file), and on targets whose
+    kernels saturate int16 pairs widens the weight scales of the channels at risk (overflow_fix),
+    so the artifact computes the same on every x86 CPU. Should widening not converge, those layers
+    get 7-bit weights, which are safe by construction."""
+
+    def __init__(self, ctx: StageContext, cfg: QuantizeConfig, prep: Path, work: Path, reader: Any,
+                 ranges: dict[str, Any], fix: bool) -> None:
+        import os
+
+        self.ctx, self.cfg, self.prep, self.work, self.reader, self.ranges, self.fix = (
+            ctx, cfg, prep, work, reader, ranges, fix)
+        self.cache = work / f".calibration.{os.getpid()}.json"
+        self.cache.unlink(missing_ok=True)
+        self.seven_bit: dict[str, int] = {}  # float weight name -> channel axis
+        self.widened: dict[Path, dict[str, Any]] = {}  # artifact -> {layer: channels widened}
+
+    def __call__(self, nodes: list[str], tag: str) -> Path:
+        from pipeline.quantization import saturation
+        from pipeline.quantization.overflow_fix import widen_scales
+
+        path = self.work / f"int8_step{tag}.onnx"
+        self._quantize(nodes, path)
+        if self.fix:
+            self.widened[path] = widen_scales(path, self.prep, self.ranges)
+            risky = saturation.at_risk(saturation.check(path, self.ranges))
+            if risky:  # widening did not converge: 7-bit weights are safe by construction
+                self.seven_bit.update({r.weight: r.weight_axis for r in risky})
+                self._quantize(nodes, path)
+        return path
+
+    def _quantize(self, nodes: list[str], path: Path) -> None:
+        from contextlib import nullcontext
+
+        from pipeline.quantization import ort_quant
+
+        cfg = self.cfg
+        self.reader.rewind()
+        status = (nullcontext() if self.cache.exists() else
+                  self.ctx.console.status(f"calibrating ({cfg.calibration}, {self.reader.samples_available()} samples)"))
+        with status:
+            ort_quant.quantize_static_qdq(
+                self.prep, path, self.reader, calibration=cfg.calibration, per_channel=cfg.per_channel,
+                exclude=nodes, activation_type=cfg.activation_type, seven_bit_weights=dict(self.seven_bit),
+                calibration_cache=self.cache)
+
+
+def _target_plan(cfg: QuantizeConfig) -> dict[str, Any]:
+    """Resolve `target`; refuse a fallback target that this machine cannot measure."""
+    from pipeline.quantization import targets
+
+    resolved = targets.resolve(cfg.target)
+    host = targets.host_cpu().target
+    judged = cfg.fallback.max_accuracy_drop is not None or cfg.fallback.min_agreement is not None
+    if judged and resolved in ("arm64", "tensorrt") and resolved != host:
+        raise BadInput(f"quantize.target: {resolved} cannot be measured on this {host} CPU, so quantize.fallback "
+                       f"cannot judge it; remove the fallback target or run the recipe on {resolved}")
+    return {"requested": cfg.target, "resolved": resolved, "overflow_fix": targets.needs_overflow_fix(resolved)}
+
+
+def _report_target(ctx: StageContext, plan: dict[str, Any], risks: list[Any], seven_bit: dict[str, int],
+                   widened: dict[str, Any]) -> dict[str, Any]:
+    """The target section of the metrics, and the console warnings a user must not miss."""
+    from pipeline.quantization import saturation, targets
+
+    summary = saturation.summary(risks)
+    safe = summary["safe_without_vnni"]
+    host = targets.host_cpu()
+    measured = targets.measurable_here(plan["resolved"], safe, host.target)
+    if not safe:
+        ctx.console.print(f"[yellow]quantize: this INT8 artifact can saturate int16 on x86 CPUs without VNNI "
+                          f"(AVX2, AVX-512F) and lose accuracy there; layers at risk: "
+                          f"{', '.join(summary['layers_at_risk'][:6])}. Set quantize.target: x86-avx2 to make it "
+                          f"safe on every x86 CPU.[/]")
+    if not measured:
+        ctx.console.print(f"[yellow]quantize: accuracy was measured on this {host.target} CPU; on target "
+                          f"{plan['resolved']} it is not measured here[/]")
+    return {"requested": plan["requested"], "resolved": plan["resolved"], "host": host.to_dict(),
+            "measured_on_target": measured, "seven_bit_weights": sorted(seven_bit),
+            "widened_channels": widened,
+            "safe_on": [t for t in ("x86-avx2", "x86-vnni", "x86-amx") if safe or targets.KERNELS[t] == "int32"],
+            "saturation": summary}
+

@@ -1,0 +1,202 @@
+"""Target-aware INT8: CPU detection, the static int16 saturation check, the 7-bit overflow fix, the
+fallback that never returns a worse model, and bad calibration data. Nothing here depends on the
+CPU running the tests: targets are named explicitly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from pipeline.errors import BadInput
+from pipeline.quantization import saturation, targets
+from pipeline.quantization.fallback import run_fallback
+from pipeline.sources.data import DataBundle, TensorSplit
+from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
+
+FAST = {"backends": ["onnxruntime"], "latency_iterations": 2, "eval_samples": 32, "samples": 32}
+
+
+class StemNet(nn.Module):
+    """A stem conv whose weights are all large and positive on bright, correlated RGB input: every
+    adjacent u8 x s8 pair reaches 2 * 255 * 127, twice int16's range. Then a depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.stem.weight.uniform_(0.5, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.dw(torch.relu(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture
+def stem_setup():
+    torch.manual_seed(0)
+    model = StemNet().eval()
+    x = torch.rand(48, 3, 12, 12, generator=torch.Generator().manual_seed(1)) * 2.0
+    split = TensorSplit("bright", x, None, batch_size=16)
+    return model, DataBundle(calibration=split, eval=split)
+
+
+def _weights(path: Path, node_prefix: str) -> np.ndarray:
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.name.startswith(node_prefix))
+    return numpy_helper.to_array(inits[producer[conv.input[1]].input[0]])
+
+
+def test_target_from_flags_covers_every_x86_generation():
+    assert targets.target_from_flags({"avx2", "fma"}) == "x86-avx2"
+    assert targets.target_from_flags({"avx2", "avx512f"}) == "x86-avx2"  # AVX-512 without VNNI saturates too
+    assert targets.target_from_flags({"avx2", "avx512f", "avx512_vnni"}) == "x86-vnni"
+    assert targets.target_from_flags({"avx2", "avx_vnni"}) == "x86-vnni"
+    assert targets.target_from_flags({"avx2", "avx512_vnni", "amx_int8"}) == "x86-amx"
+    assert targets.target_from_flags({"asimd"}, machine="aarch64") == "arm64"
+    assert targets.needs_overflow_fix("x86-avx2") and not targets.needs_overflow_fix("x86-vnni")
+
+
+def test_measurable_here_only_when_kernels_agree():
+    assert targets.measurable_here("x86-vnni", False, host="x86-amx")  # both int32 accumulation
+    assert not targets.measurable_here("x86-avx2", False, host="x86-vnni")  # saturation not reproduced
+    assert targets.measurable_here("x86-avx2", True, host="x86-vnni")  # no pair can saturate: identical
+    assert targets.measurable_here("x86-vnni", True, host="x86-avx2")
+    assert not targets.measurable_here("arm64", True, host="x86-vnni")
+    assert not targets.measurable_here("tensorrt", True, host="x86-avx2")
+
+
+def test_vnni_target_keeps_8bit_and_flags_the_stem_at_risk(stem_setup, make_ctx):
+    model, data = stem_setup
+    result = QuantizeStage().run(make_ctx(model, data), QuantizeConfig(**FAST, target="x86-vnni"))
+    tgt = result.metrics["target"]
+    sat = tgt["saturation"]
+    assert tgt["resolved"] == "x86-vnni" and tgt["seven_bit_weights"] == []
+    assert not sat["safe_without_vnni"] and tgt["safe_on"] == ["x86-vnni", "x86-amx"]
+    stem = next(layer for layer in sat["layers"] if layer["layer"].startswith("/stem/"))
+    assert stem["at_risk_without_vnni"] and stem["ratio"] > 1.5 and stem["weight_bits"] == 8
+    dw = next(layer for layer in sat["layers"] if layer["layer"].startswith("/dw/"))
+    assert dw["kernel"] == "depthwise" and not dw["at_risk_without_vnni"]
+    assert int(np.abs(_weights(result.artifacts["onnx_int8"].path, "/stem/")).max()) == 127
+
+
+def test_avx2_target_widens_only_the_channels_at_risk(stem_setup, make_ctx):
+    model, data = stem_setup
+    vnni = QuantizeStage().run(make_ctx(model, data), QuantizeConfig(**FAST, target="x86-vnni"))
+    result = QuantizeStage().run(make_ctx(model, data), QuantizeConfig(**FAST, target="x86-avx2"))
+    tgt = result.metrics["target"]
+    assert tgt["saturation"]["safe_without_vnni"] and tgt["saturation"]["worst_ratio"] <= 1.0
+    assert tgt["safe_on"] == ["x86-avx2", "x86-vnni", "x86-amx"] and tgt["seven_bit_weights"] == []
+    (layer, widened), = tgt["widened_channels"].items()
+    assert layer.startswith("/stem/") and widened["channels"] >= 1 and 1.0 < widened["max_factor"] < 2.5
+    risk_before = next(r for r in vnni.metrics["target"]["saturation"]["layers"] if r["layer"] == layer)
+    assert widened["channels"] == risk_before["channels_at_risk"]  # exactly the channels at risk, no others
+    path = result.artifacts["onnx_int8"].path
+    assert 64 < int(np.abs(_weights(path, "/stem/")).max()) <= 127  # more than 7 bits kept
+    assert np.array_equal(_weights(path, "/dw/"), _weights(vnni.artifacts["onnx_int8"].path, "/dw/"))
+    assert result.metrics["artifacts"]["onnx_int8"]["agreement"] >= 0.9
+
+
+def test_saturation_bound_is_exact_for_a_known_pair(tmp_path, stem_setup):
+    """Hand-check the bound: the worst pair of the stem equals max over adjacent K pairs of hi*w."""
+    from pipeline.export.onnx import INPUT_NAME, export_onnx
+    from pipeline.quantization import ort_quant
+    from pipeline.quantization.calibration import StreamingReader
+
+    model, data = stem_setup
+    fp32 = tmp_path / "m.onnx"
+    export_onnx(model, data.calibration.x[:1], fp32, dynamic_batch=True)
+    reader = StreamingReader(data.calibration, INPUT_NAME, 48)
+    q = ort_quant.quantize_static_qdq(fp32, tmp_path / "q.onnx", reader)
+    ranges = saturation.activation_ranges(fp32, reader)
+    stem = next(r for r in saturation.check(q, ranges) if r.layer.startswith("/stem/"))
+    w = _weights(q, "/stem/").astype(np.int64)  # [8, 3, 3, 3], all >= 0
+    qm = onnx.load(str(q))
+    inits = {t.name: numpy_helper.to_array(t) for t in qm.graph.initializer}
+    ql = next(n for n in qm.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == INPUT_NAME)
+    scale, zp = float(inits[ql.input[1]]), int(inits[ql.input[2]])
+    hi = np.maximum(np.clip(np.round(ranges[INPUT_NAME]["max"] / scale) + zp, 0, 255), zp).astype(np.int64)
+    expected = 0
+    for order in [(0, 2, 3, 1), (0, 1, 2, 3)]:
+        flat_w = w.transpose(order).reshape(8, -1)
+        flat_h = np.broadcast_to(hi[None, :, None, None], w.shape).transpose(order).reshape(8, -1)
+        prods = np.concatenate([flat_w * flat_h, np.zeros((8, 1), np.int64)], 1)[:, :28].reshape(8, 14, 2).sum(-1)
+        expected = max(expected, int(prods.max()))
+    assert stem.worst_pos == expected and stem.worst_pos > 32767
+
+
+def test_unmeasurable_target_with_a_fallback_target_is_bad_input(stem_setup, make_ctx):
+    if targets.host_cpu().target == "arm64":
+        pytest.skip("this machine is arm64: the target is measurable here")
+    model, data = stem_setup
+    cfg = QuantizeConfig(**FAST, target="arm64", fallback={"min_agreement": 0.9})
+    with pytest.raises(BadInput, match="quantize.target: arm64 cannot be measured"):
+        QuantizeStage().run(make_ctx(model, data), cfg)
+
+
+def test_unmeasurable_target_without_fallback_is_marked_not_measured(stem_setup, make_ctx):
+    if targets.host_cpu().target == "arm64":
+        pytest.skip("this machine is arm64")
+    model, data = stem_setup
+    tgt = QuantizeStage().run(make_ctx(model, data), QuantizeConfig(**FAST, target="arm64")).metrics["target"]
+    assert tgt["resolved"] == "arm64" and tgt["measured_on_target"] is False
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "empty"])
+def test_bad_calibration_data_is_bad_input_naming_the_key(bad, stem_setup, make_ctx):
+    model, data = stem_setup
+    x = data.calibration.x.clone()
+    if bad == "empty":
+        x = x[:0]
+    else:
+        x[5, 0, 0, 0] = float("nan") if bad == "nan" else float("inf")
+    calib = TensorSplit("calib", x, None, batch_size=16)
+    ctx = make_ctx(model, DataBundle(calibration=calib, eval=data.eval), example_input=data.eval.x[:1])
+    with pytest.raises(BadInput, match=r"data\.calibration: "):
+        QuantizeStage().run(ctx, QuantizeConfig(**FAST, target="x86-avx2"))
+
+
+class _Err:
+    def __init__(self, layer: str) -> None:
+        self.layer = layer
+
+
+def test_fallback_undoes_a_step_that_makes_things_worse(tmp_path):
+    """Every candidate lowers agreement: the fallback must return step 0 and say the step was undone."""
+    quality = {"0": 0.80}
+
+    def quantize(exclude, tag):
+        quality[tag] = 0.70 if exclude else 0.80
+        return tmp_path / f"m{tag}.onnx"
+
+    outcome = run_fallback(
+        expand=lambda layer: [layer], first=tmp_path / "m0.onnx", first_scores={"agreement": 0.80},
+        quantize=quantize, evaluate=lambda p: {"agreement": quality[p.stem[1:]]},
+        meets=lambda s: s["agreement"] >= 0.95, errors=lambda p: [_Err("A"), _Err("B")],
+        base_exclude=[], max_float_layers=3, max_steps=3)
+    assert outcome.path.name == "m0.onnx" and outcome.chosen_step == 0 and outcome.float_layers == []
+    assert outcome.steps[1]["accepted"] is False and len(outcome.steps[1]["tried"]) == 2
+    assert not outcome.met
+
+
+def test_fallback_picks_the_candidate_that_measures_best_not_the_debuggers_first(tmp_path):
+    """The debugger ranks A first, but keeping B in float is what helps on the deployable session."""
+    def quantize(exclude, tag):
+        return tmp_path / ("B" if "B" in exclude else "A" if "A" in exclude else "none")
+
+    scores = {"A": 0.80, "B": 0.97, "none": 0.80}
+    outcome = run_fallback(
+        expand=lambda layer: [layer], first=tmp_path / "none", first_scores={"agreement": 0.80},
+        quantize=quantize, evaluate=lambda p: {"agreement": scores[p.name]},
+        meets=lambda s: s["agreement"] >= 0.95, errors=lambda p: [_Err("A"), _Err("B")],
+        base_exclude=[], max_float_layers=3, max_steps=3)
+    assert outcome.float_layers == ["B"] and outcome.met and outcome.chosen_step == 1
