@@ -111,8 +111,11 @@ def starter_recipe(model_spec: str, data_dir: str | None = None, file: str = "re
     from pipeline.sources.models import DEFAULT_INPUT_SHAPE, default_input_shape, model_config_from_string
     from pipeline.sources.registry import get_source
 
+    from pipeline.sources.models import build_model
+
     cfg = model_config_from_string(model_spec)
     source, rest = get_source(cfg.source)
+    build_model(cfg)  # a recipe for a model that does not build would fail only at `fmap run`
     folder = _folder(data_dir) if data_dir else None
     shape = default_input_shape(cfg)
     known = source.input_shape is not None and source.input_shape(rest, dict(cfg.kwargs), _ctx()) is not None

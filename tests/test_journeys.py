@@ -134,3 +134,23 @@ def test_journey_timm_model_by_name(project):
                "--set", "stages.profile.redundancy=false", cwd=project)
     assert run.returncode == 0, run.stderr[-2000:]
     passed_report(project / "runs" / "test_resnet")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["init", "--model", "timm:resnet_18"], "did you mean resnet18"),
+    (["init", "--model", "tinynet.py:tiny", "--data", "images"], "no callable 'tiny'"),
+    (["profile", "onnx:tinynet.py"], "fails onnx.checker"),
+    (["profile", "torchscript:tiny.onnx"], "not a TorchScript module"),
+    (["run", "bad.yaml"], "importing 'broken.py' failed: ModuleNotFoundError"),
+])
+def test_bad_model_input_is_exit_2_with_one_line(project, args, fragment):
+    if args[1].startswith("timm:"):
+        pytest.importorskip("timm", reason="timm is an optional extra: pip install 'fmap[timm]'")
+    (project / "broken.py").write_text("import no_such_dependency_xyz\n\ndef f():\n    pass\n")
+    (project / "bad.yaml").write_text("name: bad\nmodel: {source: python:broken.py:f}\nstages: [profile: {}]\n")
+    out = fmap(*args, cwd=project)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    if args[0] == "run":  # `fmap run` announces the recipe first
+        lines = lines[1:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], out.stderr

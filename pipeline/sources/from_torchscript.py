@@ -18,8 +18,12 @@ def build(file: str, kwargs: dict[str, Any], ctx: BuildContext) -> Any:
         raise BadInput(f"model 'torchscript:{file}': file does not exist")
     if kwargs:
         raise BadInput(f"model 'torchscript:{file}': kwargs do not apply to a saved module")
+    import warnings
+
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": the user's file, not ours
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
         raise BadInput(f"model 'torchscript:{file}' is not a TorchScript module (torch.jit.save): "
