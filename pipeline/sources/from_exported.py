@@ -35,7 +35,7 @@ def build(file: str, kwargs: dict[str, Any], ctx: BuildContext) -> Any:
 def _load(file: str, ctx: BuildContext) -> Any:
     import torch
 
-    path = ctx.resolve(file, "ExportedProgram file")
+    path = ctx.resolve(file)
     if not path.is_file():
         raise BadInput(f"model 'exported:{file}': file does not exist")
     import logging

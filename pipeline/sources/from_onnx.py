@@ -12,7 +12,7 @@ from pipeline.sources.registry import BuildContext, model_source
 def _load_checked(file: str, ctx: BuildContext) -> tuple[Any, Any]:
     import onnx
 
-    path = ctx.resolve(file, "ONNX file")
+    path = ctx.resolve(file)
     if not path.is_file():
         raise BadInput(f"model 'onnx:{file}': file does not exist")
     try:

@@ -11,7 +11,6 @@ import hashlib
 import importlib
 import importlib.util
 import sys
-from pathlib import Path
 from typing import Any
 
 from pipeline.errors import BadInput
@@ -60,7 +59,7 @@ def _import_module(name: str, target: str, ctx: BuildContext) -> Any:
 
 
 def _import_file(file: str, target: str, ctx: BuildContext) -> Any:
-    path = ctx.resolve(file, "model file")
+    path = ctx.resolve(file)
     if not path.is_file():
         raise BadInput(f"model 'python:{target}': file '{file}' does not exist")
     path = path.resolve()

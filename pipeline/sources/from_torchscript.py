@@ -13,7 +13,7 @@ from pipeline.sources.registry import BuildContext, model_source
 def build(file: str, kwargs: dict[str, Any], ctx: BuildContext) -> Any:
     import torch
 
-    path = ctx.resolve(file, "TorchScript file")
+    path = ctx.resolve(file)
     if not path.is_file():
         raise BadInput(f"model 'torchscript:{file}': file does not exist")
     if kwargs:

@@ -73,7 +73,7 @@ def build_model(cfg: ModelConfig, log: Callable[[str], None] | None = None, base
         if not source.editable:
             raise BadInput(f"model '{cfg.source}': model.weights does not apply to a {source.kind} "
                            "(its weights are inside the file)")
-        model = load_weights(model, str(ctx.resolve(cfg.weights, "weights file")), allow_pickle=cfg.allow_pickle)
+        model = load_weights(model, str(ctx.resolve(cfg.weights)), allow_pickle=cfg.allow_pickle)
     try:
         return model.eval()
     except NotImplementedError:  # torch.export's module(): eval() is not supported, it has no train mode

@@ -29,7 +29,7 @@ class BuildContext:
     log: Callable[[str], None] | None = None
     has_weights: bool = False  # model.weights is set: the source need not load or train its own
 
-    def resolve(self, path: str, what: str) -> Path:
+    def resolve(self, path: str) -> Path:
         """A user path: as given (absolute or from the working directory), else from the recipe's directory."""
         p = Path(path).expanduser()
         if p.exists() or p.is_absolute() or self.base_dir is None:
