@@ -168,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         preprocess(fp32, prep)
         files = [("FP32", fp32, "fp32"), ("quantize_static by hand (ORT defaults)", by_hand_int8(fp32, calib, work), "int8")]
         host = host_cpu().target
-        variants = {f"fmap PTQ (target auto = {host})": {},
-                    "fmap PTQ (target x86-avx2: safe on every x86)": {"target": "x86-avx2"}}
+        best = {"calibration": "mse", "weight_rounding": "gptq"}
+        variants = {f"fmap PTQ minmax (target auto = {host})": {},
+                    f"fmap PTQ mse range search (target auto = {host})": {"calibration": "mse"},
+                    f"fmap PTQ gptq rounding (target auto = {host})": {"weight_rounding": "gptq"},
+                    f"fmap PTQ mse + gptq (target auto = {host})": best,
+                    "fmap PTQ mse + gptq (target x86-avx2: safe on every x86)": {**best, "target": "x86-avx2"}}
         for i, (label, overrides) in enumerate(variants.items()):
             print(f"quantizing: {label}", file=sys.stderr, flush=True)
             path, _ = fmap_int8(model, calib, evals, work / f"fmap{i}", **overrides)

@@ -7,12 +7,26 @@ which is what makes `fmap run --resume` safe.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# Every temp name fmap creates contains this marker plus the writer's pid, so a later run can tell
+# its own temp files from a killed run's orphans (pipeline.rundir.remove_orphans).
+TEMP_MARK = ".fmaptmp"
+
+
+def temp_prefix(final: Path) -> str:
+    """`.<name>.fmaptmp<pid>.`: hidden, per process, recognisable as fmap's."""
+    return f".{final.name}{TEMP_MARK}{os.getpid()}."
+
+
+class DiskFull(OSError):
+    """No space left while writing `path`; carries a one-line message for the user."""
 
 
 @contextlib.contextmanager
@@ -26,7 +40,7 @@ def atomic_path(final: str | os.PathLike[str], suffix: str | None = None) -> Ite
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name}.", suffix=suffix if suffix is not None else final.suffix, dir=final.parent
+        prefix=temp_prefix(final), suffix=suffix if suffix is not None else final.suffix, dir=final.parent
     )
     os.close(fd)
     tmp = Path(tmp_name)
@@ -35,6 +49,10 @@ def atomic_path(final: str | os.PathLike[str], suffix: str | None = None) -> Ite
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC and not isinstance(exc, DiskFull):
+            raise DiskFull(errno.ENOSPC, f"no space left on device while writing {final}") from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -132,6 +132,7 @@ def validate(recipe: Path, overrides: tuple[str, ...], build: bool) -> int:
     from pipeline.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
+    loaded.run_dir()  # an output_dir outside the recipe's folder is refused here too
     if build:
         from pipeline.preflight import preflight
 
@@ -167,12 +168,17 @@ def init(model_spec: str, data_dir: str | None, out_file: Path, force: bool) -> 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: map every failure to its exit code and a one-line message, never a traceback."""
+    from pipeline.verify.threads import quiet_thread_pools
+
+    quiet_thread_pools()  # before anything imports torch: OpenMP reads it once
     try:
         rv = cli.main(args=argv, prog_name="fmap", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:  # usage errors: bad option, missing argument
-        exc.show()
+    except click.ClickException as exc:  # usage errors: bad option, missing argument; one line
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
         sys.exit(EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)

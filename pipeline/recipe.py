@@ -28,9 +28,9 @@ class RecipeHeader(Strict):
     """Everything but the stages (validated separately, per stage kind)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)  # what torch, numpy and random all accept
     threads: int = Field(default=2, gt=0, le=256)
-    output_dir: str = "runs"
+    output_dir: str | None = None  # default: runs/ under the working directory
     model: ModelConfig
     data: DataConfig = DataConfig()
     stages: list[Any] = Field(min_length=1)
@@ -60,8 +60,27 @@ class Recipe:
     stages: tuple[StageSpec, ...]
     source_path: Path | None = None
 
+    output_dir_explicit: bool = False
+
     def run_dir(self, out: str | Path | None = None) -> Path:
-        return Path(out) if out is not None else Path(self.output_dir) / self.name
+        """`--out` wins; an explicit `output_dir` is relative to the recipe's folder and must stay
+        inside it (a shared recipe must not write anywhere it likes); else `runs/<name>`."""
+        if out is not None:
+            return Path(out)
+        if not self.output_dir_explicit:
+            return Path(self.output_dir) / self.name
+        base = self.source_path.parent if self.source_path is not None else Path(".")
+        target = base / self.output_dir
+        inside = not Path(self.output_dir).is_absolute()
+        if inside:
+            try:
+                target.resolve().relative_to(base.resolve())
+            except ValueError:
+                inside = False
+        if not inside:
+            raise BadInput(f"output_dir '{self.output_dir}' is outside the recipe's folder {base}; "
+                           "use a path inside it, or choose the run directory with --out")
+        return target / self.name
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe, defaults included: what recipe.lock.yaml records."""
@@ -103,48 +122,57 @@ def parse_recipe(text: str, filename: str = "<recipe>", overrides: list[str] | t
                  source_path: Path | None = None) -> Recipe:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_size(node, filename)  # before anything walks the expanded tree
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise BadInput(f"{filename}{line}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise BadInput(f"{filename}: YAML nested too deeply (more than {MAX_YAML_DEPTH} levels)") from None
     if data is None:
         raise BadInput(f"{filename}: recipe is empty (expected a mapping with name, model and stages)")
     if not isinstance(data, dict):
         raise BadInput(f"{filename}:1: expected a mapping with name, model and stages at the top, got {type(data).__name__}")
     _check_duplicate_keys(node, filename)
-    for item in overrides:
-        apply_override(data, item)
-    return _validate(data, node, filename, source_path)
+    applied = [(item, apply_override(data, item)) for item in overrides]
+    return _validate(data, node, filename, source_path, applied)
 
 
-def _validate(data: dict[str, Any], node: yaml.Node | None, filename: str, source_path: Path | None) -> Recipe:
+Applied = list[tuple[str, tuple[Any, ...]]]  # (--set item, the data path it wrote)
+
+
+def _validate(data: dict[str, Any], node: yaml.Node | None, filename: str, source_path: Path | None,
+              applied: Applied | None = None) -> Recipe:
+    ov = applied or []
     try:
         header = RecipeHeader.model_validate(data)
     except ValidationError as exc:
-        raise _format_error(exc, data, node, filename, prefix=()) from None
+        raise _format_error(exc, data, node, filename, prefix=(), applied=ov) from None
     specs: list[StageSpec] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(header.stages):
         if not isinstance(entry, dict) or len(entry) != 1:
             raise _error(filename, node, data, ("stages", i),
-                         "expected a one-key mapping such as '- profile: {}' naming the stage")
+                         "expected a one-key mapping such as '- profile: {}' naming the stage", applied=ov)
         kind, raw_cfg = next(iter(entry.items()))
         if kind not in STAGES:
             raise _error(filename, node, data, ("stages", i, kind),
                          f"unknown stage '{kind}' (expected {' | '.join(repr(k) for k in STAGES)}){_did_you_mean(str(kind), list(STAGES))}",
-                         on_key=True)
+                         on_key=True, applied=ov)
         stage_cls = get_stage(kind)
         try:
             cfg = stage_cls.Config.model_validate({} if raw_cfg is None else raw_cfg)
         except ValidationError as exc:
-            raise _format_error(exc, data, node, filename, prefix=("stages", i, kind)) from None
+            raise _format_error(exc, data, node, filename, prefix=("stages", i, kind), applied=ov) from None
         seen[kind] = seen.get(kind, 0) + 1
         stage_id = kind if seen[kind] == 1 else f"{kind}_{seen[kind]}"
         specs.append(StageSpec(kind=kind, id=stage_id, index=i, config=cfg))
-    return Recipe(name=header.name, seed=header.seed, threads=header.threads, output_dir=header.output_dir,
-                  model=header.model, data=header.data, stages=tuple(specs), source_path=source_path)
+    return Recipe(name=header.name, seed=header.seed, threads=header.threads,
+                  output_dir=header.output_dir if header.output_dir is not None else "runs",
+                  model=header.model, data=header.data, stages=tuple(specs), source_path=source_path,
+                  output_dir_explicit=header.output_dir is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,8 +182,8 @@ def _validate(data: dict[str, Any], node: yaml.Node | None, filename: str, sourc
 _INDEX = re.compile(r"^(?P<key>[^\[\]]*)\[(?P<idx>\d+)\]$")
 
 
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply `a.b.c=value` (value parsed as YAML) in place.
+def apply_override(data: dict[str, Any], item: str) -> tuple[Any, ...]:
+    """Apply `a.b.c=value` (value parsed as YAML) in place; return the data path it wrote.
 
     `stages.prune.amount=0.3` addresses the first stage of kind prune; `stages[1].amount` or
     `stages.1.amount` the second stage by position.
@@ -181,8 +209,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         else:
             raise BadInput(f"--set '{item}': empty key segment in '{key}'")
     target: Any = data
+    written: list[Any] = []  # the concrete data path, stage kinds and indexes resolved
     for depth, part in enumerate(parts[:-1]):
-        target = _descend(target, part, parts[: depth + 1], item)
+        target = _descend(target, part, parts[: depth + 1], item, written)
     last = parts[-1]
     if isinstance(target, list):
         if not isinstance(last, int) or last >= len(target):
@@ -192,31 +221,36 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         target[last] = value
     else:
         raise BadInput(f"--set '{item}': '{'.'.join(map(str, parts[:-1]))}' is not a mapping")
+    return (*written, last)
 
 
-def _descend(target: Any, part: str | int, path: list[str | int], item: str) -> Any:
+def _descend(target: Any, part: str | int, path: list[str | int], item: str, written: list[Any]) -> Any:
     where = ".".join(map(str, path))
     if isinstance(target, list):
         if isinstance(part, int):
             if part >= len(target):
                 raise BadInput(f"--set '{item}': '{where}' is out of range ({len(target)} entries)")
             entry = target[part]
+            written.append(part)
             # Address a stage's config directly: stages.1.amount means stages[1].<kind>.amount
             if isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) in STAGES:
                 kind = next(iter(entry))
                 if entry[kind] is None:
                     entry[kind] = {}
+                written.append(kind)
                 return entry[kind]
             return entry
-        for entry in target:  # stages.prune -> the first stage of that kind
+        for i, entry in enumerate(target):  # stages.prune -> the first stage of that kind
             if isinstance(entry, dict) and len(entry) == 1 and part in entry:
                 if entry[part] is None:
                     entry[part] = {}
+                written += [i, part]
                 return entry[part]
         raise BadInput(f"--set '{item}': no stage '{part}' in the recipe")
     if isinstance(target, dict):
         if part not in target or target[part] is None:
             target[part] = {}
+        written.append(part)
         return target[part]
     raise BadInput(f"--set '{item}': '{where}' is not a mapping or list")
 
@@ -226,7 +260,7 @@ def _descend(target: Any, part: str | int, path: list[str | int], item: str) -> 
 
 
 def _format_error(exc: ValidationError, data: Any, node: yaml.Node | None, filename: str,
-                  prefix: tuple[Any, ...]) -> BadInput:
+                  prefix: tuple[Any, ...], applied: Applied | None = None) -> BadInput:
     err = exc.errors()[0]
     loc = prefix + tuple(err["loc"])
     kind = err["type"]
@@ -234,12 +268,12 @@ def _format_error(exc: ValidationError, data: Any, node: yaml.Node | None, filen
         model_fields = _allowed_keys(exc, err)
         hint = f" (allowed: {', '.join(model_fields)})" if model_fields else ""
         suggestion = _did_you_mean(str(loc[-1]), model_fields) if model_fields else ""
-        return _error(filename, node, data, loc, f"unknown key{suggestion}{hint}", on_key=True)
+        return _error(filename, node, data, loc, f"unknown key{suggestion}{hint}", on_key=True, applied=applied)
     if kind == "missing":
-        return _error(filename, node, data, loc, "required key is missing")
+        return _error(filename, node, data, loc, "required key is missing", applied=applied)
     if kind == "value_error" and isinstance(err.get("input"), dict):  # a whole-section check: its message says it all
-        return _error(filename, node, data, loc, _expected(err))
-    return _error(filename, node, data, loc, f"{_expected(err)}, got {_show(err.get('input'))}")
+        return _error(filename, node, data, loc, _expected(err), applied=applied)
+    return _error(filename, node, data, loc, f"{_expected(err)}, got {_show(err.get('input'))}", applied=applied)
 
 
 def _expected(err: dict[str, Any]) -> str:
@@ -329,10 +363,35 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 
 
 def _error(filename: str, node: yaml.Node | None, data: Any, loc: tuple[Any, ...], message: str,
-           on_key: bool = False) -> BadInput:
+           on_key: bool = False, applied: Applied | None = None) -> BadInput:
     shown, line = _locate(node, data, loc, on_key)
     where = f"{filename}:{line}" if line else filename
+    item = _override_for(data, loc, applied or [])
+    if item is not None:  # the value came from the command line: name the override, not a recipe line
+        where = f"--set '{item}'"
     return BadInput(f"{where} {shown}: {message}" if shown else f"{where}: {message}")
+
+
+def _override_for(data: Any, loc: tuple[Any, ...], applied: Applied) -> str | None:
+    """The last --set item whose written path contains, or lies inside, the failing key path."""
+    present: list[Any] = []
+    cur = data
+    for part in loc:
+        if isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            cur = cur[part]
+        elif isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            continue  # union tags are not in the data
+        present.append(part)
+    if not present:
+        return None
+    d = tuple(present)
+    for item, path in reversed(applied):
+        n = min(len(d), len(path))
+        if n and d[:n] == path[:n]:
+            return item
+    return None
 
 
 def _locate(node: yaml.Node | None, data: Any, loc: tuple[Any, ...], on_key: bool) -> tuple[str, int | None]:
@@ -378,11 +437,64 @@ def _find_key(node: yaml.Node | None, key: Any) -> tuple[yaml.Node | None, yaml.
     return None, None
 
 
+MAX_YAML_NODES = 100_000  # a real recipe has a few hundred; an alias bomb has billions
+MAX_YAML_DEPTH = 64
+
+
+def _check_size(node: yaml.Node | None, filename: str) -> None:
+    """Refuse YAML whose aliases expand to a huge or cyclic tree, without expanding it.
+
+    Aliases make the node graph a DAG: a 9-level "billion laughs" composes in milliseconds but
+    every walk of the resulting data (duplicate keys, pydantic, hashing) takes forever. The expanded
+    size is computed per unique node (memoised, iterative), so the check itself is linear.
+    """
+    if node is None:
+        return
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    while stack:
+        n, children_done = stack.pop()
+        key = id(n)
+        children = _children(n)
+        if children_done:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            line = n.start_mark.line + 1
+            if size[key] > MAX_YAML_NODES:
+                raise BadInput(f"{filename}:{line}: YAML aliases expand to more than {MAX_YAML_NODES} values "
+                               "(an alias bomb?); write the recipe out without nested aliases")
+            if depth[key] > MAX_YAML_DEPTH:
+                raise BadInput(f"{filename}:{line}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise BadInput(f"{filename}:{n.start_mark.line + 1}: YAML alias refers to itself (a cyclic recipe)")
+        on_path.add(key)
+        stack.append((n, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+
+
+def _children(n: yaml.Node) -> list[yaml.Node]:
+    if isinstance(n, yaml.MappingNode):
+        return [x for pair in n.value for x in pair]
+    if isinstance(n, yaml.SequenceNode):
+        return list(n.value)
+    return []
+
+
 def _check_duplicate_keys(node: yaml.Node | None, filename: str) -> None:
     """safe_load silently keeps the last of two equal keys; a recipe must not hide a typo that way."""
     stack = [node] if node is not None else []
+    visited: set[int] = set()  # aliases share nodes: check each once
     while stack:
         n = stack.pop()
+        if id(n) in visited:
+            continue
+        visited.add(id(n))
         if isinstance(n, yaml.MappingNode):
             seen: set[str] = set()
             for k, v in n.value:

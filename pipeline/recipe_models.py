@@ -11,8 +11,36 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+MAX_INPUT_ELEMENTS = 2**28  # one example batch of input_shape: 1 GiB of float32
+MAX_DIM = 65536
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/Inf are never meaningful recipe values (`lr: .inf` trained a model to 9%)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def check_shape(v: list[int] | None, what: str, min_len: int) -> list[int] | None:
+    """Positive dims, each at most MAX_DIM, at most MAX_INPUT_ELEMENTS in all: checked at validate
+    time, so a typo like [1, 1, 100000, 100000] is one line, not an allocation failure mid-run."""
+    if v is None:
+        return v
+    if len(v) < min_len or any(d <= 0 for d in v):
+        raise ValueError(f"expected a list of positive ints such as {what}")
+    if any(d > MAX_DIM for d in v):
+        raise ValueError(f"every dimension must be at most {MAX_DIM}")
+    total = 1
+    for d in v:
+        total *= d
+    if total > MAX_INPUT_ELEMENTS:
+        raise ValueError(f"at most {MAX_INPUT_ELEMENTS:,} values in all ({total:,} given)")
+    return v
+
+
+def check_std(v: list[float] | None) -> list[float] | None:
+    if v is not None and any(x <= 0 for x in v):
+        raise ValueError("every std must be positive (inputs are divided by it)")
+    return v
 
 
 class ModelConfig(Strict):
@@ -38,14 +66,17 @@ class ModelConfig(Strict):
     @field_validator("input_shape")
     @classmethod
     def _check_shape(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (len(v) < 2 or any(d <= 0 for d in v)):
-            raise ValueError("expected a list of positive ints such as [1, 3, 224, 224]")
-        return v
+        return check_shape(v, "[1, 3, 224, 224]", 2)
 
 
 class _DataCommon(Strict):
-    samples: int | None = Field(default=None, gt=0)  # cap on samples taken from the source
-    batch_size: int = Field(default=32, gt=0)
+    samples: int | None = Field(default=None, gt=0, le=100_000_000)  # cap on samples taken from the source
+    batch_size: int = Field(default=32, gt=0, le=65536)
+
+    @field_validator("std", check_fields=False)
+    @classmethod
+    def _std(cls, v: list[float] | None) -> list[float] | None:
+        return check_std(v)
 
 
 class BuiltinData(_DataCommon):
@@ -64,7 +95,7 @@ class ImageFolderData(_DataCommon):
     source: Literal["imagefolder"]
     path: str
     transform: Literal["imagenet", "none"] = "imagenet"
-    size: int | None = Field(default=None, gt=0)  # final square size; imagenet default 224
+    size: int | None = Field(default=None, gt=0, le=8192)  # final square size; imagenet default 224
     mean: list[float] | None = None
     std: list[float] | None = None
     # One labelled folder shared by several splits: fractions per split name, e.g.
@@ -99,8 +130,13 @@ class RandomData(_DataCommon):
     """Random inputs of the model's input shape: for latency-only runs. No labels."""
 
     source: Literal["random"]
-    samples: int | None = Field(default=64, gt=0)
+    samples: int | None = Field(default=64, gt=0, le=1_000_000)
     shape: list[int] | None = None  # CHW; defaults to the model's input shape
+
+    @field_validator("shape")
+    @classmethod
+    def _check_shape(cls, v: list[int] | None) -> list[int] | None:
+        return check_shape(v, "[3, 224, 224]", 1)
 
 
 DataSource = Annotated[BuiltinData | ImageFolderData | NumpyData | RandomData, Field(discriminator="source")]

@@ -11,14 +11,19 @@ with the recorded sha256. Once one stage re-runs, every later stage re-runs too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import platform
+import signal
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +33,12 @@ from rich.markup import escape
 
 import pipeline
 from pipeline import atomic
-from pipeline.errors import (EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, FmapError, StageFailed)
+from pipeline.errors import (EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_STAGE_FAILED, BadInput, FmapError,
+                             StageFailed)
+from pipeline.fingerprint import input_fingerprints
 from pipeline.recipe import Recipe, StageSpec, dump_lock
 from pipeline.runlog import capture_third_party
+from pipeline.rundir import RunDirLock, SpaceReserve, remove_orphans, remove_stale_reports
 from pipeline.stages import get_stage
 from pipeline.stages.base import Artifact, GateResult, StageContext, StageResult
 
@@ -64,6 +72,9 @@ def environment(threads: int) -> dict[str, Any]:
     """Library versions and machine facts, so a report says what produced its numbers."""
     from importlib import metadata
 
+    from pipeline.verify.machine import cpu_info
+    from pipeline.verify.threads import thread_env
+
     libs = {}
     for dist in ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "openvino", "onnxslim", "numpy",
                  "tensorrt"):
@@ -75,7 +86,9 @@ def environment(threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
+        "cpu_flags": cpu_info()["cpu_flags"],
         "cpu_count": os.cpu_count(),
+        "thread_env": thread_env(),
         "threads": threads,
         "libraries": libs,
     }
@@ -92,10 +105,9 @@ def _cpu_model() -> str:
 
 
 def _input_hash(recipe: Recipe) -> str:
-    material = recipe.hash_material() + pipeline.__version__
-    weights = recipe.model.weights
-    if weights and Path(weights).is_file():
-        material += sha256_file(Path(weights))
+    """Config, fmap version and every input on disk (weights, model source, data files/folders)."""
+    files = json.dumps(input_fingerprints(recipe.model, recipe.data), sort_keys=True)
+    material = recipe.hash_material() + pipeline.__version__ + files
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -116,6 +128,7 @@ class Runner:
     def build_context(self) -> StageContext:
         import torch
 
+        from pipeline.sources.checks import check_finite_weights, check_split, output_classes
         from pipeline.sources.data import build_bundle
         from pipeline.sources.capabilities import check_stages
         from pipeline.sources.models import build_model, default_input_shape
@@ -125,21 +138,25 @@ class Runner:
         log = lambda msg: self.console.print(f"[dim]{msg}[/]")  # noqa: E731
         base_dir = self.recipe.source_path.parent if self.recipe.source_path else None
         model = build_model(self.recipe.model, log=log, base_dir=base_dir)
+        check_finite_weights(model, self.recipe.model.weights or f"model '{self.recipe.model.source}'")
         input_shape = default_input_shape(self.recipe.model, base_dir)
         check_stages(self.recipe, model)
         data = build_bundle(self.recipe.data, input_shape, seed=self.recipe.seed)
         example = torch.randn(input_shape, generator=torch.Generator().manual_seed(self.recipe.seed))
-        self._check_model_runs(model, example)
+        classes = output_classes(self._check_model_runs(model, example))
+        for split in (data.calibration, data.eval, data.train):
+            if split is not None:
+                check_split(split, model, classes)
         return StageContext(recipe=self.recipe, run_dir=self.run_dir, model=model,
                             original_model=copy.deepcopy(model).eval(), example_input=example, data=data,
                             console=self.console, threads=self.recipe.threads, seed=self.recipe.seed)
 
-    def _check_model_runs(self, model: Any, example: Any) -> None:
+    def _check_model_runs(self, model: Any, example: Any) -> Any:
         import torch
 
         try:
             with torch.no_grad():
-                model(example)
+                return model(example)
         except Exception as exc:
             shape = list(example.shape)
             raise BadInput(f"model '{self.recipe.model.source}' fails on an input of shape {shape}: "
@@ -161,11 +178,25 @@ class Runner:
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> RunOutcome:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("error.log", "report-error.log"):  # from an earlier run of this directory
-            (self.run_dir / stale).unlink(missing_ok=True)
+        """Lock the run directory, run every stage, and always leave a final manifest status."""
+        lock = RunDirLock(self.run_dir).acquire()  # BadInput (exit 2) when another run holds it
+        try:
+            with _sigterm_as_interrupt():
+                return self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> RunOutcome:
         previous = self._load_previous()
-        atomic.write_text(self.run_dir / LOCK, dump_lock(self.recipe))
+        self._clean_run_dir()
+        self.reserve = SpaceReserve(self.run_dir)
+        self.reserve.hold()
+        try:
+            return self._run_reserved(previous)
+        finally:
+            self.reserve.release()
+
+    def _run_reserved(self, previous: dict[str, dict[str, Any]]) -> RunOutcome:
         self.manifest = {
             "fmap_version": pipeline.__version__,
             "recipe_name": self.recipe.name,
@@ -175,12 +206,14 @@ class Runner:
             "finished": None,
             "status": "running",
             "exit_code": None,
+            "pid": os.getpid(),
             "environment": environment(self.recipe.threads),
             "stages": [self._pending_entry(s) for s in self.recipe.stages],
         }
-        self._write_manifest()
         exit_code, error = EXIT_OK, None
         try:
+            atomic.write_text(self.run_dir / LOCK, dump_lock(self.recipe))
+            self._write_manifest()
             with capture_third_party(self.run_dir / RUN_LOG):  # library prints/logs -> run.log, not the console
                 ctx = self.build_context()
                 self._run_stages(ctx, previous)
@@ -190,18 +223,62 @@ class Runner:
         except FmapError as exc:
             exit_code, error = exc.exit_code, str(exc)
             self.manifest["status"] = "failed"
+        except (Exception, SystemExit) as exc:  # internal error or disk full: never leave "running" behind
+            exit_code, error = EXIT_STAGE_FAILED, self._internal_error(exc)
+            self.manifest["status"] = "failed"
         failed = [g for s in self.manifest["stages"] for g in s.get("gates", []) if not g["passed"]]
         if exit_code == EXIT_OK:
             exit_code = EXIT_GATE_FAILED if failed else EXIT_OK
             self.manifest["status"] = "gate_failed" if failed else "ok"
+        started = any(st["status"] != "pending" for st in self.manifest["stages"])
+        # nothing to report when the inputs never loaded; an interrupted run is reported by --resume
+        finish_error = self._finish(exit_code, error, reports=started and exit_code != EXIT_INTERRUPTED)
+        if finish_error is not None:
+            exit_code, error = EXIT_STAGE_FAILED, finish_error
+            self.manifest["status"] = "failed"
+            self._finish(exit_code, error, reports=False)
+        return RunOutcome(self.run_dir, exit_code, self.manifest, failed, error)
+
+    def _finish(self, exit_code: int, error: str | None, reports: bool = True) -> str | None:
+        """Write the final manifest (then the reports); returns an error message or None."""
         self.manifest["finished"] = now()
         self.manifest["exit_code"] = exit_code
         self.manifest["error"] = error
-        self._write_manifest()
-        started = any(st["status"] != "pending" for st in self.manifest["stages"])
-        if exit_code != EXIT_INTERRUPTED and started:  # nothing to report when the inputs never loaded
-            self._write_reports()
-        return RunOutcome(self.run_dir, exit_code, self.manifest, failed, error)
+        try:
+            self._write_manifest()
+        except OSError as exc:
+            msg = _os_error_message(exc, self.run_dir / MANIFEST)
+            if exc.errno == errno.ENOSPC and self.reserve.held:
+                self.reserve.release()  # the room held back for exactly this write
+                self.manifest.update(status="failed", exit_code=EXIT_STAGE_FAILED, error=error or msg)
+                try:
+                    self._write_manifest()
+                except OSError:
+                    pass
+            return msg
+        if error and error.startswith("no space left on device"):
+            return None  # the disk is full: reports cannot be written either; the manifest says why
+        return self._write_reports() if reports else None
+
+    def _clean_run_dir(self) -> None:
+        """Orphans of a killed run and the reports of an earlier run go before anything is written."""
+        removed = remove_orphans(self.run_dir)
+        if removed:
+            self.console.print(f"[dim]removed {len(removed)} temp file(s) left by an interrupted run[/]")
+        remove_stale_reports(self.run_dir)
+
+    def _internal_error(self, exc: BaseException) -> str:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return _os_error_message(exc, self.run_dir)
+        try:
+            atomic.write_text(self.run_dir / "error.log", traceback.format_exc())
+            where = f" (traceback in {self.run_dir / 'error.log'})"
+        except OSError:
+            where = ""
+        if isinstance(exc, SystemExit):
+            return f"internal error: code called sys.exit({exc.code!r}){where}"
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return f"internal error: {type(exc).__name__}: {first}{where}"
 
     def _pending_entry(self, spec: StageSpec) -> dict[str, Any]:
         return {"id": spec.id, "kind": spec.kind, "status": "pending", "skip_reason": None, "resumed": False,
@@ -239,17 +316,32 @@ class Runner:
             except FmapError as exc:
                 entry.update(status="failed", error=str(exc), duration_s=round(time.perf_counter() - t0, 3))
                 raise
-            except Exception as exc:  # a bug or a library failure: keep the traceback in the run dir
-                atomic.write_text(self.run_dir / "error.log", traceback.format_exc())
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
-                msg = f"stage '{spec.id}' failed: {type(exc).__name__}: {first} (traceback in {self.run_dir / 'error.log'})"
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise StageFailed(self._stage_crash(spec, exc, entry, t0)) from exc
+                msg = _os_error_message(exc, self.run_dir)
                 entry.update(status="failed", error=msg, duration_s=round(time.perf_counter() - t0, 3))
                 raise StageFailed(msg) from exc
+            except (Exception, SystemExit) as exc:  # a bug or a library failure: traceback in the run dir
+                raise StageFailed(self._stage_crash(spec, exc, entry, t0)) from exc
             self._record(ctx, spec, entry, result, time.perf_counter() - t0, entry["started"])
             if result.status == "skipped":
                 self.console.print(f"[yellow]skipped[/] {spec.id}: {escape(str(result.skip_reason))}")
             else:
                 self.console.print(f"[green]done[/] {spec.id} in {entry['duration_s']:.1f} s")
+
+    def _stage_crash(self, spec: StageSpec, exc: BaseException, entry: dict[str, Any], t0: float) -> str:
+        """Save the traceback, mark the stage failed, return the one-line message."""
+        try:
+            atomic.write_text(self.run_dir / "error.log", traceback.format_exc())
+        except OSError:
+            pass
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        if isinstance(exc, SystemExit):
+            first = f"code called sys.exit({exc.code!r})"
+        msg = f"stage '{spec.id}' failed: {type(exc).__name__}: {first} (traceback in {self.run_dir / 'error.log'})"
+        entry.update(status="failed", error=msg, duration_s=round(time.perf_counter() - t0, 3))
+        return msg
 
     def _reusable(self, old: dict[str, Any], chain: str) -> bool:
         if old.get("chain_hash") != chain or old.get("status") not in ("ok", "skipped"):
@@ -276,20 +368,58 @@ class Runner:
                      gates=[g.to_dict() for g in result.gates])
         self._write_manifest()
 
-    def _write_reports(self) -> None:
-        try:
-            from pipeline.report import write_reports
-        except ImportError:
-            self.console.print("[yellow]warning[/] reports unavailable (pipeline.report missing)")
-            return
+    def _remove_reports(self) -> None:
+        from pipeline.report import FORMATS
+
+        for name in FORMATS.values():
+            (self.run_dir / name).unlink(missing_ok=True)
+
+    def _write_reports(self) -> str | None:
+        """Write every report; a failure is returned as the run's error (exit 3: CI must not pass
+        on a run whose junit.xml or report.md is missing)."""
+        from pipeline.report import write_reports
+
         try:
             written = write_reports(self.run_dir)
-        except Exception as exc:  # reports must never turn a finished run into a crash
-            atomic.write_text(self.run_dir / "report-error.log", traceback.format_exc())
-            self.console.print(f"[red]report generation failed[/]: {type(exc).__name__}: {exc}")
-            return
+        except OSError as exc:
+            self._remove_reports()  # a partial set would describe the run as it was before it failed
+            return _os_error_message(exc, self.run_dir)
+        except Exception as exc:
+            self._remove_reports()
+            try:
+                atomic.write_text(self.run_dir / "report-error.log", traceback.format_exc())
+            except OSError:
+                pass
+            return f"report generation failed: {type(exc).__name__}: {exc} (traceback in report-error.log)"
         for fmt, path in written.items():
             self.console.print(f"[dim]wrote {fmt} report: {path}[/]")
+        return None
+
+
+def _os_error_message(exc: OSError, default: Path) -> str:
+    """One line for an OSError; disk full names the file being written."""
+    if exc.errno == errno.ENOSPC:
+        if isinstance(exc, atomic.DiskFull):
+            return str(exc.strerror)
+        return f"no space left on device while writing {exc.filename or default}"
+    return f"{type(exc).__name__}: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (CI cancelling a job, `kill`) ends the run like Ctrl-C: manifest 'interrupted'."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _jsonable(obj: Any) -> Any:

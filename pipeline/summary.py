@@ -32,13 +32,21 @@ def print_summary(console: Console, manifest: dict[str, Any]) -> None:
     console.print(stages)
     if report["artifacts"]:
         t = Table(title="artifacts (speedup and latency at batch %s, 95%% CI)" % report["artifacts"][0]["batch_size"])
-        for col in ("artifact", "backend", "top-1", "agreement", "p50 latency", "speedup", "size"):
+        for col in ("artifact", "backend", "top-1", "agreement", "p50 latency", "speedup vs original",
+                    "vs same-runtime FP32", "size"):
             t.add_column(col)
         for r in report["artifacts"]:
             t.add_row(r["artifact"] + (" *" if r["deployable"] else ""), r["backend"], fmt.pct(r["top1"]),
                       fmt.pct(r["agreement"]), fmt.ms_ci(r["p50_ms"], r["p50_ci95_ms"]),
-                      fmt.ratio_ci(r["speedup"], r["speedup_ci95"]), fmt.size(r["size_bytes"]))
+                      fmt.ratio_ci(r["speedup"], r["speedup_ci95"]),
+                      fmt.ratio_ci(r.get("speedup_fp32"), r.get("speedup_fp32_ci95")), fmt.size(r["size_bytes"]))
         console.print(t)
+        machine = report.get("machine") or {}
+        if machine.get("busy"):
+            from pipeline.report.markdown import busy_text
+
+            console.print(f"[yellow]warning: busy machine: {escape(busy_text(machine))}; latency numbers may be "
+                          "biased[/yellow]")
     for u in report["unavailable"]:
         console.print(f"[yellow]not measured[/] {escape(str(u.get('artifact') or 'all artifacts'))} on "
                       f"{escape(str(u.get('backend')))}: {escape(str(u.get('reason')))}")

@@ -61,7 +61,7 @@ def recipe_file(tmp_path: Path, values=(1, 2), extra: str = "") -> Path:
     stages = "\n".join(f"  - count: {{value: {v}{extra}}}" for v in values)
     text = textwrap.dedent(f"""\
         name: unit
-        output_dir: {tmp_path / 'runs'}
+        output_dir: runs
         model:
           source: python:{__name__}:tiny_factory
           input_shape: [1, 3, 8, 8]

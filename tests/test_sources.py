@@ -106,8 +106,12 @@ def test_imagefolder_split_streams_labelled_batches(tmp_path):
     xs, ys = zip(*split.batches())
     assert split.num_samples == 6 and split.num_classes == 2
     assert xs[0].shape == (4, 3, 16, 16) and sorted(torch.cat(ys).tolist()) == [0, 0, 0, 1, 1, 1]
-    with pytest.raises(BadInput, match="no class subfolders"):
-        build_split(ImageFolderData(source="imagefolder", path=str(tmp_path / "cat")), "eval", [1, 3, 16, 16])
+    # a folder of images without class subfolders is an unlabelled split (agreement, distillation)
+    flat = build_split(ImageFolderData(source="imagefolder", path=str(tmp_path / "cat")), "eval", [1, 3, 16, 16])
+    assert not flat.has_labels and len(flat) == 3 and next(flat.batches())[1] is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInput, match="no images and no class subfolders"):
+        build_split(ImageFolderData(source="imagefolder", path=str(tmp_path / "empty")), "eval", [1, 3, 16, 16])
 
 
 def test_random_split_is_seeded_and_unlabelled():

@@ -93,3 +93,24 @@ def test_onnx_artifact_on_onnxruntime(tiny_model, tiny_data, make_ctx, tmp_path)
     assert res.metrics["deployable"] == "onnx_fp32"
     assert {g.artifact for g in res.gates} == {"onnx_fp32", "onnx_fp32@onnxruntime"}
     assert all(g.passed for g in res.gates)
+
+
+def test_accuracy_reports_confident_agreement_and_logits_sqnr():
+    """Near-ties flip top-1 without meaning much: the confident subset and the SQNR say so."""
+    import numpy as np
+
+    from pipeline.verify.accuracy import AccuracyAccumulator
+
+    ref = np.array([[5.0, 0.0, 0.0], [1.0, 0.9, 0.0], [0.0, 0.0, 4.0], [0.2, 0.1, 0.0]])
+    out = ref.copy()
+    out[1] = [0.9, 1.0, 0.0]  # a near-tie flips
+    out[3] = [0.1, 0.2, 0.0]  # another one
+    acc = AccuracyAccumulator()
+    acc.update(out, ref, None)
+    r = acc.result()
+    assert r["agreement"] == 0.5 and r["confident_samples"] == 2 and r["agreement_confident"] == 1.0
+    noise = ((out - ref) ** 2).sum()
+    assert r["sqnr_db"] == pytest.approx(10 * np.log10((ref ** 2).sum() / noise), abs=1e-3)
+    same = AccuracyAccumulator()
+    same.update(ref, ref, None)
+    assert same.result()["sqnr_db"] == 200.0  # identical outputs stay valid JSON

@@ -50,7 +50,8 @@ class OrtSession:
 
         return {"backend": self.backend, "version": ort.__version__,
                 "providers": self._session.get_providers(), "threads": self.threads,
-                "precision": self.precision_hint or "as-stored", "path": str(self.path)}
+                "precision": self.precision_hint or "as-stored", "path": str(self.path),
+                "spinning": getattr(self, "spinning", None)}
 
     def close(self) -> None:
         self._session = None
@@ -76,12 +77,19 @@ def load(path: str | Path, threads: int, precision_hint: str | None = None, **op
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     }[opts.get("optimization", "all")]
     so.log_severity_level = 3
+    # No busy-waiting between calls: a spinning pool steals the cores of whatever is timed next
+    # (verify interleaves runtimes). Costs a few microseconds of wake-up per call.
+    spin = "1" if opts.get("spinning") else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     providers = _providers(opts.get("providers"), ort.get_available_providers())
     try:
         session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         raise BadInput(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:300]}") from exc
-    return OrtSession(session, path, so.intra_op_num_threads, precision_hint)
+    ort_session = OrtSession(session, path, so.intra_op_num_threads, precision_hint)
+    ort_session.spinning = spin == "1"
+    return ort_session
 
 
 def _providers(requested: list[str] | None, present: list[str]) -> list[str]:

@@ -91,7 +91,7 @@ def load(path: str | Path, threads: int, precision_hint: str | None = None, **op
     precision_hint: the artifact's precision. "fp32" (or None) forces f32 execution; "int8" keeps
     f32 for the non-quantized parts too; "fp16"/"bf16" let OpenVINO use that precision.
     opts: `performance_hint` (LATENCY), `num_streams` (1: one request at a time, all threads on it),
-    `cpu_pinning` (None = OpenVINO's default).
+    `cpu_pinning` (default False: unpinned, so interleaved runtimes do not fight over cores).
     """
     reason = available()
     if reason:
@@ -105,8 +105,9 @@ def load(path: str | Path, threads: int, precision_hint: str | None = None, **op
     config: dict[str, Any] = {"INFERENCE_NUM_THREADS": max(1, int(threads)),
                               "PERFORMANCE_HINT": opts.get("performance_hint", "LATENCY"),
                               "NUM_STREAMS": int(opts.get("num_streams", 1))}
-    if opts.get("cpu_pinning") is not None:  # OpenVINO's default (pinned on Linux) unless asked
-        config["ENABLE_CPU_PINNING"] = bool(opts["cpu_pinning"])
+    # Unpinned by default: pinned TBB workers hold their cores against the other runtimes that
+    # verify interleaves (TBB has no spin switch; pinning is what keeps its pool on the cores).
+    config["ENABLE_CPU_PINNING"] = bool(opts.get("cpu_pinning", False))
     exec_precision = {"fp16": "f16", "bf16": "bf16"}.get(precision_hint or "fp32", "f32")
     config["INFERENCE_PRECISION_HINT"] = exec_precision
     core = ov.Core()

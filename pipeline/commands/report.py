@@ -39,17 +39,25 @@ def report(run_dir: Path, fmt: str) -> None:
               help="Relative p50 increase tolerated (only significant ones count: CIs must not overlap).")
 @click.option("--max-size-increase", type=float, default=0.05, show_default=True,
               help="Relative artifact size increase tolerated.")
-@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
+@click.option("--format", "out_format", type=click.Choice(["text", "md", "json"]), default="text", show_default=True,
+              help="text: a table; md: a pull-request comment; json: machine-readable.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 def compare(run_a: Path, run_b: Path, max_accuracy_drop: float, max_latency_increase: float,
-            max_size_increase: float, as_json: bool) -> None:
+            max_size_increase: float, out_format: str, as_json: bool) -> None:
     """Show what changed from RUN_A to RUN_B; exit 1 if B regresses A beyond the tolerances."""
     from pipeline.report import load_manifest
-    from pipeline.report.compare import compare_runs
+    from pipeline.report.compare import compare_runs, require_finished
 
-    result = compare_runs(load_manifest(run_a), load_manifest(run_b), max_accuracy_drop,
-                          max_latency_increase, max_size_increase)
-    if as_json:
+    manifest_a, manifest_b = load_manifest(run_a), load_manifest(run_b)
+    require_finished(manifest_a, run_a)
+    require_finished(manifest_b, run_b)
+    result = compare_runs(manifest_a, manifest_b, max_accuracy_drop, max_latency_increase, max_size_increase)
+    if as_json or out_format == "json":
         click.echo(json.dumps(result, indent=2, default=str))
+    elif out_format == "md":
+        from pipeline.report.compare import render_compare_markdown
+
+        click.echo(render_compare_markdown(result), nl=False)
     else:
         _render(result)
     if result["regressed"]:
@@ -64,15 +72,19 @@ def _render(result: dict) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # pipes/CI: don't squeeze the table
     table = Table(title=f"{result['run_a']} → {result['run_b']}")
-    for col in ("artifact", "backend", "accuracy A → B", "p50 A [CI]", "p50 B [CI]", "Δ latency", "size A → B", ""):
+    for col in ("artifact", "backend", "accuracy A → B", "p50 A [CI]", "p50 B [CI]", "speedup A → B",
+                "Δ latency (within-run)", "size A → B", ""):
         table.add_column(col)
     for d in result["artifacts"]:
         lat = "n/a" if d["latency_change"] is None else f"{100 * d['latency_change']:+.1f}%" + (
             "" if d["latency_change_significant"] else " (n.s.)")
+        if d["latency_basis"] == "absolute_p50":
+            lat += " (absolute)"
         table.add_row(d["artifact"], d["backend"], f"{fmt.pct(d['accuracy_a'])} → {fmt.pct(d['accuracy_b'])}",
-                      fmt.ms_ci(d["p50_ms_a"], d["p50_ci95_a"]), fmt.ms_ci(d["p50_ms_b"], d["p50_ci95_b"]), lat,
+                      fmt.ms_ci(d["p50_ms_a"], d["p50_ci95_a"]), fmt.ms_ci(d["p50_ms_b"], d["p50_ci95_b"]),
+                      f"{fmt.ratio_ci(d['speedup_a'], None)} → {fmt.ratio_ci(d['speedup_b'], None)}", lat,
                       f"{fmt.size(d['size_bytes_a'])} → {fmt.size(d['size_bytes_b'])}",
-                      "REGRESSED" if d["regressions"] else "ok")
+                      "unchanged" if d["unchanged"] else ("REGRESSED" if d["regressions"] else "ok"))
     console.print(table)
     pm = result["peak_memory_bytes"]
     console.print(f"peak activation memory: {fmt.size(pm['a'])} → {fmt.size(pm['b'])}")

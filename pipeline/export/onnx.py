@@ -10,6 +10,8 @@ owns its weight and bias initializers (see `make_initializers_distinct`), checke
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, temp_prefix
 from pipeline.errors import BadInput, StageFailed
 
 if TYPE_CHECKING:  # torch is imported where used, so `fmap validate` never pays for it
@@ -44,8 +46,9 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str |
     model = copy.deepcopy(model).cpu().eval()
     x = example_input.detach().cpu().float()
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-    tmp_dir = path.parent / f".{path.stem}.export"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # per-process name: two writers never share it, and a killed run's leftover is recognisable
+    tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".export", dir=path.parent))
     raw = tmp_dir / "raw.onnx"
     try:
         import warnings
@@ -59,9 +62,7 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str |
     except Exception as exc:  # torch raises many types here; the message is what matters
         raise StageFailed(f"ONNX export of {type(model).__name__} failed: {exc}") from exc
     finally:
-        for f in sorted(tmp_dir.glob("*")):
-            f.unlink()
-        tmp_dir.rmdir()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
     if simplify:
         proto = _simplify(proto)

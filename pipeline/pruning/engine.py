@@ -36,6 +36,9 @@ class PruneSettings:
     round_to: int | None = None
     iterative_steps: int = 1
     correlation_aware: bool = False
+    # per-group ratio multipliers (sensitivity allocation): group root layer name -> weight
+    layer_weights: tuple[tuple[str, float], ...] = ()
+    max_layer_ratio: float = 0.9
 
 
 @dataclass
@@ -149,10 +152,13 @@ def prune_copy(model: nn.Module, example: torch.Tensor, ratio: float, settings: 
     try:
         shuffle_protection(work, example, protect)
         ignored = [modules[n] for n in (*settings.ignored, *protect.reasons) if n in modules]
+        per_layer = {modules[n]: min(settings.max_layer_ratio, ratio * w) for n, w in settings.layer_weights
+                     if n in modules and modules[n] not in ignored}
         with guarded_trace(work) as customized:  # the graph is built here, pruned below
             pruner = tp.pruner.BasePruner(
                 work, example[:1], importance=imp, global_pruning=settings.global_pruning,
-                pruning_ratio=ratio, ignored_layers=ignored, round_to=settings.round_to,
+                pruning_ratio=ratio, pruning_ratio_dict=per_layer or None,
+                ignored_layers=ignored, round_to=settings.round_to,
                 iterative_steps=settings.iterative_steps, num_heads=num_heads,
                 customized_pruners=customized or None,
             )

@@ -1,13 +1,22 @@
-"""Recover accuracy after pruning: short fine-tuning with knowledge distillation from the original.
+"""Recover a pruned model: distillation from the original, with label-free model selection.
 
-Loss = alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * CE(labels). Without labels only
-the distillation term is used. Early stopping watches accuracy on a validation split (the calibration data, never the test
-split) and the best weights win.
+Loss = alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * CE(labels) (+ optional feature-map
+terms); without labels only distillation is used. The budget is epochs, steps or minutes, with a
+linear warm-up and a cosine decay over whichever budget ends first.
+
+Selection never needs labels: every `eval_every` steps the student is scored against the teacher
+on held-out images (`validation.Reference`: agreement, KL, and accuracy when labels exist). The
+un-fine-tuned model is candidate zero, and a candidate is eligible only if its agreement is at
+least candidate zero's, so fine-tuning can never hand back a model that agrees with the teacher
+less than the one it was given. Early stopping counts evaluations without improvement.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import BadInput
+from pipeline.pruning.augment import AugmentConfig, Augmenter
+from pipeline.pruning.validation import Reference, score
 from pipeline.sources.data import DataSplit
 
 
@@ -52,61 +63,201 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, y: torch.T
     return sum(terms)  # type: ignore[return-value]
 
 
-def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, eval_split: DataSplit | None,
-             *, epochs: int, lr: float, optimizer: str, schedule: str, distill: bool, temperature: float,
-             alpha: float, patience: int, console: Any = None) -> dict[str, Any]:
-    """Fine-tune `model` in place; returns {epochs_run, best_epoch, history: [{epoch, loss, val_acc}]}."""
-    if not distill and not train.has_labels:
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How long and how to train; `steps`/`minutes` override `epochs` (the first budget to end wins)."""
+
+    epochs: int = 3
+    steps: int | None = None
+    minutes: float | None = None
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    warmup: float = 0.05  # fraction of the budget with a linear lr warm-up
+    distill: bool = True
+    temperature: float = 4.0
+    alpha: float = 0.5
+    patience: int = 2  # evaluations without improvement before stopping
+    eval_every: int | None = None  # steps between evaluations; None = once per epoch
+    augment: AugmentConfig | None = None
+    feature_layers: tuple[str, ...] = ()
+    feature_weight: float = 1.0
+    seed: int = 0
+
+
+def lr_factor(progress: float, warmup: float, schedule: str) -> float:
+    """Linear warm-up over `warmup` of the budget, then cosine to zero (or constant)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and progress < warmup:
+        return progress / warmup
+    if schedule != "cosine":
+        return 1.0
+    rest = (progress - warmup) / max(1.0 - warmup, 1e-9)
+    return 0.5 * (1.0 + math.cos(math.pi * rest))
+
+
+class FeatureDistiller:
+    """MSE between student and teacher outputs of named layers, through a learned 1x1 adapter.
+
+    The student's layers are narrower after pruning; the adapter maps its channels onto the
+    teacher's (FitNets). Adapters are trained with the student and thrown away afterwards.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, names: tuple[str, ...], example: torch.Tensor) -> None:
+        s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
+        missing = [n for n in names if n not in s_mods or n not in t_mods]
+        if missing:
+            raise BadInput(f"prune.finetune.feature_layers: no layer named {', '.join(map(repr, missing))} in the model")
+        self.s_out: dict[str, torch.Tensor] = {}
+        self.t_out: dict[str, torch.Tensor] = {}
+        self.hooks = [s_mods[n].register_forward_hook(self._keep(self.s_out, n)) for n in names] + \
+                     [t_mods[n].register_forward_hook(self._keep(self.t_out, n)) for n in names]
+        with torch.no_grad():
+            was = student.training
+            student.eval()(example)
+            student.train(was)
+            teacher(example)
+        self.adapters = nn.ModuleDict()
+        for i, n in enumerate(names):
+            s, t = self.s_out.get(n), self.t_out.get(n)
+            if s is None or t is None or s.dim() not in (2, 4) or s.shape[2:] != t.shape[2:]:
+                self.close()
+                raise BadInput(f"prune.finetune.feature_layers: layer '{n}' does not output a feature map "
+                               "of the same spatial size in student and teacher")
+            conv = (nn.Conv2d(s.shape[1], t.shape[1], 1, bias=False) if s.dim() == 4
+                    else nn.Linear(s.shape[1], t.shape[1], bias=False))
+            self.adapters[str(i)] = conv
+        self.names = names
+
+    @staticmethod
+    def _keep(store: dict[str, torch.Tensor], name: str):
+        def hook(_m, _i, out):
+            if isinstance(out, torch.Tensor):
+                store[name] = out
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        terms = []
+        for i, n in enumerate(self.names):
+            s, t = self.adapters[str(i)](self.s_out[n]), self.t_out[n].detach()
+            terms.append(F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-6))
+        return sum(terms) / max(len(terms), 1)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, ref: Reference | None,
+             settings: FinetuneSettings, console: Any = None) -> dict[str, Any]:
+    """Fine-tune `model` in place and load the selected candidate; returns the curve and the choice.
+
+    Returns {steps_run, epochs_run, best_step, best_epoch, stopped, selected_on, candidate_zero, best,
+    history: [{step, epoch, loss, lr, agreement, kl, val_acc}]} (history[0] is candidate zero).
+    """
+    s = settings
+    if not s.distill and not train.has_labels:
         raise BadInput("prune.finetune: data.train has no labels, so distill must be true")
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    teacher = teacher.eval() if (distill and teacher is not None) else None
+    torch.manual_seed(s.seed)
+    teacher = teacher.eval() if (s.distill and teacher is not None) else None
+    features = None
+    if s.feature_layers and teacher is not None:
+        features = FeatureDistiller(model, teacher, s.feature_layers, train.first_batch()[0][:2])
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.Adam(params, lr=lr) if optimizer == "adam"
-           else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4))
+    if features is not None:
+        params += list(features.adapters.parameters())
+    opt = (torch.optim.Adam(params, lr=s.lr) if s.optimizer == "adam"
+           else torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=1e-4))
     steps_per_epoch = max(1, -(-len(train) // max(train.batch_size, 1)))
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-             if schedule == "cosine" else None)
-    best_acc, best_state, best_epoch, bad = -1.0, None, 0, 0
-    history = []
-    progress = Progress(TextColumn("fine-tune {task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                        TimeRemainingColumn(), console=console, transient=True, disable=console is None)
+    total_steps = s.steps if s.steps is not None else (None if s.minutes is not None else s.epochs * steps_per_epoch)
+    seconds = None if s.minutes is None else s.minutes * 60.0
+    eval_every = s.eval_every or steps_per_epoch
+    augment = Augmenter(s.augment, s.seed) if s.augment is not None else None
+
+    def evaluate() -> dict[str, float | None]:
+        return score(model, ref) if ref is not None else {"agreement": None, "kl": None, "val_acc": None}
+
+    def key(m: dict[str, float | None]) -> tuple[float, float]:
+        primary = m["val_acc"] if m["val_acc"] is not None else m["agreement"]
+        return (primary or 0.0, -(m["kl"] if m["kl"] is not None else math.inf))
+
+    zero = evaluate()
+    history: list[dict[str, Any]] = [{"step": 0, "epoch": 0, "loss": None, "lr": 0.0, **zero}]
+    best_key, best_state, best_step = key(zero), copy.deepcopy(model.state_dict()), 0
+    bad, step, epoch, stopped = 0, 0, 0, "budget"
+    start = time.monotonic()
+
+    def progress_now(next_step: int) -> float:
+        p = 0.0
+        if total_steps:
+            p = max(p, next_step / total_steps)
+        if seconds:
+            p = max(p, (time.monotonic() - start) / seconds)
+        return p
+
+    bar = Progress(TextColumn("fine-tune {task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), console=console, transient=True, disable=console is None)
+    done = False
+    running, seen = 0.0, 0
     from pipeline.progress import Ticker  # a CI log gets timestamped lines, not a bar it never sees
 
-    ticker = Ticker(console, "fine-tune", epochs * steps_per_epoch, "steps") if (
+    ticker = Ticker(console, "fine-tune", total_steps, "steps") if (
         console is not None and not console.is_terminal) else None
-    with progress:
-        task = progress.add_task("", total=epochs * steps_per_epoch, info="")
-        for epoch in range(1, epochs + 1):
+    with bar:
+        task = bar.add_task("", total=total_steps or 100, info="")
+        while not done:
+            epoch += 1
             model.train()
-            total, n = 0.0, 0
             for x, y in train.batches():
+                if augment is not None:
+                    x = augment(x)
+                factor = lr_factor(progress_now(step + 1), s.warmup, s.schedule)
+                for g in opt.param_groups:
+                    g["lr"] = s.lr * factor
                 with torch.no_grad():
                     t_out = teacher(x) if teacher is not None else None
-                loss = distill_loss(model(x), t_out, y, temperature, alpha)
+                loss = distill_loss(model(x), t_out, y, s.temperature, s.alpha)
+                if features is not None:
+                    loss = loss + s.feature_weight * features.loss()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                if sched is not None:
-                    sched.step()
-                total += loss.item() * len(x)
-                n += len(x)
-                progress.update(task, advance=1, description=f"epoch {epoch}/{epochs}", info=f"loss {total / n:.4f}")
+                step += 1
+                running += loss.item() * len(x)
+                seen += len(x)
+                done = progress_now(step) >= 1.0
+                bar.update(task, completed=min(step, total_steps) if total_steps else 100 * progress_now(step),
+                           description=f"step {step}", info=f"loss {running / max(seen, 1):.4f}")
                 if ticker is not None:
                     ticker.advance(1)
-            model.eval()
-            acc = accuracy(model, eval_split)
-            history.append({"epoch": epoch, "loss": total / max(n, 1), "val_acc": acc})
-            if acc is None:
-                continue
-            if acc > best_acc:
-                best_acc, best_epoch, bad = acc, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad += 1
-                if bad >= patience:
+                if step % eval_every == 0 or done:
+                    m = evaluate()
+                    mean_loss = running / max(seen, 1)
+                    history.append({"step": step, "epoch": epoch,
+                                    "loss": round(mean_loss, 6) if math.isfinite(mean_loss) else None,
+                                    "lr": round(s.lr * factor, 8), **m})
+                    running, seen = 0.0, 0
+                    model.train()
+                    eligible = ref is None or (m["agreement"] or 0.0) >= (zero["agreement"] or 0.0)
+                    if ref is None or (eligible and key(m) > best_key):
+                        best_key, best_step, bad = key(m), step, 0
+                        best_state = copy.deepcopy(model.state_dict())
+                    else:
+                        bad += 1
+                        if bad >= s.patience:
+                            stopped, done = "early_stop", True
+                if done:
                     break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if features is not None:
+        features.close()
+    model.load_state_dict(best_state)
     model.eval()
-    return {"epochs_run": len(history), "best_epoch": best_epoch or len(history), "history": history}
+    chosen = next(h for h in history if h["step"] == best_step)
+    return {"steps_run": step, "epochs_run": epoch, "best_step": best_step, "best_epoch": chosen["epoch"],
+            "stopped": stopped, "seconds": round(time.monotonic() - start, 2),
+            "selected_on": None if ref is None else ("val_acc" if ref.y is not None else "agreement"),
+            "validation": None if ref is None else {"source": ref.source, "samples": len(ref)},
+            "candidate_zero": zero, "best": {k: chosen[k] for k in ("agreement", "kl", "val_acc")},
+            "history": history}

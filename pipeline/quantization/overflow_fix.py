@@ -2,9 +2,9 @@
 at risk just enough that its worst pair fits, and leave every other channel at full 8 bits.
 
 onnxruntime's remedy (`reduce_range`) and NNCF's overflow fix give whole tensors 7-bit weights:
-one bit of precision lost on every channel. On EfficientNet-Lite0 the worst pairs are 1.2-2x over
-the limit on 10-60% of a layer's channels (saturation.py), so a channel-wise widening of 1.2-2x
-keeps most of the precision that 7 bits throw away. The QDQ file is edited in place: the channel's
+one bit of precision lost on every channel. A channel's worst pair (for any input, saturation.py)
+is set by its two largest adjacent weights of one sign, so many channels need a widening well
+below 2x, or none: they keep most of the precision that 7 bits throw away. The QDQ file is edited in place: the channel's
 int8 codes are re-rounded from the float weights, its weight scale grows, and the int32 bias codes
 (scale = activation scale x weight scale) are re-rounded to match. Weights stored per tensor are
 widened as one. Rounding can push a pair back over the limit, so the check runs again.

@@ -1,16 +1,19 @@
 """Static int16 saturation check of a QDQ model, for x86 kernels without VNNI (see targets.py).
 
 For every quantized Conv/Gemm/MatMul the check bounds the sums that `vpmaddubsw` forms: two
-adjacent u8 x s8 products along the reduction axis K. Each input channel's u8 codes are bounded by
-its calibrated range (per channel, from the FP32 model on the calibration data, with the zero point
-that padding injects), so the bound is the true worst case over inputs inside the calibrated ranges:
+adjacent u8 x s8 products along the reduction axis K, worst over the signs of the weights:
 
     worst_pos = max over pairs of sum(w > 0 ? hi_c * w : lo_c * w)   (and worst_neg alike)
 
-A layer is *at risk* when a pair can leave [-32768, 32767]. Two K orders are checked, channels
-fastest (onnxruntime's NHWC im2col) and kernel positions fastest (NCHW im2col), and the worse one
-counts. Depthwise convs use a separate int32 kernel and are safe. Weights with |w| <= 64 (7 bits,
-`reduce_range`) are safe whatever the activations: 2 * 255 * 64 = 32640.
+A layer is *at risk* when a pair can leave [-32768, 32767] for **some input the file can
+represent** (every u8 code 0..255): that is the guarantee the overflow fix gives, and what makes an
+artifact bit-identical on every x86 CPU whatever the data. Next to it the report gives the
+*observed* ratio, the same bound with each input channel's codes inside its calibrated range (per
+channel, from the FP32 model on the calibration data, with the zero point that padding injects):
+how close real data comes. Two K orders are checked, channels fastest (onnxruntime's NHWC im2col)
+and kernel positions fastest (NCHW im2col), and the worse counts. Depthwise convs use a separate
+int32 kernel and are safe. Weights with |w| <= 64 (7 bits, `reduce_range`) are safe whatever the
+activations: 2 * 255 * 64 = 32640.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class LayerRisk:
     channels: int
     weight_axis: int = 0  # the output-channel axis of the stored weight (per-channel overrides need it)
     channel_ratio: np.ndarray | None = None  # per output channel: worst pair / int16 limit (> 1 saturates)
+    observed_ratio: float = 0.0  # the same bound with each input channel inside its calibrated range
 
     @property
     def ratio(self) -> float:
@@ -50,7 +54,8 @@ class LayerRisk:
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "weight": self.weight, "op": self.op, "kernel": self.kernel,
                 "weight_bits": self.weight_bits, "worst_pair": max(self.worst_pos, -self.worst_neg),
-                "ratio": round(self.ratio, 4), "at_risk_without_vnni": self.at_risk,
+                "ratio": round(self.ratio, 4), "observed_ratio": round(self.observed_ratio, 4),
+                "at_risk_without_vnni": self.at_risk,
                 "channels_at_risk": self.channels_at_risk, "channels": self.channels}
 
 
@@ -137,40 +142,56 @@ def _codes(q: _Quantized, values: np.ndarray) -> np.ndarray:
 
 
 def _bound(q: _Quantized, stats: dict[str, Any]) -> LayerRisk:
-    from pipeline.quantization.graph import attr
-
-    node, w = q.node, q.weight
+    """Worst pairs for any input the file can represent (codes 0..255: the guarantee) and for
+    inputs inside each channel's calibrated range (how close real data comes)."""
+    w = q.weight
     bits = 7 if int(np.abs(w).max(initial=0)) <= 64 else 8
     hi = np.maximum(_codes(q, np.asarray(stats["max"])), q.act_zp)  # padding reads the zero point
     lo = np.minimum(_codes(q, np.asarray(stats["min"])), q.act_zp)
-    base = dict(layer=node.name, weight=q.weight_name, op=node.op_type, weight_bits=bits, channels=int(w.shape[0]),
-                weight_axis=q.weight_axis)
-    if node.op_type == "Conv":
-        groups = int(attr(node, "group", 1))
-        cig = w.shape[1]
-        if cig == 1 and groups == w.shape[0] and groups == hi.size:  # depthwise: int32 kernel
-            return LayerRisk(kernel="depthwise", worst_pos=0, worst_neg=0, channels_at_risk=0, **base)
-        if hi.size != groups * cig:
-            return LayerRisk(kernel="unchecked", worst_pos=0, worst_neg=0, channels_at_risk=0, **base)
-        per_out = np.arange(w.shape[0]) // (w.shape[0] // groups)  # group of each output channel
-        idx = per_out[:, None] * cig + np.arange(cig)[None, :]  # [Cout, Cig] input channel indices
-        h = np.broadcast_to(hi[idx][:, :, None, None], w.shape)
-        lw = np.broadcast_to(lo[idx][:, :, None, None], w.shape)
-        orders = [(0, 2, 3, 1), (0, 1, 2, 3)]  # channels fastest (NHWC), kernel positions fastest (NCHW)
-        mats = [(w.transpose(o).reshape(w.shape[0], -1), h.transpose(o).reshape(w.shape[0], -1),
-                 lw.transpose(o).reshape(w.shape[0], -1)) for o in orders]
-    else:
+    base = dict(layer=q.node.name, weight=q.weight_name, op=q.node.op_type, weight_bits=bits,
+                channels=int(w.shape[0]), weight_axis=q.weight_axis)
+    any_input = _layouts(q.node, w, np.full_like(hi, 255), np.zeros_like(lo))
+    if isinstance(any_input, str):  # depthwise (int32 kernel) or a layout fmap cannot read
+        return LayerRisk(kernel=any_input, worst_pos=0, worst_neg=0, channels_at_risk=0, **base)
+    pos, neg = _worst(any_input)
+    ratio = np.maximum(pos / INT16_MAX, neg / INT16_MIN)
+    seen_pos, seen_neg = _worst(_layouts(q.node, w, hi, lo))  # type: ignore[arg-type]
+    observed = float(np.maximum(seen_pos / INT16_MAX, seen_neg / INT16_MIN).max())
+    return LayerRisk(kernel="gemm", worst_pos=int(pos.max()), worst_neg=int(neg.min()),
+                     channels_at_risk=int((ratio > 1.0).sum()), channel_ratio=ratio, observed_ratio=observed,
+                     **base)
+
+
+def _layouts(node: Any, w: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> list[tuple[np.ndarray, ...]] | str:
+    """(weights, code upper bounds, code lower bounds) as [outputs, K] in each K order the
+    kernels may use; or the reason there is nothing to check."""
+    from pipeline.quantization.graph import attr
+
+    if node.op_type != "Conv":
         if w.ndim != 2 or hi.size != w.shape[1]:
-            return LayerRisk(kernel="unchecked", worst_pos=0, worst_neg=0, channels_at_risk=0, **base)
-        mats = [(w, np.broadcast_to(hi, w.shape), np.broadcast_to(lo, w.shape))]
-    pos = np.full(w.shape[0], np.iinfo(np.int64).min)
-    neg = np.full(w.shape[0], np.iinfo(np.int64).max)
+            return "unchecked"
+        return [(w, np.broadcast_to(hi, w.shape), np.broadcast_to(lo, w.shape))]
+    groups, cig = int(attr(node, "group", 1)), w.shape[1]
+    if cig == 1 and groups == w.shape[0] and groups == hi.size:
+        return "depthwise"
+    if hi.size != groups * cig:
+        return "unchecked"
+    per_out = np.arange(w.shape[0]) // (w.shape[0] // groups)  # group of each output channel
+    idx = per_out[:, None] * cig + np.arange(cig)[None, :]  # [Cout, Cig] input channel indices
+    h = np.broadcast_to(hi[idx][:, :, None, None], w.shape)
+    lw = np.broadcast_to(lo[idx][:, :, None, None], w.shape)
+    orders = [(0, 2, 3, 1), (0, 1, 2, 3)]  # channels fastest (NHWC), kernel positions fastest (NCHW)
+    return [(w.transpose(o).reshape(w.shape[0], -1), h.transpose(o).reshape(w.shape[0], -1),
+             lw.transpose(o).reshape(w.shape[0], -1)) for o in orders]
+
+
+def _worst(mats: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    pos = np.full(mats[0][0].shape[0], np.iinfo(np.int64).min)
+    neg = np.full(mats[0][0].shape[0], np.iinfo(np.int64).max)
     for wm, hm, lm in mats:
         p, n = _pair_extremes(wm, hm, lm)
         pos, neg = np.maximum(pos, p), np.minimum(neg, n)
-    ratio = np.maximum(pos / INT16_MAX, neg / INT16_MIN)
-    return LayerRisk(kernel="gemm", worst_pos=int(pos.max()), worst_neg=int(neg.min()),
-                     channels_at_risk=int((ratio > 1.0).sum()), channel_ratio=ratio, **base)
+    return pos, neg
 
 
 def _pair_extremes(w: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

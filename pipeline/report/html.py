@@ -40,6 +40,11 @@ def render_html(report: dict[str, Any], run_dir: Path | None = None) -> str:
              f"<p>status <b>{_e(report['status'])}</b> · exit code {_e(report.get('exit_code'))} · fmap "
              f"{_e(report.get('fmap_version'))} · started {_e(report.get('started'))} · finished "
              f"{_e(report.get('finished'))}</p>"]
+    if (report.get("machine") or {}).get("busy"):
+        from pipeline.report.markdown import busy_text
+
+        parts.append(f'<p class="banner fail" id="busy">Busy machine: {_e(busy_text(report["machine"]))}. '
+                     "Latencies and speedups were measured under load and may be biased.</p>")
     parts += _artifacts(report)
     parts += _gates(report)
     parts += _stages(report)
@@ -72,7 +77,8 @@ def _artifacts(report: dict[str, Any]) -> list[str]:
     else:
         bs = rows[0]["batch_size"]
         head = ["artifact", "backend", "precision", "top-1", "top-5", "agreement", "max |err|",
-                f"p50 (batch {bs}) [95% CI]", "p99", "throughput", "speedup [95% CI]", "size", "RSS delta", "gates"]
+                f"p50 (batch {bs}) [95% CI]", "p99", "throughput", "speedup vs original [95% CI]",
+                "speedup vs same-runtime FP32 [95% CI]", "size", "RSS delta", "gates"]
         body = []
         for r in rows:
             name = r["artifact"] + (" (baseline)" if r["baseline"] else "") + (" (deployable)" if r["deployable"] else "")
@@ -82,7 +88,10 @@ def _artifacts(report: dict[str, Any]) -> list[str]:
                          _e(fmt.ms_ci(r["p50_ms"], r["p50_ci95_ms"]) if not r.get("error") else f"error: {r['error']}"),
                          fmt.ms_ci(r["p99_ms"], None),
                          "n/a" if r["throughput_ips"] is None else f"{r['throughput_ips']:.1f}/s",
-                         fmt.ratio_ci(r["speedup"], r["speedup_ci95"]), fmt.size(r["size_bytes"]),
+                         fmt.ratio_ci(r["speedup"], r["speedup_ci95"]),
+                         "n/a" if r.get("speedup_fp32") is None else _e(
+                             f"{fmt.ratio_ci(r['speedup_fp32'], r.get('speedup_fp32_ci95'))} vs {r.get('speedup_fp32_vs')}"),
+                         fmt.size(r["size_bytes"]),
                          "n/a" if r["rss_delta_mb"] is None else f"{r['rss_delta_mb']:.1f} MB",
                          f'<span class="{gate}">{ {"pass": "pass", "fail": "FAIL", "none": "–"}[gate] }</span>'])
         out.append(f'<div class="wide">{_table(head, body, raw=True, table_id="summary")}</div>')

@@ -22,6 +22,7 @@ def build_report(manifest: dict[str, Any]) -> dict[str, Any]:
             rows += _rows(s, [g for g in gates if g["stage"] == s["id"]])
             unavailable += [dict(u, stage=s["id"]) for u in s["metrics"].get("unavailable") or []]
     failed = [g for g in gates if not g.get("passed")]
+    machine = _machine(stages)
     return {
         "schema_version": SCHEMA_VERSION,
         "fmap_version": manifest.get("fmap_version"),
@@ -38,7 +39,9 @@ def build_report(manifest: dict[str, Any]) -> dict[str, Any]:
             "stages_failed": sum(s["status"] == "failed" for s in stages),
             "gates_total": len(gates), "gates_failed": len(failed),
             "passed": not failed and manifest.get("status", "ok") == "ok",
+            "busy_machine": bool(machine.get("busy")),
         },
+        "machine": machine,
         "artifacts": rows,
         "gates": gates,
         "unavailable": unavailable,
@@ -73,18 +76,28 @@ def _rows(stage: dict[str, Any], gates: list[dict[str, Any]]) -> list[dict[str, 
         acc = r.get("accuracy") or {}
         lat = (r.get("latency") or {}).get(bs) or {}
         spd = (r.get("speedup") or {}).get(bs) or {}
+        fp32 = (r.get("speedup_fp32") or {}).get(bs) or {}
         out.append({
             "stage": stage["id"], "artifact": r.get("artifact"), "backend": r.get("backend"),
             "kind": r.get("kind"), "precision": r.get("precision"), "path": r.get("path"),
             "baseline": bool(r.get("baseline")), "deployable": r.get("artifact") == m.get("deployable"),
             "size_bytes": r.get("size_bytes"),
             "top1": acc.get("top1"), "top5": acc.get("top5"), "agreement": acc.get("agreement"),
+            "agreement_confident": acc.get("agreement_confident"), "sqnr_db": acc.get("sqnr_db"),
             "max_abs_err": acc.get("max_abs_err"), "mean_abs_err": acc.get("mean_abs_err"),
             "batch_size": int(bs), "p50_ms": lat.get("p50_ms"), "p50_ci95_ms": lat.get("ci95_ms"),
             "p99_ms": lat.get("p99_ms"), "throughput_ips": lat.get("throughput_ips"),
             "speedup": spd.get("ratio"), "speedup_ci95": spd.get("ci95"),
+            "speedup_fp32": fp32.get("ratio"), "speedup_fp32_ci95": fp32.get("ci95"), "speedup_fp32_vs": fp32.get("vs"),
+            "load_avg_1m": lat.get("load_avg_1m"), "busy": lat.get("busy"),
             "rss_delta_mb": (r.get("memory") or {}).get("rss_delta_mb"),
             "gate_status": "none" if not mine else ("fail" if any(not g.get("passed") for g in mine) else "pass"),
             "error": acc.get("error") or lat.get("error"),
         })
     return out
+
+
+def _machine(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """CPU model/flags and load around the timing of the last verify stage (empty without one)."""
+    verify = [s for s in stages if s["kind"] == "verify" and s["status"] in ("ok", "resumed")]
+    return dict(verify[-1]["metrics"].get("machine") or {}) if verify else {}

@@ -17,16 +17,24 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"fmap {report.get('fmap_version')} · {s['stages']} stages "
              f"({s['stages_skipped']} skipped, {s['stages_failed']} failed)", ""]
     rows = report["artifacts"]
+    machine = report.get("machine") or {}
+    if machine.get("busy"):
+        lines += [f"> ⚠️ **busy machine**: {busy_text(machine)}. Latencies and speedups below were measured "
+                  "under load and may be biased.", ""]
     if rows:
         bs = rows[0]["batch_size"]
         lines += [f"| artifact | backend | top-1 | agreement | p50 latency (batch {bs}) [95% CI] | "
-                  "speedup [95% CI] | size | gates |", "|---|---|---|---|---|---|---|---|"]
+                  "speedup vs original [95% CI] | speedup vs same-runtime FP32 [95% CI] | size | gates |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             name = f"**{r['artifact']}**" if r["deployable"] else r["artifact"]
             name += " (baseline)" if r["baseline"] else ""
             lat = fmt.ms_ci(r["p50_ms"], r["p50_ci95_ms"]) if not r.get("error") else f"error: {r['error'][:60]}"
+            lat += " ⚠️busy" if r.get("busy") else ""
+            fp32 = (f"{fmt.ratio_ci(r['speedup_fp32'], r.get('speedup_fp32_ci95'))} vs {r.get('speedup_fp32_vs')}"
+                    if r.get("speedup_fp32") is not None else "n/a")
             lines.append(f"| {name} | {r['backend']} | {fmt.pct(r['top1'])} | {fmt.pct(r['agreement'])} | {lat} | "
-                         f"{fmt.ratio_ci(r['speedup'], r['speedup_ci95'])} | {fmt.size(r['size_bytes'])} | "
+                         f"{fmt.ratio_ci(r['speedup'], r['speedup_ci95'])} | {fp32} | {fmt.size(r['size_bytes'])} | "
                          f"{fmt.STATUS_ICON[r['gate_status']]} |")
         lines.append("")
     else:
@@ -63,6 +71,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def busy_text(machine: dict[str, Any]) -> str:
+    """'load average 7.3 on 2 cores while timing (Intel Xeon ..., avx2 avx512_vnni)'."""
+    loads = [x for c in (machine.get("conditions") or {}).values()
+             for x in (c.get("load_avg_1m_before"), c.get("load_avg_1m_after")) if x is not None]
+    peak = f"{max(loads):.1f}" if loads else "?"
+    flags = " ".join(machine.get("cpu_flags") or [])
+    return (f"load average up to {peak} on {machine.get('cores')} cores while timing "
+            f"({machine.get('cpu_model')}{', ' + flags if flags else ''})")
+
+
 def key_numbers(st: dict[str, Any]) -> str:
     """A one-line digest of a stage's metrics (full numbers are in report.json/html)."""
     m = st["metrics"]
@@ -76,8 +94,12 @@ def key_numbers(st: dict[str, Any]) -> str:
     if st["kind"] == "prune":
         b, a = m.get("before") or {}, m.get("after") or {}
         acc = m.get("accuracy") or {}
+        ag = m.get("agreement") or {}
+        steps = [(k, ag.get(k)) for k in ("after_prune", "after_bn", "after_finetune") if ag.get(k) is not None]
+        agree = (", agreement " + " → ".join(f"{k.removeprefix('after_')} {fmt.pct(v)}" for k, v in steps)) if steps else ""
         return (f"MACs {fmt.num(b.get('macs'))} → {fmt.num(a.get('macs'))}, params {fmt.num(b.get('params'))} → "
-                f"{fmt.num(a.get('params'))}, top-1 {fmt.pct(acc.get('before'))} → {fmt.pct(acc.get('after_finetune'))}")
+                f"{fmt.num(a.get('params'))}, top-1 {fmt.pct(acc.get('before'))} → {fmt.pct(acc.get('after_finetune'))}"
+                f"{agree}")
     if st["kind"] == "quantize":
         fb = m.get("fallback") or {}
         tgt = m.get("target") or {}

@@ -77,17 +77,21 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 class ImageFolderSplit(DataSplit):
-    """Class-subfolder images read lazily, one batch at a time (bounded memory at any size)."""
+    """Class-subfolder images read lazily, one batch at a time (bounded memory at any size).
+
+    A folder of images with no class subfolders is an unlabelled split (y is None): enough for
+    calibration, agreement and distillation, which need no labels.
+    """
 
     def __init__(self, name: str, files: list[tuple[str, int]], transform, batch_size: int, num_classes: int,
-                 channels: int) -> None:
+                 channels: int, labelled: bool = True) -> None:
         self.name = name
         self.files = files
         self.transform = transform
         self.batch_size = batch_size
         self.num_samples = len(files)
-        self.has_labels = True
-        self.num_classes = num_classes
+        self.has_labels = labelled
+        self.num_classes = num_classes if labelled else None
         self.channels = channels
 
     def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
@@ -98,9 +102,20 @@ class ImageFolderSplit(DataSplit):
             chunk = self.files[i:i + bs]
             imgs = []
             for path, _ in chunk:
-                with Image.open(path) as im:
-                    imgs.append(self.transform(im.convert("L" if self.channels == 1 else "RGB")))
-            yield torch.stack(imgs), torch.tensor([label for _, label in chunk], dtype=torch.int64)
+                imgs.append(self._load(Image, path))
+            labels = torch.tensor([label for _, label in chunk], dtype=torch.int64) if self.has_labels else None
+            yield torch.stack(imgs), labels
+
+    def _load(self, image_module, path: str) -> torch.Tensor:
+        """One image, transformed; an unreadable or truncated file is bad input naming the file."""
+        from pipeline.errors import BadInput
+
+        try:
+            with image_module.open(path) as im:
+                return self.transform(im.convert("L" if self.channels == 1 else "RGB"))
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
+            why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise BadInput(f"data.{self.name}: image '{path}' cannot be read: {why}") from None
 
 
 class RandomSplit(DataSplit):
@@ -156,16 +171,38 @@ def _numpy_split(cfg, name: str, input_shape: list[int]) -> TensorSplit:
     from pipeline.errors import BadInput
 
     path = Path(cfg.path)
+    if path.is_dir():
+        raise BadInput(f"data.{name}.path: '{cfg.path}' is a folder, expected an .npz file "
+                       "(use source: imagefolder for a folder of images)")
     if not path.is_file():
         raise BadInput(f"data.{name}.path: file '{cfg.path}' does not exist")
+    if (cfg.mean is None) != (cfg.std is None):
+        raise BadInput(f"data.{name}: give both mean and std (or neither) for numpy data")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+        what = "a single .npy array" if head == b"\x93NUMPY" else ("empty" if not head else "no zip archive")
+        raise BadInput(f"data.{name}.path: '{cfg.path}' is not a readable .npz file (it is {what}; expected "
+                       f"arrays '{cfg.x_key}' and '{cfg.y_key}' saved with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise BadInput(f"data.{name}.path: '{cfg.path}' is a single .npy array, expected an .npz "
+                               f"archive with arrays '{cfg.x_key}' and '{cfg.y_key}'")
             if cfg.x_key not in npz.files:
-                raise BadInput(f"data.{name}: '{cfg.path}' has no array '{cfg.x_key}' (it has {', '.join(npz.files)})")
+                raise BadInput(f"data.{name}: '{cfg.path}' has no array '{cfg.x_key}' "
+                               f"(it has {', '.join(npz.files) or 'no arrays'})")
             x = npz[cfg.x_key]
+            if cfg.y_key and cfg.y_key not in npz.files and "y_key" in cfg.model_fields_set:
+                raise BadInput(f"data.{name}: '{cfg.path}' has no array '{cfg.y_key}' (data.{name}.y_key; "
+                               f"it has {', '.join(npz.files)}); set y_key: null for unlabelled data")
             y = npz[cfg.y_key] if cfg.y_key and cfg.y_key in npz.files else None
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise BadInput(f"data.{name}.path: '{cfg.path}' is not a readable .npz file ({exc})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise BadInput(f"data.{name}.path: '{cfg.path}' is not a readable .npz file ({str(exc)[:160]})") from None
+    except TypeError:  # np.load returned a bare ndarray (.npy content), which is no context manager
+        raise BadInput(f"data.{name}.path: '{cfg.path}' is a single .npy array, expected an .npz archive "
+                       f"with arrays '{cfg.x_key}' and '{cfg.y_key}'") from None
+    _check_arrays(x, y, name, cfg)
     if cfg.samples:
         x = x[:cfg.samples]
         y = None if y is None else y[:cfg.samples]
@@ -177,6 +214,7 @@ def _numpy_split(cfg, name: str, input_shape: list[int]) -> TensorSplit:
         tx = tx.float() / 255.0
     tx = tx.float()
     if cfg.mean is not None and cfg.std is not None:
+        _check_norm(cfg.mean, cfg.std, int(tx.shape[1]), name)
         mean = torch.tensor(cfg.mean).view(1, -1, *([1] * (tx.ndim - 2)))
         std = torch.tensor(cfg.std).view(1, -1, *([1] * (tx.ndim - 2)))
         tx = (tx - mean) / std
@@ -184,6 +222,44 @@ def _numpy_split(cfg, name: str, input_shape: list[int]) -> TensorSplit:
         raise BadInput(f"data.{name}: '{cfg.path}' samples have shape {list(tx.shape[1:])}, the model expects {input_shape[1:]}")
     ty = None if y is None else torch.from_numpy(np.asarray(y)).long()
     return TensorSplit(name, tx, ty, batch_size=cfg.batch_size)
+
+
+def _check_norm(mean: list[float], std: list[float], channels: int, name: str) -> None:
+    """mean/std hold one value per channel (or one for all)."""
+    from pipeline.errors import BadInput
+
+    for key, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise BadInput(f"data.{name}.{key}: {len(values)} values for {channels}-channel inputs "
+                           f"(expected 1 or {channels})")
+
+
+def _check_arrays(x, y, name: str, cfg) -> None:
+    """Shape, dtype, length and finiteness of an .npz's arrays, each failure one line."""
+    import numpy as np
+
+    from pipeline.errors import BadInput
+
+    where = f"data.{name}: '{cfg.path}'"
+    if x.dtype.kind not in "biuf":
+        raise BadInput(f"{where} array '{cfg.x_key}' has dtype {x.dtype}, expected numbers (float or uint8)")
+    if x.ndim < 2:
+        raise BadInput(f"{where} array '{cfg.x_key}' has shape {list(x.shape)}, expected (N, C, H, W) or (N, H, W, C)")
+    if x.shape[0] == 0:
+        raise BadInput(f"{where} array '{cfg.x_key}' holds no samples")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise BadInput(f"{where} array '{cfg.x_key}' has {int((~np.isfinite(x)).sum())} NaN/Inf value(s)")
+    if y is None:
+        return
+    if y.ndim != 1:
+        raise BadInput(f"{where} labels '{cfg.y_key}' have shape {list(y.shape)}, expected one int per sample")
+    if y.dtype.kind not in "biu":
+        if y.dtype.kind != "f" or not np.isfinite(y).all() or not np.all(y == np.round(y)):
+            raise BadInput(f"{where} labels '{cfg.y_key}' have dtype {y.dtype}, expected integer class indices")
+    if len(y) != len(x):
+        raise BadInput(f"{where} has {len(x)} samples in '{cfg.x_key}' but {len(y)} labels in '{cfg.y_key}'")
+    if len(y) and int(y.min()) < 0:
+        raise BadInput(f"{where} labels '{cfg.y_key}' include {int(y.min())}; class indices start at 0")
 
 
 def _imagefolder_split(cfg, name: str, input_shape: list[int], seed: int) -> ImageFolderSplit:
@@ -194,13 +270,19 @@ def _imagefolder_split(cfg, name: str, input_shape: list[int], seed: int) -> Ima
     from pipeline.errors import BadInput
 
     root = Path(cfg.path)
+    if root.is_file():
+        raise BadInput(f"data.{name}.path: '{cfg.path}' is a file, expected a folder of class subfolders "
+                       "(use source: numpy for an .npz file)")
     if not root.is_dir():
         raise BadInput(f"data.{name}.path: folder '{cfg.path}' does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise BadInput(f"data.{name}.path: '{cfg.path}' has no class subfolders (expected PATH/<class>/<image>)")
-    files = [(str(f), idx) for idx, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
-             if f.suffix.lower() in IMAGE_EXTENSIONS]
+    flat = [(str(f), -1) for f in sorted(root.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not classes and not flat:
+        raise BadInput(f"data.{name}.path: '{cfg.path}' has no images and no class subfolders "
+                       "(expected PATH/<class>/<image>, or PATH/<image> for unlabelled images)")
+    labelled = bool(classes)
+    files = flat if not labelled else [(str(f), idx) for idx, c in enumerate(classes)
+                                       for f in sorted((root / c).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise BadInput(f"data.{name}.path: no images under '{cfg.path}'")
     if cfg.split is not None:
@@ -222,8 +304,9 @@ def _imagefolder_split(cfg, name: str, input_shape: list[int], seed: int) -> Ima
         mean, std = cfg.mean, cfg.std
     steps.append(T.ToTensor())
     if mean is not None and std is not None:
+        _check_norm(mean, std, channels, name)
         steps.append(T.Normalize(mean, std))
-    return ImageFolderSplit(name, files, T.Compose(steps), cfg.batch_size, len(classes), channels)
+    return ImageFolderSplit(name, files, T.Compose(steps), cfg.batch_size, len(classes), channels, labelled)
 
 
 SPLIT_ORDER = ("calibration", "eval", "train")

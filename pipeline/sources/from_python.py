@@ -40,6 +40,8 @@ def build(target: str, kwargs: dict[str, Any], ctx: BuildContext) -> Any:
         raise BadInput(f"model 'python:{target}': '{module_name}' has no callable '{attr}'{suggest(attr, public)}")
     try:
         model = factory(**kwargs)
+    except SystemExit as exc:  # user code must not pick fmap's exit code
+        raise BadInput(f"model 'python:{target}': the factory called sys.exit({exc.code!r})") from None
     except Exception as exc:  # the user's code: report it as bad input, one line
         raise BadInput(f"model 'python:{target}' failed to build: {type(exc).__name__}: {_first(exc)}") from None
     if not isinstance(model, torch.nn.Module):
@@ -54,8 +56,8 @@ def _import_module(name: str, target: str, ctx: BuildContext) -> Any:
     except ModuleNotFoundError as exc:
         where = f" (searched the recipe's directory {ctx.base_dir} and the working directory)" if ctx.base_dir else ""
         raise BadInput(f"model 'python:{target}': cannot import module '{name}': {exc}{where}") from None
-    except Exception as exc:  # SyntaxError, an ImportError inside the module, anything its import runs
-        raise BadInput(f"model 'python:{target}': importing '{name}' failed: {type(exc).__name__}: {_first(exc)}") from None
+    except (Exception, SystemExit) as exc:  # SyntaxError, an ImportError inside it, anything its import runs
+        raise _import_failed(target, name, exc) from None
 
 
 def _import_file(file: str, target: str, ctx: BuildContext) -> Any:
@@ -77,10 +79,20 @@ def _import_file(file: str, target: str, ctx: BuildContext) -> Any:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         del sys.modules[name]
-        raise BadInput(f"model 'python:{target}': importing '{file}' failed: {type(exc).__name__}: {_first(exc)}") from None
+        raise _import_failed(target, file, exc) from None
     return module
+
+
+def _import_failed(target: str, what: str, exc: BaseException) -> BadInput:
+    """One line for a user module that fails while importing: where a syntax error is, who called exit."""
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else what
+        return BadInput(f"model 'python:{target}': syntax error in {where}: {exc.msg}")
+    if isinstance(exc, SystemExit):  # user code must not pick fmap's exit code
+        return BadInput(f"model 'python:{target}': importing '{what}' called sys.exit({exc.code!r})")
+    return BadInput(f"model 'python:{target}': importing '{what}' failed: {type(exc).__name__}: {_first(exc)}")
 
 
 def _first(exc: BaseException) -> str:

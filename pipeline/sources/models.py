@@ -87,8 +87,12 @@ def load_weights(model: Any, weights: str, allow_pickle: bool = False) -> Any:
     import torch
 
     path = Path(weights)
+    if path.is_dir():
+        raise BadInput(f"weights file '{weights}' is a folder, expected a state_dict file")
     if not path.is_file():
         raise BadInput(f"weights file '{weights}' does not exist")
+    if path.stat().st_size == 0:
+        raise BadInput(f"weights file '{weights}' is empty")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:

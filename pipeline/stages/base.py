@@ -27,7 +27,7 @@ ArtifactKind = Literal["torch", "onnx", "tensorrt", "openvino", "stats", "plot",
 class StageConfig(BaseModel):
     """Base for every stage's config: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no `lr: .inf`
 
 
 @dataclass(frozen=True)

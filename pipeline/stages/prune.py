@@ -10,28 +10,43 @@ stays untouched as the reference.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
 from pipeline.errors import BadInput, StageFailed
+from pipeline.pruning.augment import AugmentConfig
 from pipeline.stages.base import Artifact, Stage, StageConfig, StageContext, StageResult
 
 Target = Literal["ratio", "macs", "params", "peak_memory"]
 
 
 class FinetuneConfig(StageConfig):
-    """Optional recovery training on data.train, distilled from the original model."""
+    """Recovery training on data.train (labelled or not), distilled from the original model.
+
+    The budget is `epochs`, or `steps` / `minutes` when given (the first to run out ends training).
+    Model selection and early stopping use agreement/KL with the teacher on a held-out part of
+    data.train (`holdout`), accuracy when it has labels; the un-fine-tuned model is candidate zero.
+    """
 
     epochs: int = Field(3, ge=1)
+    steps: int | None = Field(None, ge=1)
+    minutes: float | None = Field(None, gt=0)
     lr: float = Field(0.01, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     schedule: Literal["cosine", "none"] = "cosine"
+    warmup: float = Field(0.05, ge=0, lt=1)  # fraction of the budget with a linear lr warm-up
     distill: bool = True
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the distillation term
-    patience: int = Field(2, ge=1)  # epochs without eval-accuracy gain before stopping
+    patience: int = Field(2, ge=1)  # evaluations without improvement before stopping
+    eval_every: int | None = Field(None, ge=1)  # steps between evaluations; default once per epoch
+    holdout: float = Field(0.1, gt=0, lt=1)  # fraction of data.train held out for selection (max 512)
+    augment: AugmentConfig | None = None  # {crop_scale, flip, color_jitter}; none = no augmentation
+    feature_layers: list[str] = Field(default_factory=list)  # intermediate layers to distil (1x1 adapters)
+    feature_weight: float = Field(1.0, gt=0)
 
 
 class PruneConfig(StageConfig):
@@ -51,6 +66,10 @@ class PruneConfig(StageConfig):
     iterative_steps: int = Field(1, ge=1)
     correlation_aware: bool = False
     tolerance: float = Field(0.02, gt=0, lt=0.5)  # accepted |reduction - amount| for cost targets
+    bn_reestimate: bool = True  # recompute BatchNorm running stats on calibration images after pruning
+    allocation: Literal["uniform", "sensitivity"] = "uniform"  # per-layer ratios: same, or by measured damage
+    sensitivity_probe: float = Field(0.3, gt=0, lt=1)  # fraction of a group's channels masked per probe
+    compare_allocations: bool = False  # also prune with uniform and global ranking, report agreement of each
     finetune: FinetuneConfig | None = None
 
     @model_validator(mode="before")
@@ -67,6 +86,12 @@ class PruneConfig(StageConfig):
         data["target"], data["amount"] = given[0], data.pop(given[0])
         return data
 
+    @model_validator(mode="after")
+    def _one_allocation(self) -> PruneConfig:
+        if self.allocation == "sensitivity" and self.global_pruning:
+            raise ValueError("allocation 'sensitivity' sets per-layer ratios; it cannot be combined with global: true")
+        return self
+
 
 class PruneStage(Stage):
     name = "prune"
@@ -78,7 +103,7 @@ class PruneStage(Stage):
         from pipeline.pruning.checkpoint import save_checkpoint
         from pipeline.pruning.engine import (PruneSettings, default_protection, left_alone,
                                              prune_to_target, resolve_ignored, taylor_gradients)
-        from pipeline.pruning.finetune import accuracy, finetune
+        from pipeline.pruning.finetune import accuracy
         from pipeline.pruning.measure import layer_costs, model_cost
         from pipeline.pruning.plot import plot_channels
 
@@ -96,6 +121,11 @@ class PruneStage(Stage):
         settings = PruneSettings(criterion=cfg.criterion, global_pruning=cfg.global_pruning, ignored=ignored,
                                  round_to=cfg.round_to, iterative_steps=cfg.iterative_steps,
                                  correlation_aware=cfg.correlation_aware)
+        sensitivity = None
+        if cfg.allocation == "sensitivity":
+            with ctx.console.status("prune: measuring per-group sensitivity on calibration images"):
+                sensitivity = _sensitivity(ctx, cfg, model, example, stats, grads, protect)
+            settings = replace(settings, layer_weights=tuple((r["layer"], r["weight"]) for r in sensitivity))
         before_cost, before_layers = model_cost(model, example), layer_costs(model, example)
         acc_before = accuracy(model, ctx.data.eval)
 
@@ -112,18 +142,20 @@ class PruneStage(Stage):
                             f"best reduction {found.reduction:.3f} at ratio {found.ratio:.3f}")
 
         acc_pruned = accuracy(pruned, ctx.data.eval)
+        reference = _agreement_reference(ctx, ctx.original_model)
+        agreement: dict[str, float | None] = {"after_prune": _agree(pruned, reference), "after_bn": None,
+                                              "after_finetune": None}
+        bn_metrics: dict[str, Any] | None = None
+        if cfg.bn_reestimate:
+            bn_metrics = _reestimate_bn(ctx, pruned)
+            agreement["after_bn"] = _agree(pruned, reference)
+            bn_metrics["accuracy_after"] = accuracy(pruned, ctx.data.eval)
         ft_metrics: dict[str, Any] | None = None
         acc_ft = None
         if cfg.finetune is not None:
-            train = ctx.data.require("train", "prune (finetune)")
-            f = cfg.finetune
-            # Early stopping selects on the calibration split, never on eval: eval is the test set
-            # that verify reports, and choosing epochs by it would overstate accuracy.
-            ft_metrics = finetune(pruned, ctx.original_model, train, ctx.data.calibration, epochs=f.epochs, lr=f.lr,
-                                  optimizer=f.optimizer, schedule=f.schedule, distill=f.distill,
-                                  temperature=f.temperature, alpha=f.alpha, patience=f.patience,
-                                  console=ctx.console)
+            ft_metrics = _finetune(ctx, cfg.finetune, ctx.original_model, pruned)
             acc_ft = accuracy(pruned, ctx.data.eval)
+            agreement["after_finetune"] = _agree(pruned, reference)
         pruned.eval()
 
         after_cost, after_layers = model_cost(pruned, example), layer_costs(pruned, example)
@@ -139,7 +171,12 @@ class PruneStage(Stage):
                               else round(1 - after_cost[k] / before_cost[k], 4)) for k in before_cost},
             "layers": layers, "left_alone": left_alone(before_layers, after_layers, model, protect),
             "accuracy": {"before": acc_before, "after_prune": acc_pruned, "after_finetune": acc_ft},
-            "finetune": ft_metrics,
+            "agreement": {**agreement, "source": None if reference is None else reference.source,
+                          "samples": None if reference is None else len(reference)},
+            "batchnorm": bn_metrics, "finetune": ft_metrics, "allocation": cfg.allocation,
+            "sensitivity": sensitivity,
+            "allocation_comparison": (_compare_allocations(ctx, cfg, model, example, settings, protect, stats, grads,
+                                                           reference) if cfg.compare_allocations else None),
             "stats_source": stats_source,
         }
         history = {k: metrics[k] for k in ("criterion", "target", "amount", "ratio", "before", "after")}
@@ -160,6 +197,117 @@ class PruneStage(Stage):
         if art is None:
             raise StageFailed("prune: cannot resume, the previous run recorded no pruned_checkpoint")
         ctx.model = load_checkpoint(art.path, copy.deepcopy(ctx.original_model)).eval()
+
+
+def _calibration_images(ctx: StageContext, limit: int = 64) -> torch.Tensor:
+    cal = ctx.data.require("calibration", "prune")
+    xs, n = [], 0
+    for x, _ in cal.batches():
+        xs.append(x)
+        n += len(x)
+        if n >= limit:
+            break
+    return torch.cat(xs)[:limit]
+
+
+def _sensitivity(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, example: torch.Tensor, stats: Any,
+                 grads: Any, protect: Any) -> list[dict[str, Any]]:
+    """Per-group damage rows with the allocation weight each gets."""
+    import torch_pruning as tp
+
+    from pipeline.pruning.importance import make_importance
+    from pipeline.pruning.sensitivity import allocation_weights, measure_sensitivity
+
+    def importance(work: torch.nn.Module) -> Any:
+        if cfg.criterion == "taylor":  # gradients belong to the original parameters; rank by L2 here
+            return tp.importance.MagnitudeImportance(p=2)
+        return make_importance(cfg.criterion, work, stats, cfg.correlation_aware)
+
+    rows = measure_sensitivity(model, example, _calibration_images(ctx), importance,
+                               [*cfg.ignore, *protect.reasons], probe=cfg.sensitivity_probe, round_to=cfg.round_to)
+    weights = allocation_weights(rows)
+    return [{**r, "weight": weights.get(r["layer"], 1.0)} for r in rows]
+
+
+def _compare_allocations(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, example: torch.Tensor,
+                         settings: Any, protect: Any, stats: Any, grads: Any, reference: Any) -> list[dict[str, Any]]:
+    """The same target pruned with uniform ratios and torch-pruning's global ranking (and the chosen
+    allocation), each scored by agreement right after pruning and after BN re-estimation."""
+    from pipeline.pruning.batchnorm import reestimate_batchnorm
+    from pipeline.pruning.engine import prune_to_target
+
+    variants = {"uniform": replace(settings, layer_weights=(), global_pruning=False),
+                "global": replace(settings, layer_weights=(), global_pruning=True)}
+    if settings.layer_weights:
+        variants["sensitivity"] = settings
+    cal = _calibration_images(ctx, 256)
+    rows = []
+    for label, s in variants.items():
+        found = prune_to_target(model, example, cfg.target, cfg.amount, s, copy.deepcopy(protect), stats, grads,
+                                tolerance=cfg.tolerance)
+        row = {"allocation": label, "ratio": round(found.ratio, 4), "reduction": round(found.reduction, 4),
+               "agreement_after_prune": _agree(found.model, reference)}
+        reestimate_batchnorm(found.model, (cal[i:i + 32] for i in range(0, len(cal), 32)))
+        row["agreement_after_bn"] = _agree(found.model, reference)
+        rows.append(row)
+    return rows
+
+
+def _agreement_reference(ctx: StageContext, model: torch.nn.Module) -> Any:
+    """Teacher logits on up to 512 eval images (calibration when there is no eval split), for reporting."""
+    from pipeline.pruning.validation import Reference
+
+    for name in ("eval", "calibration"):
+        split = getattr(ctx.data, name)
+        if split is not None and len(split):
+            return Reference.build(model, split, f"data.{name}")
+    return None
+
+
+def _agree(model: torch.nn.Module, reference: Any) -> float | None:
+    from pipeline.pruning.validation import score
+
+    return None if reference is None else score(model, reference)["agreement"]
+
+
+def _reestimate_bn(ctx: StageContext, pruned: torch.nn.Module, max_batches: int = 16) -> dict[str, Any]:
+    """Recompute BatchNorm running statistics of the pruned model on calibration images."""
+    from pipeline.pruning.batchnorm import reestimate_batchnorm
+
+    cal = ctx.data.require("calibration", "prune (bn_reestimate)")
+    images = reestimate_batchnorm(pruned, (x for _, (x, _y) in zip(range(max_batches), cal.batches())))
+    return {"images": images, "source": "data.calibration"}
+
+
+def _finetune(ctx: StageContext, f: FinetuneConfig, teacher: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
+    """Fine-tune on data.train with a held-out part of it (or data.calibration) for model selection."""
+    from pipeline.pruning.finetune import FinetuneSettings, finetune
+    from pipeline.pruning.validation import Reference, split_holdout
+
+    train = ctx.data.require("train", "prune (finetune)")
+    if len(train) == 0:
+        raise BadInput("prune.finetune: data.train has no images")
+    x0 = train.first_batch()[0]
+    try:
+        with torch.no_grad():
+            teacher.eval()(x0[:1])
+    except Exception as exc:  # noqa: BLE001 - any failure means the shapes do not fit the model
+        raise BadInput(f"prune.finetune: the model cannot run on data.train images of shape "
+                       f"{list(x0.shape[1:])} ({type(exc).__name__})") from None
+    parts = split_holdout(train, f.holdout, seed=ctx.seed)
+    if parts is not None:
+        train, held = parts
+        ref = Reference.build(teacher, held, f"data.train (held-out {len(held)})")
+    elif ctx.data.calibration is not None:
+        ref = Reference.build(teacher, ctx.data.calibration, "data.calibration")
+    else:
+        ref = None
+    settings = FinetuneSettings(
+        epochs=f.epochs, steps=f.steps, minutes=f.minutes, lr=f.lr, optimizer=f.optimizer, schedule=f.schedule,
+        warmup=f.warmup, distill=f.distill, temperature=f.temperature, alpha=f.alpha, patience=f.patience,
+        eval_every=f.eval_every, augment=f.augment, feature_layers=tuple(f.feature_layers),
+        feature_weight=f.feature_weight, seed=ctx.seed)
+    return finetune(pruned, teacher, train, ref, settings, console=ctx.console)
 
 
 def _check_forward(original: torch.nn.Module, pruned: torch.nn.Module, example: torch.Tensor) -> None:

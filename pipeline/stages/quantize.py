@@ -33,7 +33,10 @@ class QuantizeConfig(StageConfig):
     mode: Literal["static", "dynamic", "fp16"] = "static"
     # the CPU/runtime the artifact is for; auto = this machine. x86-avx2 = safe on every x86-64 CPU
     target: Target = "auto"
-    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # nearest, or gptq: error-compensating rounding from calibration data (gptq.py), static mode only
+    weight_rounding: Literal["nearest", "gptq"] = "nearest"
+    # mse: per-tensor range search by quantization error (range_search.py) over min-max calibration
+    calibration: Literal["minmax", "entropy", "percentile", "mse"] = "minmax"
     per_channel: bool = True
     samples: int = Field(256, gt=0)  # calibration samples, streamed batch by batch
     activation_type: Literal["quint8", "qint8"] = "quint8"  # U8S8: fastest on ORT VNNI and OpenVINO
@@ -147,6 +150,10 @@ class QuantizeStage(Stage):
                                "chosen_step": outcome.chosen_step,
                                "float_layers": outcome.float_layers, "excluded_nodes": outcome.excluded_nodes}
         metrics["layer_errors"] = [t.to_dict() for t in tensor_errors(prep, final, debug_reader)[:10]]
+        if quantize.range_search is not None:
+            metrics["range_search"] = quantize.range_search
+        if quantize.gptq is not None:
+            metrics["gptq"] = quantize.gptq
         metrics["target"] = _report_target(ctx, target, saturation.check(final, ranges), quantize.seven_bit,
                                            quantize.widened.get(outcome.path, {}))
         if not outcome.met:
@@ -243,6 +250,9 @@ class _Quantizer:
         self.cache.unlink(missing_ok=True)
         self.seven_bit: dict[str, int] = {}  # float weight name -> channel axis
         self.widened: dict[Path, dict[str, Any]] = {}  # artifact -> {layer: channels widened}
+        self.range_search: dict[str, Any] | None = None  # calibration: mse, what the search changed
+        self.gptq: dict[str, Any] | None = None  # weight_rounding: gptq, output MSE per layer
+        self._rounding_cache: dict[str, Any] = {}
 
     def __call__(self, nodes: list[str], tag: str) -> Path:
         from pipeline.quantization import saturation
@@ -250,6 +260,12 @@ class _Quantizer:
 
         path = self.work / f"int8_step{tag}.onnx"
         self._quantize(nodes, path)
+        if self.cfg.weight_rounding == "gptq":
+            from pipeline.quantization import gptq
+
+            with self.ctx.console.status("error-compensating weight rounding (GPTQ)"):
+                self.gptq = gptq.apply(path, self.prep, self.reader, self._rounding_cache,
+                                       reference="nearest" if self.cfg.bias_correction else "float")
         if self.fix:
             self.widened[path] = widen_scales(path, self.prep, self.ranges)
             risky = saturation.at_risk(saturation.check(path, self.ranges))
@@ -264,14 +280,20 @@ class _Quantizer:
         from pipeline.quantization import ort_quant
 
         cfg = self.cfg
-        self.reader.rewind()
-        status = (nullcontext() if self.cache.exists() else
-                  self.ctx.console.status(f"calibrating ({cfg.calibration}, {self.reader.samples_available()} samples)"))
+        first = not self.cache.exists()
+        status = (self.ctx.console.status(f"calibrating ({cfg.calibration}, {self.reader.samples_available()} samples)")
+                  if first else nullcontext())
         with status:
+            self.reader.rewind()
             ort_quant.quantize_static_qdq(
-                self.prep, path, self.reader, calibration=cfg.calibration, per_channel=cfg.per_channel,
-                exclude=nodes, activation_type=cfg.activation_type, seven_bit_weights=dict(self.seven_bit),
-                calibration_cache=self.cache)
+                self.prep, path, self.reader, calibration="minmax" if cfg.calibration == "mse" else cfg.calibration,
+                per_channel=cfg.per_channel, exclude=nodes, activation_type=cfg.activation_type,
+                seven_bit_weights=dict(self.seven_bit), calibration_cache=self.cache)
+            if first and cfg.calibration == "mse":  # min-max wrote the cache: search ranges, then re-quantize
+                from pipeline.quantization.range_search import refine_cache
+
+                self.range_search = refine_cache(self.cache, self.prep, self.reader)
+                self._quantize(nodes, path)
 
 
 def _target_plan(cfg: QuantizeConfig) -> dict[str, Any]:

@@ -22,22 +22,25 @@ from pipeline.stages.base import Stage, StageConfig, StageContext, StageResult
 from pipeline.verify.accuracy import AccuracyAccumulator
 from pipeline.verify.gates import GatesConfig, evaluate_gates, gate_targets
 from pipeline.verify.latency import RssProbe, measure, speedup_ci, summarize
+from pipeline.verify.machine import conditions, cpu_info, load_average
+from pipeline.verify.threads import thread_env
 
 BackendName = Literal["torch", "onnxruntime", "openvino", "tensorrt"]
 
 
 class LatencyConfig(StageConfig):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
-    warmup: int = Field(default=10, ge=0)
-    iterations: int = Field(default=50, ge=5)
+    warmup: int = Field(default=10, ge=0, le=100_000)
+    iterations: int = Field(default=50, ge=5, le=1_000_000)
     threads: int | None = Field(default=None, gt=0)  # None: the run's thread count (ctx.threads)
     interleave: bool = True
+    isolate: bool = False  # time each artifact x backend in its own process (no interleaving, unpaired CIs)
 
     @field_validator("batch_sizes")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
-        if any(b <= 0 for b in v):
-            raise ValueError("batch sizes must be positive")
+        if any(b <= 0 or b > 4096 for b in v):
+            raise ValueError("batch sizes must be between 1 and 4096")
         return list(dict.fromkeys(v))
 
 
@@ -123,7 +126,7 @@ class VerifyStage(Stage):
             with ctx.console.status(f"verify: accuracy and agreement, {len(runs)} sessions on "
                                     f"{len(split) if split is not None else 1} samples"):
                 accuracy = _accuracy(ctx, cfg, split, base, runs)
-            latency, speedup = _latency(ctx, cfg, split, base, runs)
+            latency, speedup, speedup_fp32, speedup_vs, machine = _latency(ctx, cfg, split, base, runs)
         finally:
             for r in runs:
                 try:
@@ -138,7 +141,8 @@ class VerifyStage(Stage):
                 "artifact": r.cand.name, "backend": r.backend, "kind": r.cand.kind,
                 "precision": r.cand.precision, "path": r.cand.path, "size_bytes": r.cand.size_bytes,
                 "size_method": r.cand.size_method, "accuracy": accuracy[key], "latency": latency[key],
-                "speedup": speedup[key], "memory": r.memory, "session": r.description,
+                "speedup": speedup[key], "speedup_fp32": speedup_fp32[key], "speedup_vs": speedup_vs[key],
+                "memory": r.memory, "session": r.description,
                 "baseline": r.cand.name == cfg.baseline and r.backend == "torch",
             })
         deployable = _deployable(ctx, cands)
@@ -157,7 +161,7 @@ class VerifyStage(Stage):
             "gate_batch_size": cfg.latency.batch_sizes[0], "threads": threads,
             "eval": {"split": getattr(split, "name", None), "samples": accuracy[(cfg.baseline, "torch")]["samples"],
                      "has_labels": bool(split is not None and split.has_labels)},
-            "latency_config": cfg.latency.model_dump(),
+            "latency_config": cfg.latency.model_dump(), "machine": machine, "thread_env": thread_env(),
             "results": results, "unavailable": unavailable,
         }
         for u in unavailable:
@@ -256,10 +260,35 @@ def _accuracy(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run,
     return out
 
 
+def _fp32_references(runs: list[_Run], base: _Run) -> dict[tuple[str, str], tuple[str, str]]:
+    """For every run, the same runtime's FP32 artifact to compare against (what compression bought).
+
+    torch: the original model. Other backends: the FP32 artifact of the same kind on that backend
+    (onnx_fp32 for onnx_int8 on onnxruntime). A run that is itself the reference gets none.
+    """
+    refs: dict[tuple[str, str], tuple[str, str]] = {}
+    base_key = (base.cand.name, base.backend)
+    for r in runs:
+        key = (r.cand.name, r.backend)
+        if r.backend == "torch":
+            ref = base_key
+        else:
+            ref = next(((o.cand.name, o.backend) for o in runs if o.backend == r.backend
+                        and o.cand.kind == r.cand.kind and (o.cand.precision or "fp32") == "fp32"), None)
+        if ref is not None and ref != key:
+            refs[key] = ref
+    return refs
+
+
 def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs: list[_Run]):
     lc = cfg.latency
     latency: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
     speedup: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
+    speedup_fp32: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
+    speedup_vs: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
+    refs = _fp32_references(runs, base)
+    named = [] if cfg.gates.speedup_vs in ("original", "fp32") else [cfg.gates.speedup_vs]
+    machine = {**cpu_info(), "conditions": {}}
     for bs in lc.batch_sizes:
         x = _batch(ctx, split, bs)
         runners = {}
@@ -272,17 +301,74 @@ def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs:
                 runners[key] = (lambda s=r.session: s.infer(x))
             except Exception as exc:
                 latency[key][str(bs)] = {"batch_size": bs, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        ctx.console.print(f"verify: latency batch {bs}: {len(runners)} sessions x {lc.iterations} iterations"
-                          f"{' (interleaved)' if lc.interleave else ''}")
-        with ctx.console.status(f"verify: latency batch {bs}"):
-            times = measure(runners, lc.warmup, lc.iterations, lc.interleave)  # type: ignore[arg-type]
+        mode = " (each in its own process)" if lc.isolate else (" (interleaved)" if lc.interleave else "")
+        ctx.console.print(f"verify: latency batch {bs}: {len(runners)} sessions x {lc.iterations} iterations{mode}")
+        before = load_average()
+        if lc.isolate:
+            times = _isolated_times(ctx, runs, runners, x, lc, lc.threads or ctx.threads, latency, bs)
+        else:
+            with ctx.console.status(f"verify: latency batch {bs}"):
+                times = measure(runners, lc.warmup, lc.iterations, lc.interleave)  # type: ignore[arg-type]
+        cond = conditions(before, load_average(), machine["cores"])
+        machine["conditions"][str(bs)] = cond
+        if cond["busy"]:
+            ctx.console.print(f"[yellow]warning: busy machine while timing batch {bs}: load average "
+                              f"{cond['load_avg_1m_before']} → {cond['load_avg_1m_after']} on {cond['cores']} cores; "
+                              "latencies and speedups are marked busy and may be biased[/yellow]")
         base_key = (base.cand.name, base.backend)
+
+        paired = lc.interleave and not lc.isolate
+
+        def ratio(ref: tuple[str, str], t: list[float]) -> dict[str, Any]:
+            value, ci = speedup_ci(times[ref], t, paired=paired or times[ref] is t)  # itself: always paired
+            return {"ratio": value, "ci95": list(ci), "paired": paired, "vs": f"{ref[0]}@{ref[1]}"}
+
         for key, t in times.items():
-            latency[key][str(bs)] = summarize(t, bs)
+            latency[key][str(bs)] = {**summarize(t, bs), "load_avg_1m": [cond["load_avg_1m_before"],
+                                                                         cond["load_avg_1m_after"]],
+                                     "busy": cond["busy"]}
             if base_key in times:
-                ratio, ci = speedup_ci(times[base_key], t)
-                speedup[key][str(bs)] = {"ratio": ratio, "ci95": list(ci), "paired": lc.interleave}
-    return latency, speedup
+                speedup[key][str(bs)] = ratio(base_key, t)
+            if key in refs and refs[key] in times:
+                speedup_fp32[key][str(bs)] = ratio(refs[key], t)
+            for name in named:
+                ref = (name, key[1])
+                if ref in times and ref != key:
+                    speedup_vs[key].setdefault(name, {})[str(bs)] = ratio(ref, t)
+    machine["busy"] = any(c["busy"] for c in machine["conditions"].values())
+    return latency, speedup, speedup_fp32, speedup_vs, machine
+
+
+def _isolated_times(ctx: StageContext, runs: list[_Run], runners: dict[Any, Any], x: np.ndarray,
+                    lc: LatencyConfig, threads: int, latency: dict[tuple[str, str], dict[str, Any]],
+                    bs: int) -> dict[tuple[str, str], list[float]]:
+    """Time each runnable artifact x backend in a fresh process, one after the other."""
+    from pathlib import Path
+
+    from pipeline.verify.isolated import time_in_subprocess
+
+    times: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        key = (r.cand.name, r.backend)
+        if key not in runners:
+            continue
+        spec: dict[str, Any] = {"backend": r.backend, "threads": threads, "warmup": lc.warmup,
+                                "iterations": lc.iterations, "precision": r.cand.precision}
+        if r.backend == "torch":
+            spec["model"] = ctx.recipe.model.model_dump(mode="json")
+            if r.cand.name != "original":
+                if not r.cand.path:
+                    latency[key][str(bs)] = {"batch_size": bs, "error": "cannot be timed in its own process: "
+                                             "the model has no checkpoint file"}
+                    continue
+                spec["checkpoint"] = str(ctx.run_dir / r.cand.path)
+        else:
+            spec["artifact"] = str(Path(r.cand.source))
+        try:
+            times[key] = time_in_subprocess(spec, x)
+        except Exception as exc:  # visible per row; gates on it fail as unmeasured
+            latency[key][str(bs)] = {"batch_size": bs, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    return times
 
 
 def _batch(ctx: StageContext, split: Any, bs: int) -> np.ndarray:

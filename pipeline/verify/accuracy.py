@@ -1,7 +1,10 @@
 """Accuracy against labels and agreement with the FP32 original, accumulated batch by batch.
 
 Agreement (same top-1 class as the original) works without labels, so an unlabelled eval split
-still tells whether compression changed the model's decisions.
+still tells whether compression changed the model's decisions. Near-ties make top-1 agreement a
+harsh proxy on images that are not the model's domain, so two more numbers stand beside it:
+agreement on the *confident* subset (the original's top-1 softmax probability >= 0.5) and the
+SQNR of the logits against the original's (dB), which ties do not affect.
 """
 
 from __future__ import annotations
@@ -10,6 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+CONFIDENT = 0.5  # the original's top-1 softmax probability that makes a sample "confident"
+SQNR_CAP_DB = 200.0  # identical outputs: a finite number keeps report.json valid JSON
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return SQNR_CAP_DB
+    if not np.isfinite(noise) or signal == 0:
+        return -SQNR_CAP_DB
+    return round(min(SQNR_CAP_DB, 10 * float(np.log10(signal / noise))), 3)
 
 
 @dataclass
@@ -26,6 +40,10 @@ class AccuracyAccumulator:
     max_abs_err: float = 0.0
     num_classes: int | None = None
     nonfinite: int = 0
+    confident: int = 0
+    confident_agree: int = 0
+    signal_energy: float = 0.0
+    noise_energy: float = 0.0
     _shape_mismatch: list[str] = field(default_factory=list)
 
     def update(self, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> None:
@@ -38,7 +56,18 @@ class AccuracyAccumulator:
         self.samples += len(logits)
         self.nonfinite += int((~np.isfinite(logits)).any(axis=1).sum())
         pred = logits.argmax(axis=1)
-        self.agree += int((pred == reference.argmax(axis=1)).sum())
+        same = pred == reference.argmax(axis=1)
+        self.agree += int(same.sum())
+        ref64 = reference.astype(np.float64)
+        shifted = np.exp(ref64 - ref64.max(axis=1, keepdims=True))
+        sure = shifted.max(axis=1) / shifted.sum(axis=1) >= CONFIDENT
+        self.confident += int(sure.sum())
+        self.confident_agree += int((same & sure).sum())
+        self.signal_energy += float((ref64 ** 2).sum())
+        if np.isfinite(logits).all():
+            self.noise_energy += float(((logits.astype(np.float64) - ref64) ** 2).sum())
+        else:
+            self.noise_energy = float("inf")
         err = np.abs(logits.astype(np.float64) - reference)
         self.abs_err_sum += float(np.nansum(err))
         self.abs_err_count += err.size
@@ -62,6 +91,9 @@ class AccuracyAccumulator:
             "max_abs_err": self.max_abs_err if self.samples else None,
             "mean_abs_err": self.abs_err_sum / self.abs_err_count if self.abs_err_count else None,
             "nonfinite_outputs": self.nonfinite,
+            "agreement_confident": self.confident_agree / self.confident if self.confident else None,
+            "confident_samples": self.confident,
+            "sqnr_db": _sqnr_db(self.signal_energy, self.noise_energy) if self.samples else None,
         }
         if self._shape_mismatch:
             out["error"] = f"output shape differs from the original: {self._shape_mismatch[0]}"

@@ -11,11 +11,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.stages.base import GateResult, StageConfig
 
 MB = 1024 * 1024  # "MB" in gate names means MiB (2**20 bytes), as in the reports
+
+
+class SpeedupGate(StageConfig):
+    """`min_speedup: {value: 2.0, vs: onnx_fp32}`: the speedup over a named baseline.
+
+    vs: `original` (the original model in torch: what a plain number means), `fp32` (the same
+    runtime's FP32 artifact: what compression bought, the runtime switch factored out), or the
+    name of any measured artifact (e.g. `onnx_fp32`), timed on the same backend.
+    """
+
+    value: float = Field(gt=0)
+    vs: str = Field(default="original", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class GatesConfig(StageConfig):
@@ -23,16 +35,32 @@ class GatesConfig(StageConfig):
 
     max_accuracy_drop: float | None = Field(default=None, ge=0)  # absolute top-1 fraction: 0.01 = 1 point
     min_agreement: float | None = Field(default=None, ge=0, le=1)  # top-1 agreement with the original
-    min_speedup: float | None = Field(default=None, gt=0)  # median latency ratio original/artifact
+    # median latency ratio baseline/artifact; a plain number: baseline = the original in torch
+    min_speedup: float | SpeedupGate | None = Field(default=None)
     max_size_mb: float | None = Field(default=None, gt=0)  # artifact file size (state_dict for in-memory)
     max_peak_memory_mb: float | None = Field(default=None, gt=0)  # RSS delta of load + first batch
     max_latency_ms: float | None = Field(default=None, gt=0)  # p50 at the gate batch size
     apply_to: Literal["deployable", "all"] | list[str] = "deployable"
 
+    @field_validator("min_speedup")
+    @classmethod
+    def _positive(cls, v: float | SpeedupGate | None) -> float | SpeedupGate | None:
+        if isinstance(v, float) and v <= 0:
+            raise ValueError("expected a positive number or {value: N, vs: BASELINE}")
+        return v
+
+    @property
+    def speedup_vs(self) -> str:
+        """The baseline min_speedup is judged against: original, fp32, or an artifact name."""
+        return self.min_speedup.vs if isinstance(self.min_speedup, SpeedupGate) else "original"
+
     def thresholds(self) -> dict[str, float]:
         names = ("max_accuracy_drop", "min_agreement", "min_speedup", "max_size_mb",
                  "max_peak_memory_mb", "max_latency_ms")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        out = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        if isinstance(out.get("min_speedup"), SpeedupGate):
+            out["min_speedup"] = out["min_speedup"].value
+        return out
 
 
 def gate_targets(cfg: GatesConfig, deployable: str | None, measured: Sequence[str],
@@ -79,12 +107,30 @@ def evaluate_gates(cfg: GatesConfig, results: Sequence[dict[str, Any]], targets:
                 continue
             acc = row.get("accuracy") or {}
             lat = (row.get("latency") or {}).get(str(batch_size)) or {}
-            spd = (row.get("speedup") or {}).get(str(batch_size)) or {}
+            spd = _speedup_for(row, cfg.speedup_vs, batch_size)
             for name, threshold in thresholds.items():
                 if name == "max_size_mb":
                     continue
                 gates.append(_row_gate(name, threshold, where, acc, lat, spd, row, base_top1, batch_size))
     return gates
+
+
+def _speedup_for(row: dict[str, Any], vs: str, bs: int) -> dict[str, Any]:
+    """The speedup entry a min_speedup gate judges, with `vs` naming what it was measured against."""
+    if vs == "original":
+        spd = dict((row.get("speedup") or {}).get(str(bs)) or {})
+        if spd:
+            spd.setdefault("vs", "original@torch")
+        return spd
+    if vs == "fp32":
+        spd = dict((row.get("speedup_fp32") or {}).get(str(bs)) or {})
+        return spd or {"missing": f"no FP32 artifact of the same runtime ({row.get('backend')}) was measured"}
+    spd = dict(((row.get("speedup_vs") or {}).get(vs) or {}).get(str(bs)) or {})
+    if spd:
+        return spd
+    if row.get("artifact") == vs:
+        return {"missing": f"'{vs}' cannot be judged against itself"}
+    return {"missing": f"'{vs}' was not measured on {row.get('backend')}"}
 
 
 def _row_gate(name: str, threshold: float, where: str, acc: dict[str, Any], lat: dict[str, Any],
@@ -100,9 +146,12 @@ def _row_gate(name: str, threshold: float, where: str, acc: dict[str, Any], lat:
         value = acc.get("agreement")
         return _check(name, threshold, value, where, "" if value is None else f"{value:.4f} of samples agree")
     if name == "min_speedup":
+        if "missing" in spd:
+            return GateResult(name, threshold, None, False, where, f"not measured: {spd['missing']}")
         value = spd.get("ratio")
         ci = spd.get("ci95")
-        detail = f"batch {bs}" + (f", 95% CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        vs = f" vs {spd['vs']}" if spd.get("vs") else ""
+        detail = f"batch {bs}{vs}" + (f", 95% CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
         return _check(name, threshold, value, where, detail)
     if name == "max_latency_ms":
         value = lat.get("p50_ms")

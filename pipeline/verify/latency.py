@@ -32,18 +32,19 @@ def bootstrap_median_ci(samples: Sequence[float], confidence: float = 0.95, n_bo
 
 
 def speedup_ci(baseline: Sequence[float], candidate: Sequence[float], confidence: float = 0.95,
-               n_boot: int = N_BOOT, seed: int = SEED) -> tuple[float, tuple[float, float]]:
+               n_boot: int = N_BOOT, seed: int = SEED, paired: bool = True) -> tuple[float, tuple[float, float]]:
     """median(baseline)/median(candidate) and its bootstrap interval.
 
     Paired resampling (the same iteration indices for both) when the series have equal length,
-    which is the interleaved case: iteration i of each saw the same machine state.
+    which is the interleaved case: iteration i of each saw the same machine state. paired=False
+    for series timed apart (isolated processes), where iteration i of each means nothing.
     """
     b = np.asarray(baseline, dtype=np.float64)
     c = np.asarray(candidate, dtype=np.float64)
     ratio = float(np.median(b) / np.median(c))
     rng = np.random.default_rng(seed)
     ib = rng.integers(0, b.size, size=(n_boot, b.size))
-    ic = ib if b.size == c.size else rng.integers(0, c.size, size=(n_boot, c.size))
+    ic = ib if (paired and b.size == c.size) else rng.integers(0, c.size, size=(n_boot, c.size))
     ratios = np.median(b[ib], axis=1) / np.median(c[ic], axis=1)
     alpha = (1.0 - confidence) / 2.0
     return ratio, (float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1.0 - alpha)))
