@@ -12,14 +12,12 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from tests.test_model_sources import MODEL_PY, tiny_net
+from tests.test_model_sources import MODEL_PY
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "stages.verify.latency.batch_sizes=[1]", "--set", "stages.verify.latency.iterations=5",
@@ -46,18 +44,31 @@ def make_folder(root: Path, per_class: int = 12, size: int = 24) -> Path:
     return root / "images"
 
 
+MAKE_FILES = """
+import sys, warnings
+import torch
+sys.path.insert(0, ".")
+from tinynet import tiny_net
+model, x = tiny_net().eval(), torch.randn(1, 3, 24, 24)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.onnx.export(model, (x,), "tiny.onnx", dynamo=False, input_names=["img"], output_names=["logits"])
+    torch.jit.save(torch.jit.trace(model, x), "tiny.ts")
+torch.export.save(torch.export.export(model, (x,)), "tiny.pt2")
+"""
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
-    """A user's directory: model code, its ONNX/TorchScript/torch.export files, one image folder."""
+    """A user's directory: model code, its ONNX/TorchScript/torch.export files, one image folder.
+
+    The model files are made in a child process, as the user would make them, so the exports'
+    memory never lives in the test process (test_latency's RSS probe measures that process)."""
     make_folder(tmp_path)
     (tmp_path / "tinynet.py").write_text(MODEL_PY)
-    model, x = tiny_net(), torch.randn(1, 3, 24, 24)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(tmp_path / "tiny.onnx"), dynamo=False, input_names=["img"],
-                          output_names=["logits"])
-        torch.jit.save(torch.jit.trace(model, x), str(tmp_path / "tiny.ts"))
-    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "tiny.pt2"))
+    made = subprocess.run([sys.executable, "-c", MAKE_FILES], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode == 0, made.stderr
     return tmp_path
 
 
