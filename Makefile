@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fmap-installed
 
-.PHONY: demo test test-slow test-gpu bench install clean lint
+.PHONY: demo readme test test-slow test-gpu bench install clean lint
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fmap run recipes/quickstart.yaml
+
+readme: demo  # the README's quickstart table, from the run just made (never pasted by hand)
+	$(PY) -m pipeline.report.readme runs/quickstart README.md
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -28,13 +28,13 @@ LAZY_COMMANDS = {
 
 def make_console(stderr: bool = True):
     """Rich console for progress and logs: colours and live bars off when not a TTY or in CI."""
-    from rich.console import Console
+    from pipeline.progress import LogConsole
 
     in_ci = bool(os.environ.get("CI"))
     stream = sys.stderr if stderr else sys.stdout
     # Logs (CI, files) get a fixed wide layout instead of rich's 80-column fallback.
     width = None if stream.isatty() or os.environ.get("COLUMNS") else 140
-    return Console(stderr=stderr, no_color=in_ci or bool(os.environ.get("NO_COLOR")),
+    return LogConsole(stderr=stderr, no_color=in_ci or bool(os.environ.get("NO_COLOR")),
                    force_terminal=False if in_ci else None, highlight=False, width=width)
 
 
@@ -125,23 +125,33 @@ def _json_result(outcome) -> dict:
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
-def validate(recipe: Path, overrides: tuple[str, ...]) -> int:
+@click.option("--build", is_flag=True,
+              help="Also build the model, run it on one batch of every data split and check the stages fit it.")
+def validate(recipe: Path, overrides: tuple[str, ...], build: bool) -> int:
     """Check RECIPE without running it (schema, stage names, keys); exit 2 on the first problem."""
     from pipeline.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
     loaded.run_dir()  # an output_dir outside the recipe's folder is refused here too
+    if build:
+        from pipeline.preflight import preflight
+
+        for line in preflight(loaded):
+            click.echo(f"  {line}")
     click.echo(f"{recipe}: ok ({loaded.name}: {', '.join(s.id for s in loaded.stages)})")
     return 0
 
 
 @cli.command()
 @click.option("--model", "model_spec", default="builtin:digits_cnn", show_default=True,
-              help="Model spec: torchvision:NAME, builtin:NAME or python:package.module:factory.")
+              help="Model spec: builtin:NAME, torchvision:NAME, timm:NAME, python:file.py:factory, "
+                   "python:package.module:factory, onnx:PATH (or a .onnx path), torchscript:PATH, exported:PATH.")
+@click.option("--data", "data_dir", default=None, type=click.Path(),
+              help="A labelled image folder (DIR/<class>/<image>): split into calibration and eval, accuracy gates.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=Path("recipe.yaml"),
               show_default=True, help="Where to write the starter recipe.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
-def init(model_spec: str, out_file: Path, force: bool) -> int:
+def init(model_spec: str, data_dir: str | None, out_file: Path, force: bool) -> int:
     """Write a commented starter recipe for MODEL."""
     from pipeline import atomic
     from pipeline.recipe import parse_recipe
@@ -149,7 +159,7 @@ def init(model_spec: str, out_file: Path, force: bool) -> int:
 
     if out_file.exists() and not force:
         raise BadInput(f"'{out_file}' already exists (use --force to overwrite)")
-    text = starter_recipe(model_spec)
+    text = starter_recipe(model_spec, data_dir, file=str(out_file))
     parse_recipe(text, str(out_file))  # never write a starter that does not validate
     atomic.write_text(out_file, text)
     click.echo(f"wrote {out_file}; run it with: fmap run {out_file}")

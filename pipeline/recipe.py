@@ -274,6 +274,8 @@ def _format_error(exc: ValidationError, data: Any, node: yaml.Node | None, filen
         return _error(filename, node, data, loc, f"unknown key{suggestion}{hint}", on_key=True, applied=applied)
     if kind == "missing":
         return _error(filename, node, data, loc, "required key is missing", applied=applied)
+    if kind == "value_error" and isinstance(err.get("input"), dict):  # a whole-section check: its message says it all
+        return _error(filename, node, data, loc, _expected(err), applied=applied)
     return _error(filename, node, data, loc, f"{_expected(err)}, got {_show(err.get('input'))}", applied=applied)
 
 

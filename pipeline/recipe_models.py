@@ -44,8 +44,8 @@ def check_std(v: list[float] | None) -> list[float] | None:
 
 
 class ModelConfig(Strict):
-    """Where the model comes from. `source` is `torchvision:NAME`, `builtin:NAME`,
-    `python:package.module:factory`; `weights` is a local state_dict or an fmap checkpoint."""
+    """Where the model comes from. `source` is `prefix:rest` of a registered source
+    (pipeline/sources/registry.py); `weights` is a local state_dict or an fmap checkpoint."""
 
     source: str
     weights: str | None = None
@@ -56,11 +56,11 @@ class ModelConfig(Strict):
     @field_validator("source")
     @classmethod
     def _check_source(cls, v: str) -> str:
-        prefix, sep, rest = v.partition(":")
-        if not sep or prefix not in ("torchvision", "builtin", "python") or not rest:
-            raise ValueError("expected 'torchvision:NAME', 'builtin:NAME' or 'python:package.module:factory'")
-        if prefix == "python" and ":" not in rest:
-            raise ValueError("expected 'python:package.module:factory' (module and factory separated by ':')")
+        from pipeline.sources.registry import check_spec
+
+        problem = check_spec(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("input_shape")
@@ -110,6 +110,21 @@ class ImageFolderData(_DataCommon):
     size: int | None = Field(default=None, gt=0, le=8192)  # final square size; imagenet default 224
     mean: list[float] | None = None
     std: list[float] | None = None
+    # One labelled folder shared by several splits: fractions per split name, e.g.
+    # {calibration: 0.2, eval: 0.4, train: 0.4}. Each data split takes the part named after itself;
+    # parts are disjoint, stratified per class and drawn with the recipe's seed.
+    split: dict[Literal["calibration", "eval", "train"], float] | None = None
+
+    @field_validator("split")
+    @classmethod
+    def _check_fractions(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if not v or any(not 0 < f <= 1 for f in v.values()):
+            raise ValueError("expected fractions in (0, 1] per split, e.g. {calibration: 0.2, eval: 0.4, train: 0.4}")
+        if sum(v.values()) > 1 + 1e-9:
+            raise ValueError(f"split fractions add up to {sum(v.values()):.3g}, more than 1")
+        return v
 
 
 class NumpyData(_DataCommon):
@@ -143,3 +158,28 @@ class DataConfig(Strict):
     calibration: DataSource | None = None
     eval: DataSource | None = None
     train: DataSource | None = None
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> DataConfig:
+        """Two splits reading one folder must divide it with the same `split:` fractions."""
+        from pathlib import Path
+
+        seen: dict[str, tuple[str, ImageFolderData]] = {}
+        for name in ("calibration", "eval", "train"):
+            cfg = getattr(self, name)
+            if not isinstance(cfg, ImageFolderData):
+                continue
+            if cfg.split is not None and name not in cfg.split:
+                raise ValueError(f"{name}.split has no '{name}' fraction (it has {', '.join(cfg.split)})")
+            key = str(Path(cfg.path).expanduser().resolve())
+            if key in seen:
+                other, prev = seen[key]
+                if cfg.split is None or prev.split is None:
+                    raise ValueError(f"{other} and {name} read the same folder '{cfg.path}' and would "
+                                     f"overlap; divide it with split: {{{other}: 0.3, {name}: 0.7}} on both")
+                if cfg.split != prev.split:
+                    raise ValueError(f"{other} and {name} divide '{cfg.path}' with different split "
+                                     "fractions; give both the same split: mapping")
+            else:
+                seen[key] = (name, cfg)
+        return self

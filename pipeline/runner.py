@@ -37,12 +37,14 @@ from pipeline.errors import (EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_S
                              StageFailed)
 from pipeline.fingerprint import input_fingerprints, sha256_file
 from pipeline.recipe import Recipe, StageSpec, dump_lock
+from pipeline.runlog import capture_third_party
 from pipeline.rundir import RunDirLock, SpaceReserve, remove_orphans, remove_stale_reports
 from pipeline.stages import get_stage
 from pipeline.stages.base import Artifact, GateResult, StageContext, StageResult
 
 MANIFEST = "manifest.json"
 LOCK = "recipe.lock.yaml"
+RUN_LOG = "run.log"
 
 
 @dataclass
@@ -120,14 +122,17 @@ class Runner:
 
         from pipeline.sources.checks import check_finite_weights, check_split, output_classes
         from pipeline.sources.data import build_bundle
+        from pipeline.sources.capabilities import check_stages
         from pipeline.sources.models import build_model, default_input_shape
 
         torch.manual_seed(self.recipe.seed)
         torch.set_num_threads(self.recipe.threads)
         log = lambda msg: self.console.print(f"[dim]{msg}[/]")  # noqa: E731
-        model = build_model(self.recipe.model, log=log)
+        base_dir = self.recipe.source_path.parent if self.recipe.source_path else None
+        model = build_model(self.recipe.model, log=log, base_dir=base_dir)
         check_finite_weights(model, self.recipe.model.weights or f"model '{self.recipe.model.source}'")
-        input_shape = default_input_shape(self.recipe.model)
+        input_shape = default_input_shape(self.recipe.model, base_dir)
+        check_stages(self.recipe, model)
         data = build_bundle(self.recipe.data, input_shape, seed=self.recipe.seed)
         example = torch.randn(input_shape, generator=torch.Generator().manual_seed(self.recipe.seed))
         classes = output_classes(self._check_model_runs(model, example))
@@ -201,8 +206,9 @@ class Runner:
         try:
             atomic.write_text(self.run_dir / LOCK, dump_lock(self.recipe))
             self._write_manifest()
-            ctx = self.build_context()
-            self._run_stages(ctx, previous)
+            with capture_third_party(self.run_dir / RUN_LOG):  # library prints/logs -> run.log, not the console
+                ctx = self.build_context()
+                self._run_stages(ctx, previous)
         except KeyboardInterrupt:
             exit_code, error = EXIT_INTERRUPTED, "interrupted"
             self.manifest["status"] = "interrupted"

@@ -28,10 +28,14 @@ def _normalisation(source: str, mode: str) -> tuple[list[float] | None, list[flo
     return (IMAGENET_MEAN, IMAGENET_STD) if mode == "imagenet" else (None, None)
 
 
+BUILTIN_IMAGES = "builtin:digits"
+
+
 @click.command("visualize")
 @click.argument("model")
 @click.option("--images", "images_path", required=True, type=click.Path(path_type=Path),
-              help="An image file, a folder of images, or an .npz with x (and optional y labels).")
+              help="An image file, a folder of images, an .npz with x (and optional y labels), "
+                   "or builtin:digits (the embedded digits test split).")
 @click.option("--layers", multiple=True, help="Module names to show (repeat or comma-separate); default ~3 convs.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output folder (default runs/visualize-<model>).")
@@ -80,7 +84,14 @@ def _run(spec: str, images_path: Path, layers: list[str], out_dir: Path | None, 
     cfg = model_config_from_string(spec, input_shape=parse_shape(input_shape) if input_shape else None, weights=weights)
     shape = default_input_shape(cfg)
     mean, std = _normalisation(cfg.source, normalize)
-    x, y, names = load_images(images_path, shape, mean, std, limit=max_images)
+    if str(images_path) == BUILTIN_IMAGES:  # the embedded digits test split, normalised as the builtin expects
+        from pipeline.sources.builtin import digits_splits
+
+        x, y = digits_splits()["test"]
+        x, y = x[:max_images], y[:max_images]
+        names = [f"digits[{i}]" for i in range(len(x))]
+    else:
+        x, y, names = load_images(images_path, shape, mean, std, limit=max_images)
     net = build_model(cfg, log=lambda msg: console.print(msg))
     out = out_dir or Path("runs") / f"visualize-{spec.replace(':', '-').replace('/', '-')}"
     ctx = StageContext(recipe=None, run_dir=out, model=net, original_model=net,  # type: ignore[arg-type]

@@ -201,6 +201,10 @@ def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, ref:
                    TimeRemainingColumn(), console=console, transient=True, disable=console is None)
     done = False
     running, seen = 0.0, 0
+    from pipeline.progress import Ticker  # a CI log gets timestamped lines, not a bar it never sees
+
+    ticker = Ticker(console, "fine-tune", total_steps, "steps") if (
+        console is not None and not console.is_terminal) else None
     with bar:
         task = bar.add_task("", total=total_steps or 100, info="")
         while not done:
@@ -226,6 +230,8 @@ def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, ref:
                 done = progress_now(step) >= 1.0
                 bar.update(task, completed=min(step, total_steps) if total_steps else 100 * progress_now(step),
                            description=f"step {step}", info=f"loss {running / max(seen, 1):.4f}")
+                if ticker is not None:
+                    ticker.advance(1)
                 if step % eval_every == 0 or done:
                     m = evaluate()
                     mean_loss = running / max(seen, 1)

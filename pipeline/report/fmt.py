@@ -52,3 +52,16 @@ def gate_op(name: str) -> str:
 
 
 STATUS_ICON = {"pass": "✅ pass", "fail": "❌ fail", "none": "–"}
+
+
+def verdict(report: dict) -> tuple[str, str]:
+    """(state, text) of a report's headline: "pass", "fail" or "none" (a run without gates checked
+    nothing, so it gets no pass banner)."""
+    s = report["summary"]
+    if s["gates_failed"]:
+        return "fail", f"{s['gates_failed']} of {s['gates_total']} gates failed"
+    if report.get("status") not in (None, "ok"):
+        return "fail", f"run status: {report['status']}"
+    if not s["gates_total"]:
+        return "none", "no gates configured: the run finished, nothing was checked against a threshold"
+    return "pass", f"all {s['gates_total']} gates passed"

@@ -22,17 +22,21 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.9em}th,td{border:1px sol
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pass{color:#176f2c;font-weight:600}.fail{color:#b00020;font-weight:600}.skipped{color:#8a6d00}
 .banner{padding:.6em 1em;border-radius:6px;font-weight:600}.banner.pass{background:#e6f4ea}.banner.fail{background:#fdecea}
+.banner.none{background:#f1f1f1;color:#444}
+#summary td,#gates td:not(:last-child),td.num{white-space:nowrap}.wide{overflow-x:auto}
 img{max-width:100%;border:1px solid #eee}details{margin:.4em 0}.scroll{max-height:480px;overflow:auto}
 """
 
 
+# Plot artifacts whose content the stage's section already draws from report.json: inlining the
+# stage's PNG as well would show the same plot twice.
+DRAWN_INLINE = {"profile": {"plot_memory_timeline", "plot_redundancy"}, "prune": {"prune_channels"}}
+
+
 def render_html(report: dict[str, Any], run_dir: Path | None = None) -> str:
-    s = report["summary"]
-    ok = s["passed"]
-    verdict = "All gates passed" if ok else (f"{s['gates_failed']} of {s['gates_total']} gates failed"
-                                              if s["gates_failed"] else f"Run status: {report['status']}")
+    state, verdict = fmt.verdict(report)
     parts = [f"<h1>fmap report: {_e(report.get('recipe_name') or 'run')}</h1>",
-             f'<p class="banner {"pass" if ok else "fail"}" id="verdict">{_e(verdict)}</p>',
+             f'<p class="banner {state}" id="verdict">{_e(verdict[0].upper() + verdict[1:])}</p>',
              f"<p>status <b>{_e(report['status'])}</b> · exit code {_e(report.get('exit_code'))} · fmap "
              f"{_e(report.get('fmap_version'))} · started {_e(report.get('started'))} · finished "
              f"{_e(report.get('finished'))}</p>"]
@@ -90,7 +94,7 @@ def _artifacts(report: dict[str, Any]) -> list[str]:
                          fmt.size(r["size_bytes"]),
                          "n/a" if r["rss_delta_mb"] is None else f"{r['rss_delta_mb']:.1f} MB",
                          f'<span class="{gate}">{ {"pass": "pass", "fail": "FAIL", "none": "–"}[gate] }</span>'])
-        out.append(_table(head, body, raw=True, table_id="summary"))
+        out.append(f'<div class="wide">{_table(head, body, raw=True, table_id="summary")}</div>')
         img = plots.latency(rows)
         if img:
             out.append(_img(img, "latency per artifact"))
@@ -164,7 +168,32 @@ def _prune(st: dict[str, Any]) -> list[str]:
         out.append(_img(img, "channels per layer"))
     out.append("<h3>Per layer</h3>" + _dict_table(m.get("layers"), None, "prune-layers"))
     if m.get("left_alone"):
-        out.append(f"<p>Left alone: {_e(', '.join(map(str, m['left_alone'])))}</p>")
+        out.append(f"<p>Left alone: {_e(', '.join(_named(x) for x in m['left_alone']))}</p>")
+    return out
+
+
+def _named(item: Any) -> str:
+    """`{'name': 'fc', 'reason': '...'}` -> `fc (...)`: prose, not a Python dict."""
+    if isinstance(item, dict):
+        name = item.get("name") or item.get("layer") or "?"
+        rest = "; ".join(f"{v}" if k == "reason" else f"{k} {v}" for k, v in item.items() if k not in ("name", "layer"))
+        return f"{name} ({rest})" if rest else str(name)
+    return str(item)
+
+
+def _with_module(rows: Any) -> Any:
+    """Lead each error row with the torch module path its ONNX node came from (`/layer1/layer1.0/conv1/Conv`
+    -> `layer1.0.conv1`), so a row names something the user wrote, not `onnx::Conv_64`."""
+    from pipeline.profiling.onnx_graph import module_path
+
+    if not isinstance(rows, list):
+        return rows
+    out = []
+    for r in rows:
+        if isinstance(r, dict):
+            where = r.get("layer") or r.get("tensor") or ""
+            r = {"module": module_path(str(where)) if "/" in str(where) else where, **r}
+        out.append(r)
     return out
 
 
@@ -196,7 +225,7 @@ def _quantize(st: dict[str, Any]) -> list[str]:
     img = plots.layer_errors(m.get("layer_errors"))
     if img:
         out.append(_img(img, "quantization error per layer"))
-    out.append("<h3>Per-layer error</h3>" + _dict_table(m.get("layer_errors"), None, "quant-errors"))
+    out.append("<h3>Per-layer error</h3>" + _dict_table(_with_module(m.get("layer_errors")), None, "quant-errors"))
     return out
 
 
@@ -212,6 +241,8 @@ def _plot_artifacts(report: dict[str, Any], run_dir: Path | None) -> list[str]:
     for st in report["stages"]:
         for name, a in (st.get("artifacts") or {}).items():
             if not isinstance(a, dict) or a.get("kind") != "plot" or run_dir is None:
+                continue
+            if name in DRAWN_INLINE.get(st["kind"], ()):  # already drawn in the stage's own section
                 continue
             path = Path(run_dir) / str(a.get("path"))
             if path.suffix.lower() == ".png" and path.is_file():

@@ -10,9 +10,8 @@ from pipeline.report import fmt
 
 def render_markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
-    verdict = "✅ all gates passed" if s["passed"] else (
-        f"❌ {s['gates_failed']} of {s['gates_total']} gates failed" if s["gates_failed"]
-        else f"❌ run status: {report['status']}")
+    state, text = fmt.verdict(report)
+    verdict = {"pass": "✅ ", "fail": "❌ ", "none": "➖ "}[state] + text
     lines = [f"## fmap: {report.get('recipe_name') or 'run'} — {verdict}", "",
              f"Status `{report['status']}` · exit code {report.get('exit_code')} · "
              f"fmap {report.get('fmap_version')} · {s['stages']} stages "

@@ -286,6 +286,10 @@ def _imagefolder_split(cfg, name: str, input_shape: list[int], seed: int) -> Ima
                                        for f in sorted((root / c).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise BadInput(f"data.{name}.path: no images under '{cfg.path}'")
+    if cfg.split is not None:
+        files = stratified_part(files, cfg.split, name, seed)
+        if not files:
+            raise BadInput(f"data.{name}.split: the {cfg.split[name]:g} fraction of '{cfg.path}' holds no images")
     random.Random(seed).shuffle(files)  # a capped sample should cover every class
     if cfg.samples:
         files = files[:cfg.samples]
@@ -304,6 +308,31 @@ def _imagefolder_split(cfg, name: str, input_shape: list[int], seed: int) -> Ima
         _check_norm(mean, std, channels, name)
         steps.append(T.Normalize(mean, std))
     return ImageFolderSplit(name, files, T.Compose(steps), cfg.batch_size, len(classes), channels, labelled)
+
+
+SPLIT_ORDER = ("calibration", "eval", "train")
+
+
+def stratified_part(files: list[tuple[str, int]], fractions: dict[str, float], part: str,
+                    seed: int) -> list[tuple[str, int]]:
+    """The `part` share of every class, after a seeded shuffle per class: disjoint across parts.
+
+    Parts are cut in a fixed order (calibration, eval, train) at rounded cumulative fractions, so
+    the same fractions and seed always give the same files, and no file lands in two parts.
+    """
+    import random
+
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for item in sorted(files):
+        by_class.setdefault(item[1], []).append(item)
+    order = [p for p in SPLIT_ORDER if p in fractions]
+    before = sum(fractions[p] for p in order[:order.index(part)])
+    out: list[tuple[str, int]] = []
+    for label, items in sorted(by_class.items()):
+        random.Random(f"{seed}:{label}").shuffle(items)
+        n = len(items)
+        out += items[round(before * n):round((before + fractions[part]) * n)]
+    return out
 
 
 def build_bundle(data_cfg, input_shape: list[int], seed: int = 0) -> DataBundle:

@@ -1,16 +1,14 @@
 """Build a torch model from a recipe's `model:` section, with clear errors for every way it fails.
 
-Sources: `torchvision:NAME` (random weights unless a local weights file is given: no hub access),
-`builtin:NAME` (the embedded default, trained and cached on first use), and
-`python:package.module:factory` (any importable callable returning an nn.Module).
+Sources are registered in pipeline/sources/registry.py, one `from_<prefix>.py` module each:
+`torchvision:NAME`, `builtin:NAME`, `python:package.module:factory` or `python:path/file.py:factory`,
+`timm:NAME`, `onnx:PATH`, `torchscript:PATH` and `exported:PATH` (docs/recipe.md).
 Weights: a local state_dict loaded with `weights_only=True`, or a checkpoint written by fmap's prune
 stage (architecture spec + state_dict), which resizes the base model's layers before loading.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,9 @@ def model_config_from_string(spec: str, input_shape: list[int] | None = None, we
     """Turn a command-line model spec (`torchvision:resnet18`) into a validated ModelConfig."""
     from pydantic import ValidationError
 
+    from pipeline.sources.registry import spec_from_path
+
+    spec = spec_from_path(spec)
     try:
         return ModelConfig(source=spec, input_shape=input_shape, weights=weights, allow_pickle=allow_pickle)
     except ValidationError as exc:
@@ -44,85 +45,39 @@ def parse_shape(text: str) -> list[int]:
     return dims
 
 
-def default_input_shape(cfg: ModelConfig) -> list[int]:
+def default_input_shape(cfg: ModelConfig, base_dir: Path | None = None) -> list[int]:
+    """The recipe's input_shape, else what the source knows (builtin, timm config, ONNX input), else 224."""
     if cfg.input_shape:
         return list(cfg.input_shape)
-    prefix, _, name = cfg.source.partition(":")
-    if prefix == "builtin":
-        from pipeline.sources.builtin import BUILTIN_MODELS
+    from pipeline.sources.registry import BuildContext, get_source
 
-        if name in BUILTIN_MODELS:
-            return list(BUILTIN_MODELS[name][1])
+    source, rest = get_source(cfg.source)
+    if source.input_shape is not None:
+        shape = source.input_shape(rest, dict(cfg.kwargs), BuildContext(base_dir=base_dir))
+        if shape:
+            return shape
     return list(DEFAULT_INPUT_SHAPE)
 
 
-def build_model(cfg: ModelConfig, log: Callable[[str], None] | None = None) -> Any:
-    """Return the model in eval mode on the CPU. Raises BadInput for anything the user can fix."""
-    prefix, _, name = cfg.source.partition(":")
-    pretrained_builtin = prefix == "builtin" and cfg.weights is None
-    if prefix == "torchvision":
-        model = _torchvision(name, cfg.kwargs)
-    elif prefix == "builtin":
-        model = _builtin(name, pretrained_builtin, cfg.kwargs, log)
-    else:
-        model = _python_factory(name, cfg.kwargs)
+def build_model(cfg: ModelConfig, log: Callable[[str], None] | None = None, base_dir: Path | None = None) -> Any:
+    """Return the model in eval mode on the CPU. Raises BadInput for anything the user can fix.
+
+    `base_dir` is the recipe's directory: relative model paths and modules resolve there too.
+    """
+    from pipeline.sources.registry import BuildContext, get_source
+
+    source, rest = get_source(cfg.source)
+    ctx = BuildContext(base_dir=base_dir, log=log, has_weights=cfg.weights is not None)
+    model = source.build(rest, dict(cfg.kwargs), ctx)
     if cfg.weights is not None:
-        model = load_weights(model, cfg.weights, allow_pickle=cfg.allow_pickle)
-    return model.eval()
-
-
-def _torchvision(name: str, kwargs: dict[str, Any]) -> Any:
-    import torchvision
-
-    names = torchvision.models.list_models(module=torchvision.models)
-    if name not in names:
-        raise BadInput(f"model 'torchvision:{name}' does not exist{_suggest(name, names)}")
+        if not source.editable:
+            raise BadInput(f"model '{cfg.source}': model.weights does not apply to a {source.kind} "
+                           "(its weights are inside the file)")
+        model = load_weights(model, str(ctx.resolve(cfg.weights)), allow_pickle=cfg.allow_pickle)
     try:
-        return torchvision.models.get_model(name, weights=None, **kwargs)
-    except TypeError as exc:
-        raise BadInput(f"model 'torchvision:{name}': bad kwargs {kwargs}: {exc}") from None
-
-
-def _builtin(name: str, pretrained: bool, kwargs: dict[str, Any], log: Callable[[str], None] | None) -> Any:
-    from pipeline.sources.builtin import BUILTIN_MODELS
-
-    if name not in BUILTIN_MODELS:
-        raise BadInput(f"model 'builtin:{name}' does not exist{_suggest(name, list(BUILTIN_MODELS))}")
-    factory, _ = BUILTIN_MODELS[name]
-    try:
-        return factory(pretrained, log, **kwargs)
-    except TypeError as exc:
-        raise BadInput(f"model 'builtin:{name}': bad kwargs {kwargs}: {exc}") from None
-
-
-def _python_factory(target: str, kwargs: dict[str, Any]) -> Any:
-    import torch
-
-    module_name, _, attr = target.rpartition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BadInput(f"model 'python:{target}': cannot import module '{module_name}': {exc}") from None
-    except SyntaxError as exc:
-        where = f"{exc.filename}:{exc.lineno}" if exc.filename else module_name
-        raise BadInput(f"model 'python:{target}': syntax error in {where}: {exc.msg}") from None
-    except SystemExit as exc:  # user code must not pick fmap's exit code
-        raise BadInput(f"model 'python:{target}': importing '{module_name}' called sys.exit({exc.code!r})") from None
-    except Exception as exc:  # the user's module raised while importing
-        raise BadInput(f"model 'python:{target}': importing '{module_name}' failed: "
-                       f"{type(exc).__name__}: {_first_line(exc)}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise BadInput(f"model 'python:{target}': module '{module_name}' has no callable '{attr}'")
-    try:
-        model = factory(**kwargs)
-    except SystemExit as exc:
-        raise BadInput(f"model 'python:{target}': the factory called sys.exit({exc.code!r})") from None
-    except Exception as exc:  # the user's code: report it as bad input, one line
-        raise BadInput(f"model 'python:{target}' failed to build: {type(exc).__name__}: {_first_line(exc)}") from None
-    if not isinstance(model, torch.nn.Module):
-        raise BadInput(f"model 'python:{target}' returned {type(model).__name__}, expected a torch.nn.Module")
-    return model
+        return model.eval()
+    except NotImplementedError:  # torch.export's module(): eval() is not supported, it has no train mode
+        return model
 
 
 def load_weights(model: Any, weights: str, allow_pickle: bool = False) -> Any:
@@ -169,12 +124,3 @@ def load_weights(model: Any, weights: str, allow_pickle: bool = False) -> Any:
         detail = lines[1] if len(lines) > 1 else lines[0]
         raise BadInput(f"weights file '{weights}' does not match the model: {detail[:200]}") from None
     return model
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]
-
-
-def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=3)
-    return f" (did you mean {', '.join(close)}?)" if close else ""

@@ -7,6 +7,7 @@ problems in saturating layers), else on ctx.example_input. Above tolerance the s
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
@@ -62,13 +63,21 @@ def export_fp32(ctx: StageContext, cfg: ExportConfig) -> tuple[Artifact, dict]:
 
     path = ctx.path(FP32_FILE)
     o = cfg.onnx
-    with ctx.console.status(f"exporting ONNX (opset {o.opset})"):
-        export_onnx(ctx.model, ctx.example_input, path, opset=o.opset, dynamic_batch=o.dynamic_batch,
-                    simplify=o.simplify, constant_folding=o.constant_folding)
+    user_onnx = getattr(ctx.model, "onnx_path", None)
+    if user_onnx is not None:  # an onnx: model is already ONNX: adopt a prepared copy, checked below
+        from pipeline.export.adopt import adopt_onnx
+
+        _, dynamic = adopt_onnx(user_onnx, path)
+        ctx.console.print(f"onnx fp32: adopted {user_onnx} ({'dynamic' if dynamic else 'static'} batch)")
+    else:
+        with ctx.console.status(f"exporting ONNX (opset {o.opset})"):
+            export_onnx(ctx.model, ctx.example_input, path, opset=o.opset, dynamic_batch=o.dynamic_batch,
+                        simplify=o.simplify, constant_folding=o.constant_folding)
     e = cfg.equivalence
     eq = check_equivalence(path, ctx.model, check_inputs(ctx, e.samples), atol=e.atol, rtol=e.rtol,
                            threads=ctx.threads, max_samples=e.samples)
-    metrics = {"path": str(path), "size_bytes": path.stat().st_size, "opset": o.opset,
+    metrics = {"path": str(path), "size_bytes": path.stat().st_size, "opset": _opset(path),
+               "source": "adopted" if user_onnx is not None else "exported",
                "dynamic_batch": o.dynamic_batch, "simplified": o.simplify, "equivalence": eq.to_dict()}
     if not eq.passed:
         raise StageFailed(
@@ -77,6 +86,13 @@ def export_fp32(ctx: StageContext, cfg: ExportConfig) -> tuple[Artifact, dict]:
     ctx.console.print(f"onnx fp32: {path.name}, max abs diff {eq.max_abs_diff:.2e} on {eq.samples} samples")
     art = Artifact(path, "onnx", "fp32", f"ONNX opset {o.opset}, checked against torch")
     return art, metrics
+
+
+def _opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 class ExportStage(Stage):

@@ -28,13 +28,23 @@ class ProfileStage(Stage):
 
     def run(self, ctx: StageContext, cfg: ProfileConfig) -> StageResult:  # type: ignore[override]
         from pipeline.profiling.summary import profile_model, to_markdown
+        from pipeline.sources.registry import is_editable
 
         ctx.console.print("[bold]profile[/]: tracing shapes and activation memory")
-        prof = profile_model(ctx.model, ctx.example_input, batch_size=cfg.batch_size, measure=cfg.measure)
+        editable = is_editable(ctx.model)
+        if editable:
+            prof = profile_model(ctx.model, ctx.example_input, batch_size=cfg.batch_size, measure=cfg.measure)
+        else:  # TorchScript / torch.export / ONNX: no modules to hook, read the ONNX graph instead
+            from pipeline.profiling.onnx_graph import profile_graph_module
+
+            prof = profile_graph_module(ctx.model, ctx.example_input, cfg.batch_size, ctx.path("profile/graph_view.onnx"))
         artifacts: dict[str, Artifact] = {}
         stats = None
         prof["redundancy"] = {}
-        if cfg.redundancy and ctx.data.calibration is not None:
+        if cfg.redundancy and not editable:
+            prof["redundancy_skipped"] = ("per-channel statistics hook torch layers; this model is a compiled graph "
+                                          "(profiled from its ONNX graph instead)")
+        elif cfg.redundancy and ctx.data.calibration is not None:
             stats = _collect(ctx, cfg)
             from pipeline.profiling.redundancy import summarize_redundancy
 
@@ -53,24 +63,26 @@ class ProfileStage(Stage):
             artifacts.update(_plots(ctx, prof, stats))
         mem = prof["memory"]
         ctx.console.print(f"  liveness peak {mem['liveness_peak_bytes']:,} B at {mem['peak_at']}; "
-                          f"measured {mem['measured_peak_bytes'] or 0:,} B; naive sum {mem['naive_sum_bytes']:,} B")
+                          f"measured {_bytes(mem['measured_peak_bytes'])}; naive sum {mem['naive_sum_bytes']:,} B")
         return StageResult(metrics=prof, artifacts=artifacts)
 
 
-def _collect(ctx: StageContext, cfg: ProfileConfig) -> Any:
-    from rich.progress import Progress
+def _bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n:,} B"
 
+
+def _collect(ctx: StageContext, cfg: ProfileConfig) -> Any:
     from pipeline.profiling.stats import collect_channel_stats
+    from pipeline.progress import counter
 
     split = ctx.data.require("calibration", "profile")
     total = len(split)
     if cfg.max_batches is not None:
         total = min(total, cfg.max_batches * split.batch_size)
-    with Progress(console=ctx.console, transient=True) as bar:
-        task = bar.add_task("channel statistics", total=total or None)
+    with counter(ctx.console, "channel statistics", total) as advance:
         return collect_channel_stats(
             ctx.model, (x for x, _ in split.batches()), rank_samples=cfg.rank_samples if cfg.rank else 0,
-            progress=lambda n: bar.advance(task, n), correlation=cfg.correlation, max_batches=cfg.max_batches)
+            progress=advance, correlation=cfg.correlation, max_batches=cfg.max_batches)
 
 
 def _plots(ctx: StageContext, prof: dict[str, Any], stats: Any) -> dict[str, Artifact]:

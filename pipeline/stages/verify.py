@@ -123,7 +123,9 @@ class VerifyStage(Stage):
                         runs.append(run)
                         ctx.console.print(f"verify: loaded {cand.name} on {b}")
             base = next(r for r in runs if r.cand.name == cfg.baseline and r.backend == "torch")
-            accuracy = _accuracy(ctx, cfg, split, base, runs)
+            with ctx.console.status(f"verify: accuracy and agreement, {len(runs)} sessions on "
+                                    f"{len(split) if split is not None else 1} samples"):
+                accuracy = _accuracy(ctx, cfg, split, base, runs)
             latency, speedup, speedup_fp32, speedup_vs, machine = _latency(ctx, cfg, split, base, runs)
         finally:
             for r in runs:
@@ -305,7 +307,8 @@ def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs:
         if lc.isolate:
             times = _isolated_times(ctx, runs, runners, x, lc, lc.threads or ctx.threads, latency, bs)
         else:
-            times = measure(runners, lc.warmup, lc.iterations, lc.interleave)  # type: ignore[arg-type]
+            with ctx.console.status(f"verify: latency batch {bs}"):
+                times = measure(runners, lc.warmup, lc.iterations, lc.interleave)  # type: ignore[arg-type]
         cond = conditions(before, load_average(), machine["cores"])
         machine["conditions"][str(bs)] = cond
         if cond["busy"]:
