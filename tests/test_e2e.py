@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# The module's first test runs the whole quickstart (a few minutes on 2 busy cores): more than the
+# suite's default per-test timeout, which is sized for unit tests.
+pytestmark = pytest.mark.timeout(1200)
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 FAST = ["--set", "stages.verify.latency.iterations=10", "--set", "stages.verify.latency.warmup=2"]

@@ -252,3 +252,24 @@ def test_gptq_beats_nearest_on_correlated_inputs():
         x[:, :, part] = x[:, :, :9] + 0.05 * rng.normal(0, 1, (4096, 1, 9))
     res = gptq._round({"w": w, "scale": scale, "group": 1, "codes": codes, "name": "L"}, x, "nearest")
     assert res.mse_learned < 0.5 * res.mse_nearest
+
+
+@pytest.mark.parametrize("calibration", ["entropy", "percentile"])
+def test_histogram_calibration_with_a_short_last_batch(calibration, stem_setup, make_ctx):
+    """onnxruntime's histogram calibrators stack batches and failed on 45 samples in batches of 16."""
+    model, data = stem_setup
+    calib = TensorSplit("calib", data.calibration.x[:45], None, batch_size=16)
+    ctx = make_ctx(model, DataBundle(calibration=calib, eval=data.eval))
+    cfg = QuantizeConfig(**{**FAST, "samples": 45}, calibration=calibration, target="x86-vnni")
+    assert QuantizeStage().run(ctx, cfg).metrics["artifacts"]["onnx_int8"]["agreement"] >= 0.8
+
+
+def test_uniform_reader_keeps_every_sample_when_a_divisor_exists():
+    from pipeline.quantization.calibration import StreamingReader
+
+    split = TensorSplit("s", torch.zeros(45, 1, 2, 2), None, batch_size=16)
+    sizes = [len(b["input"]) for b in StreamingReader(split, "input", 45, uniform=True)]
+    assert sizes == [15, 15, 15]
+    split = TensorSplit("s", torch.zeros(179, 1, 2, 2), None, batch_size=32)  # 179 is prime
+    sizes = [len(b["input"]) for b in StreamingReader(split, "input", None, uniform=True)]
+    assert set(sizes) == {32} and sum(sizes) == 160

@@ -213,3 +213,21 @@ def test_html_renders_in_headless_chromium(run_dir, tmp_path):
     assert errors == [] and 'id="summary"' in dom and "onnx_int8" in dom
     png = screenshot.screenshot(html, tmp_path / "shot.png", height=900)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_junit_marks_timing_gates_measured_on_a_busy_machine():
+    from pipeline.report.junit import render_junit
+
+    gates = [{"name": "min_speedup", "threshold": 2.0, "value": 2.4, "passed": True, "artifact": "onnx_int8",
+              "stage": "verify", "detail": ""},
+             {"name": "min_agreement", "threshold": 0.98, "value": 0.99, "passed": True, "artifact": "onnx_int8",
+              "stage": "verify", "detail": ""}]
+    report = {"recipe_name": "x", "gates": gates, "stages": [], "summary": {"busy_machine": True},
+              "machine": {"cpu_model": "AMD EPYC", "cores": 2, "cpu_flags": ["avx2"]}}
+    root = ET.fromstring(render_junit(report).split("\n", 1)[1])
+    props = {p.get("name"): p.get("value") for p in root.iter("property")}
+    assert props["busy_machine"] == "true" and props["cores"] == "2" and props["cpu_model"] == "AMD EPYC"
+    outs = {c.get("name"): c.find("system-out").text for c in root.iter("testcase")}
+    assert "busy machine" in outs["min_speedup[onnx_int8]"] and "busy" not in outs["min_agreement[onnx_int8]"]
+    quiet = ET.fromstring(render_junit({**report, "summary": {"busy_machine": False}}).split("\n", 1)[1])
+    assert all("busy machine" not in (c.find("system-out").text or "") for c in quiet.iter("testcase"))

@@ -325,13 +325,12 @@ def build_engines(ctx: StageContext, cfg: TensorRTConfig, sources: Mapping[str, 
     return StageResult(metrics=metrics, artifacts=made)
 
 
-class TensorRTStage(Stage):
+class TensorRTStage(Stage[TensorRTConfig]):
     """Standalone engine build, for recipes that quantize after exporting ONNX."""
 
     name: ClassVar[str] = "tensorrt"
     Config: ClassVar[type[StageConfig]] = TensorRTConfig
     description: ClassVar[str] = "build TensorRT engines (fp16 from onnx_fp32, int8 from the QDQ onnx_int8)"
 
-    def run(self, ctx: StageContext, cfg: StageConfig) -> StageResult:
-        assert isinstance(cfg, TensorRTConfig)
+    def run(self, ctx: StageContext, cfg: TensorRTConfig) -> StageResult:
         return build_engines(ctx, cfg)

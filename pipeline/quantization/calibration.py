@@ -28,19 +28,34 @@ class StreamingReader(_Base):  # type: ignore[misc,valid-type]
     """
 
     def __init__(self, split: DataSplit, input_name: str, samples: int | None = None,
-                 batch_size: int | None = None, split_key: str = "calibration") -> None:
+                 batch_size: int | None = None, split_key: str = "calibration", uniform: bool = False) -> None:
         self.split = split
         self.input_name = input_name
         self.samples = samples
         self.batch_size = batch_size or split.batch_size
         self.served = 0
         self.split_key = split_key
+        self.uniform = uniform
         self._it: Iterator[dict[str, np.ndarray]] | None = None
 
-    def _gen(self) -> Iterator[dict[str, np.ndarray]]:
+    def _plan(self) -> tuple[int, float]:
+        """(batch size, samples to serve). `uniform` readers serve equal batches only: onnxruntime's
+        histogram calibrators (entropy, percentile) stack every batch of a tensor into one array
+        and fail on a short last batch. The largest divisor of the sample count up to the batch
+        size keeps every sample; below 8 the remainder is dropped instead (fewer, larger batches)."""
         left = self.samples if self.samples is not None else float("inf")
+        if not self.uniform:
+            return self.batch_size, left
+        n = self.samples_available()
+        size = next(b for b in range(min(self.batch_size, max(n, 1)), 0, -1) if n % b == 0)
+        if size < min(8, self.batch_size) and n >= self.batch_size:
+            size = self.batch_size
+        return size, n - n % size
+
+    def _gen(self) -> Iterator[dict[str, np.ndarray]]:
+        size, left = self._plan()
         start = 0
-        for x, _ in self.split.batches(self.batch_size):
+        for x, _ in self.split.batches(size):
             if left <= 0:
                 return
             x = x[: int(min(left, x.shape[0]))]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from pipeline.contracts import Artifact, ArtifactKind, GateResult, StageConfig, StageResult
 
@@ -51,17 +51,21 @@ class StageContext:
         return {name: a for name, a in self.artifacts.items() if a.is_model}
 
 
-class Stage:
-    """Base class for stages. Subclasses set `name`, `Config` and implement `run`."""
+ConfigT = TypeVar("ConfigT", bound=StageConfig)
+
+
+class Stage(Generic[ConfigT]):
+    """Base class for stages: `class QuantizeStage(Stage[QuantizeConfig])` sets `name`, `Config`
+    and implements `run(ctx, cfg: QuantizeConfig)`, typed once, with no casts or ignores."""
 
     name: ClassVar[str]
     Config: ClassVar[type[StageConfig]]
     description: ClassVar[str] = ""
 
-    def run(self, ctx: StageContext, cfg: StageConfig) -> StageResult:  # pragma: no cover - abstract
+    def run(self, ctx: StageContext, cfg: ConfigT) -> StageResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def restore(self, ctx: StageContext, cfg: StageConfig, result: StageResult) -> None:
+    def restore(self, ctx: StageContext, cfg: ConfigT, result: StageResult) -> None:
         """Called instead of `run` when --resume skips this stage: rebuild what `run` left in ctx.
 
         The default does nothing; a stage that replaces `ctx.model` (prune) reloads its checkpoint

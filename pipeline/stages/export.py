@@ -95,12 +95,12 @@ def _opset(path: Path) -> int | None:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-class ExportStage(Stage):
+class ExportStage(Stage[ExportConfig]):
     name = "export"
     Config: ClassVar[type[StageConfig]] = ExportConfig
     description = "Export the current model to ONNX, check it against torch, optionally build TensorRT engines"
 
-    def run(self, ctx: StageContext, cfg: ExportConfig) -> StageResult:  # type: ignore[override]
+    def run(self, ctx: StageContext, cfg: ExportConfig) -> StageResult:
         art, metrics = export_fp32(ctx, cfg)
         result = StageResult(metrics={"onnx": metrics}, artifacts={FP32_NAME: art})
         ctx.artifacts[FP32_NAME] = art  # quantize/tensorrt in this same run can pick it up

@@ -21,12 +21,12 @@ class ProfileConfig(StageConfig):
     max_batches: int | None = Field(default=None, gt=0)  # cap on calibration batches for statistics
 
 
-class ProfileStage(Stage):
+class ProfileStage(Stage[ProfileConfig]):
     name = "profile"
     Config = ProfileConfig
     description = "Per-layer shapes, params, MACs, liveness peak memory and channel redundancy."
 
-    def run(self, ctx: StageContext, cfg: ProfileConfig) -> StageResult:  # type: ignore[override]
+    def run(self, ctx: StageContext, cfg: ProfileConfig) -> StageResult:
         from pipeline.profiling.summary import profile_model, to_markdown
         from pipeline.sources.registry import is_editable
 

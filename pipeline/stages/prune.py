@@ -93,13 +93,12 @@ class PruneConfig(StageConfig):
         return self
 
 
-class PruneStage(Stage):
+class PruneStage(Stage[PruneConfig]):
     name = "prune"
     Config = PruneConfig
     description = "structured channel pruning (torch-pruning DepGraph) to a MACs/params/memory target"
 
-    def run(self, ctx: StageContext, cfg: StageConfig) -> StageResult:
-        assert isinstance(cfg, PruneConfig)
+    def run(self, ctx: StageContext, cfg: PruneConfig) -> StageResult:
         from pipeline.pruning.checkpoint import save_checkpoint
         from pipeline.pruning.engine import (PruneSettings, default_protection, left_alone,
                                              prune_to_target, resolve_ignored, taylor_gradients)
@@ -189,7 +188,7 @@ class PruneStage(Stage):
             "prune_channels": Artifact(plot, "plot", None, "channels kept per layer"),
         })
 
-    def restore(self, ctx: StageContext, cfg: StageConfig, result: StageResult) -> None:
+    def restore(self, ctx: StageContext, cfg: PruneConfig, result: StageResult) -> None:
         """On --resume: rebuild the pruned model from its checkpoint on a copy of the original."""
         from pipeline.pruning.checkpoint import load_checkpoint
 

@@ -54,12 +54,12 @@ class QuantizeConfig(StageConfig):
     latency_iterations: int = Field(20, ge=1)
 
 
-class QuantizeStage(Stage):
+class QuantizeStage(Stage[QuantizeConfig]):
     name = "quantize"
     Config: ClassVar[type[StageConfig]] = QuantizeConfig
     description = "Quantize the ONNX model (static QDQ INT8, dynamic INT8 or FP16) with accuracy-aware fallback"
 
-    def run(self, ctx: StageContext, cfg: QuantizeConfig) -> StageResult:  # type: ignore[override]
+    def run(self, ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
         result = StageResult(metrics={"mode": cfg.mode, "calibration": cfg.calibration if cfg.mode == "static" else None})
         if cfg.mode == "static" and len(ctx.data.require("calibration", "quantize")) == 0:
             raise BadInput("data.calibration: the split is empty; static INT8 needs calibration samples")
@@ -117,7 +117,7 @@ class QuantizeStage(Stage):
 
         calib = ctx.data.require("calibration", "quantize")
         target = _target_plan(cfg)
-        reader = StreamingReader(calib, INPUT_NAME, cfg.samples)
+        reader = StreamingReader(calib, INPUT_NAME, cfg.samples, uniform=cfg.calibration in ("entropy", "percentile"))
         prep, exclude = self._prepare(ctx, cfg, fp32_path, work, reader, metrics)
         with ctx.console.status(f"activation ranges per channel ({reader.samples_available()} samples)"):
             ranges = saturation.activation_ranges(prep, reader)

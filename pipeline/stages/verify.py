@@ -73,13 +73,12 @@ class _Run:
     batch_one_only: bool = False
 
 
-class VerifyStage(Stage):
+class VerifyStage(Stage[VerifyConfig]):
     name = "verify"
     Config = VerifyConfig
     description = "accuracy, agreement, interleaved latency with CIs, memory and gates per artifact x backend"
 
-    def run(self, ctx: StageContext, cfg: StageConfig) -> StageResult:
-        assert isinstance(cfg, VerifyConfig)
+    def run(self, ctx: StageContext, cfg: VerifyConfig) -> StageResult:
         threads = cfg.latency.threads or ctx.threads
         prev_threads = torch.get_num_threads()
         torch.set_num_threads(threads)

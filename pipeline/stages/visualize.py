@@ -34,13 +34,12 @@ class VisualizeConfig(StageConfig):
     scaling: bool = True  # computed memory/MACs vs resolution and batch
 
 
-class VisualizeStage(Stage):
+class VisualizeStage(Stage[VisualizeConfig]):
     name = "visualize"
     Config = VisualizeConfig
     description = "Feature maps, Grad-CAM, compressed-vs-original attention similarity, qa.html gallery"
 
-    def run(self, ctx: StageContext, cfg: StageConfig) -> StageResult:
-        assert isinstance(cfg, VisualizeConfig)
+    def run(self, ctx: StageContext, cfg: VisualizeConfig) -> StageResult:
         x, y = take(ctx.data.require("eval", self.name).batches(), cfg.images)
         return visualize_batch(ctx, cfg, x, y)
 
