@@ -13,6 +13,7 @@ recipe.lock.yaml equal to the trial's resolved recipe is not run again; any othe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -29,6 +30,7 @@ from pipeline.recipe import Recipe, dump_lock, load_recipe
 from pipeline.sweep import grid as gridmod
 from pipeline.sweep import objectives as objmod
 from pipeline.sweep.executors import Executor, LocalExecutor, TrialResult, TrialTask
+from pipeline.sweep.report import recipe_text
 
 FINISHED = ("ok", "gate_failed")
 
@@ -48,6 +50,7 @@ class SweepPlan:
     threads_per_worker: int
     executor: Executor
     executor_address: str | None = None
+    retry_failed: bool = False
 
     @property
     def two_phase(self) -> bool:
@@ -69,7 +72,7 @@ def _verify_index(recipe: Recipe) -> int:
 def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overrides: tuple[str, ...] = (),
                objective_items: tuple[str, ...] = (), constraint_items: tuple[str, ...] = (),
                backend: str | None = None, workers: int | None = None, executor: str = "local",
-               address: str | None = None) -> SweepPlan:
+               address: str | None = None, retry_failed: bool = False) -> SweepPlan:
     """Check every input and every trial's recipe; BadInput (exit 2) before any trial starts."""
     grids = gridmod.parse_grids(grid_items)
     objectives = objmod.parse_objectives(objective_items)
@@ -102,7 +105,7 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
     else:
         raise BadInput(f"--executor: expected 'local' or 'ray', got '{executor}'")
     return SweepPlan(recipe_path, out, grids, tuple(overrides), trials, recipes, objectives, constraints, backend,
-                     workers, threads, runner, address)
+                     workers, threads, runner, address, retry_failed)
 
 
 def _phase_recipe(recipe: Recipe, stop: int | None, threads: int | None) -> Recipe:
@@ -151,6 +154,17 @@ def run_sweep(plan: SweepPlan, console: Console) -> SweepOutcome:
     results: dict[str, list[dict[str, Any]]] = {t.id: [] for t in plan.trials}
     if skipped:
         console.print(f"{len(skipped)} of {len(plan.trials)} trials already finished in {out} (resumed, not re-run)")
+    if not plan.retry_failed:  # a trial that failed with this very recipe would fail again: keep its record
+        failed = _failed_before(out)
+        for t in plan.trials:
+            old = failed.get(t.id)
+            if old and old.get("recipe_sha256") == hashlib.sha256(recipe_text(out, t.id).encode()).hexdigest():
+                results[t.id] = old.get("phases") or []
+        keep = {tid for tid, phases in results.items() if phases}
+        if keep:
+            console.print(f"{len(keep)} trial(s) failed in an earlier sweep and are not retried (--retry-failed)")
+            build = [b for b in build if b.trial_id not in keep]
+            final = [f for f in final if f.trial_id not in keep]
     mode = (f"build phase on {plan.workers} workers x {plan.threads_per_worker} thread(s), then a serial timing phase"
             if plan.two_phase else f"{plan.workers} worker(s)")
     console.print(f"sweep: {len(plan.trials)} trials, {len(final)} to run, {plan.executor.name} executor, {mode}")
@@ -180,6 +194,15 @@ def run_sweep(plan: SweepPlan, console: Console) -> SweepOutcome:
         console.print(f"interrupted: run the same command again to continue the sweep in {out}")
         return SweepOutcome(out, EXIT_INTERRUPTED, data)
     return SweepOutcome(out, report.exit_code(data), data)
+
+
+def _failed_before(out: Path) -> dict[str, dict[str, Any]]:
+    """Trials recorded as failed in the previous sweep.json of this directory."""
+    try:
+        previous = json.loads((out / "sweep.json").read_text())
+        return {t["id"]: t for t in previous.get("trials", []) if t.get("status") == "failed"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _note(console: Console, res: TrialResult, n: int, total: int, results: dict[str, list[dict[str, Any]]]) -> None:

@@ -90,6 +90,11 @@ def trial_id(items: tuple[str, ...]) -> str:
     """A readable, stable directory name: last key segments and values, plus a short hash of the
     full overrides, so the same point keeps its directory when the grid is extended (resume)."""
     digest = hashlib.sha256("\n".join(items).encode()).hexdigest()[:6]
-    slug = "_".join(f"{k.rsplit('.', 1)[-1]}-{v}" for k, _, v in (i.partition("=") for i in items))
-    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", slug).strip("-_")[:60]
+    slug = "_".join(f"{_clean(k.rsplit('.', 1)[-1])}-{_clean(v)}" for k, _, v in (i.partition("=") for i in items))
+    slug = slug.strip("-_")[:60]
     return f"{slug}_{digest}" if slug else f"trial_{digest}"
+
+
+def _clean(text: str) -> str:
+    """Characters safe in a directory name and a URL: `[1, 3, 32]` -> `1-3-32`."""
+    return re.sub(r"[^A-Za-z0-9.+]+", "-", text).strip("-")

@@ -7,6 +7,7 @@ against METRICS before any trial starts, so a typo is exit 2, not an empty leade
 
 from __future__ import annotations
 
+import difflib
 import operator
 import re
 from collections.abc import Callable
@@ -72,7 +73,9 @@ _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|>|<)\s*([-+]
 
 def _known(name: str, what: str) -> None:
     if name not in METRICS:
-        raise BadInput(f"{what}: unknown metric '{name}' (no report contains it; known: {', '.join(METRICS)})")
+        close = difflib.get_close_matches(name, list(METRICS), n=1)
+        hint = f", did you mean '{close[0]}'?" if close else ""
+        raise BadInput(f"{what}: unknown metric '{name}'{hint} (no report contains it; known: {', '.join(METRICS)})")
 
 
 def parse_objective(text: str) -> Objective:

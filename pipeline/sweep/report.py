@@ -8,6 +8,7 @@ report.html), no scripts, no network.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -33,11 +34,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def recipe_text(out: Path, trial_id: str) -> str:
+    """The resolved recipe of a trial's last phase, written by the driver before any trial runs."""
+    return (out / "recipes" / f"{trial_id}.yaml").read_text()
+
+
 def _trial_row(plan: SweepPlan, trial: Any, phases: list[dict[str, Any]]) -> dict[str, Any]:
     run_dir = plan.out / "trials" / trial.id
     manifest = _read_json(run_dir / "manifest.json") or {}
     try:
-        final_lock = (plan.out / "recipes" / f"{trial.id}.yaml").read_text()
+        final_lock = recipe_text(plan.out, trial.id)
         lock = (run_dir / "recipe.lock.yaml").read_text()
     except OSError:
         final_lock, lock = None, ""
@@ -64,6 +70,8 @@ def _trial_row(plan: SweepPlan, trial: Any, phases: list[dict[str, Any]]) -> dic
         "params": trial.params,
         "overrides": list(trial.overrides),
         "run_dir": f"trials/{trial.id}",
+        "recipe": f"recipes/{trial.id}.yaml",
+        "recipe_sha256": hashlib.sha256(final_lock.encode()).hexdigest() if final_lock else None,
         "status": status,
         "error": error,
         "artifact": row.get("artifact") if row else None,
@@ -197,14 +205,12 @@ def plot_front(data: dict[str, Any]) -> tuple[str, list[tuple[str, float, float,
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=dpi)
     colors = ["#d95f02" if r["pareto"] else ("#1b9e77" if r["feasible"] else "#999999") for r in pts]
     ax.scatter(xs, ys, c=colors, s=[90 if r["pareto"] else 40 for r in pts], edgecolors="k", linewidths=0.5, zorder=3)
-    fr = sorted((x, y) for x, y, r in zip(xs, ys, pts) if r["pareto"])
-    if len(fr) > 1:
-        ax.plot([p[0] for p in fr], [p[1] for p in fr], color="#d95f02", lw=1, zorder=2)
     for x, y, r in zip(xs, ys, pts):
         ax.annotate(f"#{r['rank']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(f"{xname} ({objs[1]['direction']})" if xname else "rank")
     ax.set_ylabel(f"{yname} ({objs[0]['direction']})")
-    ax.set_title("orange: Pareto front · green: meets the constraints · grey: does not")
+    ax.set_title(f"orange: Pareto front over {len(objs)} objective(s) · green: meets the constraints · grey: does not",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.canvas.draw()
