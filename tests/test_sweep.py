@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +139,11 @@ def test_bad_input_exits_2_before_any_trial(tiny_recipe, tmp_path, args, message
 def test_ray_missing_or_unreachable_is_bad_input(tiny_recipe, tmp_path):
     try:
         import ray  # noqa: F401
-        args, message = ["--address", "ray://127.0.0.1:9"], "cannot connect to Ray"
+
+        with socket.socket() as sock:  # a port nobody listens on once closed
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        args, message = ["--address", f"ray://127.0.0.1:{port}"], "is unreachable"
     except ImportError:
         args, message = [], "Ray is not installed"
     res = CliRunner().invoke(cli, ["sweep", str(tiny_recipe), "--out", str(tmp_path / "s"), "--executor", "ray", *args],
@@ -232,3 +237,19 @@ def test_sweep_product_grid_resumes_an_interrupted_trial(tiny_recipe, tmp_path):
 
 def data_front(out: Path) -> list[str]:
     return json.loads((out / "sweep.json").read_text())["pareto_front"]
+
+
+@pytest.mark.slow
+def test_ray_executor_on_a_local_cluster(tiny_recipe, tmp_path):
+    """4 trials, each build phase a Ray task on a local Ray (127.0.0.1) started and stopped by fmap."""
+    pytest.importorskip("ray")
+    out = tmp_path / "sweep"
+    res = _sweep(tiny_recipe, out, "--executor", "ray", "--workers", "2", "--grid", "stages.quantize.mode=static,dynamic",
+                 "--grid", "stages.quantize.per_channel=true,false")
+    assert res.returncode == 0, res.stderr
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["executor"]["name"] == "ray" and data["summary"]["finished"] == 4
+    for t in data["trials"]:
+        assert t["status"] == "ok" and [p["phase"] for p in t["phases"]] == ["build", "time"]
+        assert (out / t["run_dir"] / "report.html").is_file()
+    assert data["pareto_front"]

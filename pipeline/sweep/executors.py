@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -107,6 +108,18 @@ def interrupt_running() -> None:
             p.kill()
 
 
+def _check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not minutes: Ray retries an unreachable address for a long time."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise BadInput(f"--address '{address}': expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise BadInput(f"--executor ray: Ray at '{address}' is unreachable: {exc.strerror or exc}") from None
+
+
 class Executor(Protocol):
     name: str
 
@@ -149,10 +162,13 @@ class RayExecutor:
             raise BadInput("--executor ray: Ray is not installed (pip install 'fmap[ray]')") from None
         self.ray = ray
         self.address = address
+        if address not in (None, "auto", "local"):
+            _check_reachable(address)
         try:
             if not ray.is_initialized():
+                local = {"_node_ip_address": "127.0.0.1", "num_cpus": os.cpu_count()} if address is None else {}
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False, ignore_reinit_error=True)
+                         configure_logging=False, ignore_reinit_error=True, **local)
         except Exception as exc:  # ConnectionError, RuntimeError, ValueError depending on the address form
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise BadInput(f"--executor ray: cannot connect to Ray at '{address or 'a new local cluster'}': {first}") from None
