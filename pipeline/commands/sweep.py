@@ -23,13 +23,17 @@ import click
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Sweep directory: trials/<id>/ run directories, sweep.json, sweep.md, sweep.html.")
 @click.option("--workers", type=int, default=None, help="Trials at once (default: min(trials, cores)).")
+@click.option("--build-threads", type=int, default=None,
+              help="Threads per worker while building (default: cores // workers). The recipe's own threads "
+                   "reproduce single runs exactly (INT8 calibration depends on them), at the cost of oversubscribing.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: a pool of processes here; ray: each trial a Ray task (pip install 'fmap[ray]').")
 @click.option("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:PORT (default: start a local one).")
 @click.option("--retry-failed", is_flag=True, help="On resume, run again the trials that failed before.")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json on stdout at the end.")
 def sweep(recipe: Path, grids: tuple[str, ...], overrides: tuple[str, ...], objectives: tuple[str, ...],
-          constraints: tuple[str, ...], backend: str | None, out: Path, workers: int | None, executor: str,
+          constraints: tuple[str, ...], backend: str | None, out: Path, workers: int | None,
+          build_threads: int | None, executor: str,
           address: str | None, retry_failed: bool, as_json: bool) -> int:
     """Run RECIPE over a grid of overrides; leaderboard and Pareto front in OUT/sweep.{json,md,html}."""
     from pipeline.cli import make_console
@@ -37,7 +41,7 @@ def sweep(recipe: Path, grids: tuple[str, ...], overrides: tuple[str, ...], obje
 
     console = make_console()
     plan = plan_sweep(recipe, out, grids, overrides, objectives, constraints, backend, workers, executor, address,
-                      retry_failed)
+                      retry_failed, build_threads)
     try:
         outcome = run_sweep(plan, console)
     finally:

@@ -72,7 +72,8 @@ def _verify_index(recipe: Recipe) -> int:
 def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overrides: tuple[str, ...] = (),
                objective_items: tuple[str, ...] = (), constraint_items: tuple[str, ...] = (),
                backend: str | None = None, workers: int | None = None, executor: str = "local",
-               address: str | None = None, retry_failed: bool = False) -> SweepPlan:
+               address: str | None = None, retry_failed: bool = False,
+               build_threads: int | None = None) -> SweepPlan:
     """Check every input and every trial's recipe; BadInput (exit 2) before any trial starts."""
     grids = gridmod.parse_grids(grid_items)
     objectives = objmod.parse_objectives(objective_items)
@@ -93,7 +94,9 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
         recipes[t.id] = recipe
     cores = os.cpu_count() or 1
     workers = workers or min(len(trials), cores)
-    threads = max(1, cores // workers)
+    if build_threads is not None and build_threads < 1:
+        raise BadInput(f"--build-threads must be at least 1, got {build_threads}")
+    threads = build_threads or max(1, cores // workers)
     if executor == "ray":
         from pipeline.sweep.executors import RayExecutor
 
