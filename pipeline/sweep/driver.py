@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +111,11 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
                      workers, threads, runner, address, retry_failed)
 
 
-def _phase_recipe(recipe: Recipe, stop: int | None, threads: int | None) -> Recipe:
-    """The recipe one phase runs: stages before index `stop` (None: all), threads overridden."""
-    stages = recipe.stages if stop is None else recipe.stages[:stop]
-    return replace(recipe, stages=stages, threads=threads if threads is not None else recipe.threads)
+def _build_overrides(recipe: Recipe, threads: int) -> tuple[str, ...]:
+    """Extra `--set` items of the build phase: its threads, and only the (resolved) stages before
+    the first verify. JSON is YAML, so `stages=[...]` is an ordinary override of the whole list."""
+    prefix = [s.to_dict() for s in recipe.stages[:_verify_index(recipe)]]
+    return (f"threads={threads}", "stages=" + json.dumps(prefix, separators=(",", ":")))
 
 
 def _is_done(run_dir: Path, final_lock: str) -> bool:
@@ -140,20 +141,22 @@ def run_sweep(plan: SweepPlan, console: Console) -> SweepOutcome:
         recipe = plan.recipes[t.id]
         run_dir = out / "trials" / t.id
         # One worker, or two phases: the last phase runs with the recipe's own threads.
-        last_threads = None if (plan.two_phase or plan.workers == 1) else plan.threads_per_worker
-        last = _phase_recipe(recipe, None, last_threads)
-        final_lock = dump_lock(last)
-        final_path = out / "recipes" / f"{t.id}.yaml"
-        atomic.write_text(final_path, final_lock)
+        if plan.two_phase or plan.workers == 1:
+            last_overrides, last = t.overrides, recipe
+        else:
+            last_overrides = (f"threads={plan.threads_per_worker}", *t.overrides)
+            last = load_recipe(plan.recipe_path, last_overrides)
+        final_lock = dump_lock(last)  # what the trial's recipe.lock.yaml says once it finished
+        atomic.write_text(out / "recipes" / f"{t.id}.yaml", final_lock)
         if _is_done(run_dir, final_lock):
             skipped.append(t.id)
             continue
+        recipe_file = str(plan.recipe_path)
         if plan.two_phase:
-            build_path = out / "recipes" / f"{t.id}.build.yaml"
-            atomic.write_text(build_path, dump_lock(_phase_recipe(recipe, _verify_index(recipe), plan.threads_per_worker)))
-            build.append(TrialTask(t.id, "build", str(build_path), str(run_dir), plan.threads_per_worker))
+            build.append(TrialTask(t.id, "build", recipe_file, str(run_dir), plan.threads_per_worker,
+                                   t.overrides + _build_overrides(recipe, plan.threads_per_worker)))
         phase = "time" if plan.two_phase else "full"
-        final.append(TrialTask(t.id, phase, str(final_path), str(run_dir), last.threads))
+        final.append(TrialTask(t.id, phase, recipe_file, str(run_dir), last.threads, last_overrides))
     results: dict[str, list[dict[str, Any]]] = {t.id: [] for t in plan.trials}
     if skipped:
         console.print(f"{len(skipped)} of {len(plan.trials)} trials already finished in {out} (resumed, not re-run)")

@@ -32,9 +32,10 @@ LOG = "sweep.log"  # in each run directory: the trial's stderr, one section per 
 class TrialTask:
     trial_id: str
     phase: str  # "build" (stages before verify, in parallel), "time" (serial) or "full"
-    recipe: str  # the generated recipe file of this phase
+    recipe: str  # the user's recipe file (so paths in it resolve as in a single `fmap run`)
     run_dir: str
     threads: int
+    overrides: tuple[str, ...] = ()  # `--set` items of this phase
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ _RUNNING_LOCK = threading.Lock()
 
 
 def run_trial(task: TrialTask) -> TrialResult:
-    """Run one phase of one trial as `fmap run ... --resume` in a subprocess; never raises for a
+    """Run one phase of one trial as `fmap run RECIPE --set ... --resume` in a subprocess; never raises for a
     failing trial (its exit code and one-line error are returned)."""
     run_dir = Path(task.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,8 @@ def run_trial(task: TrialTask) -> TrialResult:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(task.threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", task.recipe, "--out", str(run_dir), "--resume", "--json"]
+    sets = [arg for item in task.overrides for arg in ("--set", item)]
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", task.recipe, *sets, "--out", str(run_dir), "--resume", "--json"]
     t0 = time.perf_counter()
     with open(run_dir / LOG, "a", encoding="utf-8") as log:
         log.write(f"\n=== sweep phase '{task.phase}', {task.threads} thread(s): {' '.join(cmd)}\n")
