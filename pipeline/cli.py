@@ -23,6 +23,7 @@ LAZY_COMMANDS = {
     "report": ("pipeline.commands.report:report", "Regenerate reports from a run directory."),
     "compare": ("pipeline.commands.report:compare", "Compare two run directories; exit 1 on regression."),
     "visualize": ("pipeline.commands.visualize:visualize", "Feature-map grids, overlays and Grad-CAM."),
+    "sweep": ("pipeline.commands.sweep:sweep", "Run a recipe over a grid of overrides; leaderboard and Pareto front."),
 }
 
 

@@ -1,0 +1,219 @@
+"""A sweep from start to end: validate everything, run the trials, collect the leaderboard.
+
+Latency honesty: with more than one worker, trials run in two phases. The BUILD phase runs every
+stage before the first `verify` in parallel (threads per worker = cores // workers); the TIMING
+phase then runs each trial's full recipe with `--resume`, ONE trial at a time with the recipe's
+own thread count, so the runner restores the built stages from their artifacts (same chain hash)
+and verify measures latency while no other trial runs. With one worker there is one phase.
+
+Resume: a trial whose run directory holds a finished manifest (ok or gate_failed) and a
+recipe.lock.yaml equal to the trial's resolved recipe is not run again; any other trial runs with
+`--resume`, so its finished stages are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from pipeline import atomic
+from pipeline.errors import EXIT_INTERRUPTED, BadInput
+from pipeline.recipe import Recipe, dump_lock, load_recipe
+from pipeline.sweep import grid as gridmod
+from pipeline.sweep import objectives as objmod
+from pipeline.sweep.executors import Executor, LocalExecutor, TrialResult, TrialTask
+from pipeline.sweep.report import recipe_text
+
+FINISHED = ("ok", "gate_failed")
+
+
+@dataclass
+class SweepPlan:
+    recipe_path: Path
+    out: Path
+    grids: list[gridmod.Grid]
+    overrides: tuple[str, ...]
+    trials: list[gridmod.Trial]
+    recipes: dict[str, Recipe]  # trial id -> the validated recipe with its overrides
+    objectives: list[objmod.Objective]
+    constraints: list[objmod.Constraint]
+    backend: str | None
+    workers: int
+    threads_per_worker: int
+    executor: Executor
+    executor_address: str | None = None
+    retry_failed: bool = False
+
+    @property
+    def two_phase(self) -> bool:
+        return self.workers > 1 and len(self.trials) > 1 and _verify_index(next(iter(self.recipes.values()))) > 0
+
+
+@dataclass
+class SweepOutcome:
+    out: Path
+    exit_code: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _verify_index(recipe: Recipe) -> int:
+    """Index of the first verify stage (-1 when there is none)."""
+    return next((s.index for s in recipe.stages if s.kind == "verify"), -1)
+
+
+def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overrides: tuple[str, ...] = (),
+               objective_items: tuple[str, ...] = (), constraint_items: tuple[str, ...] = (),
+               backend: str | None = None, workers: int | None = None, executor: str = "local",
+               address: str | None = None, retry_failed: bool = False,
+               build_threads: int | None = None) -> SweepPlan:
+    """Check every input and every trial's recipe; BadInput (exit 2) before any trial starts."""
+    grids = gridmod.parse_grids(grid_items)
+    objectives = objmod.parse_objectives(objective_items)
+    constraints = [objmod.parse_constraint(c) for c in constraint_items]
+    if workers is not None and workers < 1:
+        raise BadInput(f"--workers must be at least 1, got {workers}")
+    trials = gridmod.trials(grids, tuple(overrides))
+    recipes: dict[str, Recipe] = {}
+    for t in trials:
+        try:
+            recipe = load_recipe(recipe_path, t.overrides)
+        except BadInput as exc:
+            point = ", ".join(f"{k}={v}" for k, v in t.params.items()) or "the recipe"
+            raise BadInput(f"sweep trial {point}: {exc}") from None
+        if _verify_index(recipe) < 0:
+            raise BadInput(f"{recipe_path}: a sweep needs a verify stage (objectives are read from its "
+                           f"artifact rows; objectives: {', '.join(map(str, objectives))})")
+        recipes[t.id] = recipe
+    cores = os.cpu_count() or 1
+    workers = workers or min(len(trials), cores)
+    if build_threads is not None and build_threads < 1:
+        raise BadInput(f"--build-threads must be at least 1, got {build_threads}")
+    threads = build_threads or max(1, cores // workers)
+    if executor == "ray":
+        from pipeline.sweep.executors import RayExecutor
+
+        runner: Executor = RayExecutor(address)
+    elif executor == "local":
+        if address is not None:
+            raise BadInput("--address is only meaningful with --executor ray")
+        runner = LocalExecutor()
+    else:
+        raise BadInput(f"--executor: expected 'local' or 'ray', got '{executor}'")
+    return SweepPlan(recipe_path, out, grids, tuple(overrides), trials, recipes, objectives, constraints, backend,
+                     workers, threads, runner, address, retry_failed)
+
+
+def _build_overrides(recipe: Recipe, threads: int) -> tuple[str, ...]:
+    """Extra `--set` items of the build phase: its threads, and only the (resolved) stages before
+    the first verify. JSON is YAML, so `stages=[...]` is an ordinary override of the whole list."""
+    prefix = [s.to_dict() for s in recipe.stages[:_verify_index(recipe)]]
+    return (f"threads={threads}", "stages=" + json.dumps(prefix, separators=(",", ":")))
+
+
+def _is_done(run_dir: Path, final_lock: str) -> bool:
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        lock = (run_dir / "recipe.lock.yaml").read_text()
+    except (OSError, ValueError):
+        return False
+    return manifest.get("status") in FINISHED and manifest.get("finished") is not None and lock == final_lock
+
+
+def run_sweep(plan: SweepPlan, console: Console) -> SweepOutcome:
+    """Run every trial not yet finished; write sweep.json after each result and all reports at the end."""
+    from pipeline.sweep import report
+
+    out = plan.out
+    (out / "recipes").mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    build: list[TrialTask] = []
+    final: list[TrialTask] = []
+    skipped: list[str] = []
+    for t in plan.trials:
+        recipe = plan.recipes[t.id]
+        run_dir = out / "trials" / t.id
+        # One worker, or two phases: the last phase runs with the recipe's own threads.
+        if plan.two_phase or plan.workers == 1:
+            last_overrides, last = t.overrides, recipe
+        else:
+            last_overrides = (f"threads={plan.threads_per_worker}", *t.overrides)
+            last = load_recipe(plan.recipe_path, last_overrides)
+        final_lock = dump_lock(last)  # what the trial's recipe.lock.yaml says once it finished
+        atomic.write_text(out / "recipes" / f"{t.id}.yaml", final_lock)
+        if _is_done(run_dir, final_lock):
+            skipped.append(t.id)
+            continue
+        recipe_file = str(plan.recipe_path)
+        if plan.two_phase:
+            build.append(TrialTask(t.id, "build", recipe_file, str(run_dir), plan.threads_per_worker,
+                                   t.overrides + _build_overrides(recipe, plan.threads_per_worker)))
+        phase = "time" if plan.two_phase else "full"
+        final.append(TrialTask(t.id, phase, recipe_file, str(run_dir), last.threads, last_overrides))
+    results: dict[str, list[dict[str, Any]]] = {t.id: [] for t in plan.trials}
+    if skipped:
+        console.print(f"{len(skipped)} of {len(plan.trials)} trials already finished in {out} (resumed, not re-run)")
+    if not plan.retry_failed:  # a trial that failed with this very recipe would fail again: keep its record
+        failed = _failed_before(out)
+        for t in plan.trials:
+            old = failed.get(t.id)
+            if old and old.get("recipe_sha256") == hashlib.sha256(recipe_text(out, t.id).encode()).hexdigest():
+                results[t.id] = old.get("phases") or []
+        keep = {tid for tid, phases in results.items() if phases}
+        if keep:
+            console.print(f"{len(keep)} trial(s) failed in an earlier sweep and are not retried (--retry-failed)")
+            build = [b for b in build if b.trial_id not in keep]
+            final = [f for f in final if f.trial_id not in keep]
+    mode = (f"build phase on {plan.workers} workers x {plan.threads_per_worker} thread(s), then a serial timing phase"
+            if plan.two_phase else f"{plan.workers} worker(s)")
+    console.print(f"sweep: {len(plan.trials)} trials, {len(final)} to run, {plan.executor.name} executor, {mode}")
+
+    def state(status: str) -> dict[str, Any]:
+        return report.collect(plan, results, started, status)
+
+    interrupted = False
+    try:
+        failed_build: set[str] = set()
+        for n, res in enumerate(plan.executor.run(build, plan.workers), start=1):
+            _note(console, res, n, len(build), results)
+            if res.exit_code not in (0, 1):
+                failed_build.add(res.trial_id)
+            atomic.write_json(out / "sweep.json", state("running"))
+        final = [t for t in final if t.trial_id not in failed_build]
+        workers = 1 if plan.two_phase else plan.workers
+        timing = LocalExecutor() if plan.two_phase else plan.executor  # timing stays on this machine
+        for n, res in enumerate(timing.run(final, workers), start=1):
+            _note(console, res, n, len(final), results)
+            atomic.write_json(out / "sweep.json", state("running"))
+    except KeyboardInterrupt:
+        interrupted = True
+    data = state("interrupted" if interrupted else "finished")
+    report.write_all(out, data)
+    if interrupted:
+        console.print(f"interrupted: run the same command again to continue the sweep in {out}")
+        return SweepOutcome(out, EXIT_INTERRUPTED, data)
+    return SweepOutcome(out, report.exit_code(data), data)
+
+
+def _failed_before(out: Path) -> dict[str, dict[str, Any]]:
+    """Trials recorded as failed in the previous sweep.json of this directory."""
+    try:
+        previous = json.loads((out / "sweep.json").read_text())
+        return {t["id"]: t for t in previous.get("trials", []) if t.get("status") == "failed"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _note(console: Console, res: TrialResult, n: int, total: int, results: dict[str, list[dict[str, Any]]]) -> None:
+    results[res.trial_id].append(res.to_dict())
+    verdict = {0: "[green]ok[/]", 1: "[yellow]gate failed[/]"}.get(res.exit_code, f"[red]failed (exit {res.exit_code})[/]")
+    why = f": {escape(res.error)}" if res.error and res.exit_code not in (0, 1) else ""
+    console.print(f"\\[{res.phase} {n}/{total}] {escape(res.trial_id)} {verdict} in {res.seconds:.1f} s{why}",
+                  highlight=False)

@@ -1,0 +1,254 @@
+"""fmap sweep: grid parsing, objectives, the Pareto front, bad input before any trial, and one real
+sweep (tiny recipe, 2 workers, a failing trial, the serial timing phase, resume)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.errors import BadInput
+from pipeline.sweep import grid, objectives
+from pipeline.sweep.pareto import dominates, front
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+name: tiny-sweep
+seed: 0
+threads: 1
+model: {source: "builtin:digits_cnn", input_shape: [1, 1, 32, 32]}
+data:
+  calibration: {source: builtin, split: calibration, batch_size: 32, samples: 32}
+  eval: {source: builtin, split: test, batch_size: 64, samples: 64}
+stages:
+  - export: {}
+  - quantize: {mode: static, calibration: minmax}
+  - verify:
+      backends: [onnxruntime]
+      latency: {batch_sizes: [1], warmup: 1, iterations: 5}
+      gates: {min_agreement: 0.5}
+"""
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+# -- grid ------------------------------------------------------------------------------------
+
+
+def test_grid_splits_on_top_level_commas_only():
+    g = grid.parse_grid("stages.verify.latency.batch_sizes=[1],[1, 8]")
+    assert g.values == ("[1]", "[1, 8]")
+    assert grid.parse_grid("stages.prune.amount=0.3,0.5,0.3").values == ("0.3", "0.5")
+
+
+@pytest.mark.parametrize("item", ["stages.prune.amount=", "stages.prune.amount=0.3,", "=1,2", "noequals"])
+def test_grid_rejects_empty_lists_and_keys(item):
+    with pytest.raises(BadInput, match="--grid"):
+        grid.parse_grid(item)
+
+
+def test_trials_are_the_product_with_stable_ids():
+    grids = grid.parse_grids(["a.x=1,2", "b.y=p,q,r"])
+    ts = grid.trials(grids, ("seed=1",))
+    assert len(ts) == 6
+    assert ts[0].overrides == ("seed=1", "a.x=1", "b.y=p") and ts[0].params == {"a.x": 1, "b.y": "p"}
+    assert len({t.id for t in ts}) == 6
+    # the same point keeps its directory when another value is added to the grid (resume)
+    more = grid.trials(grid.parse_grids(["a.x=1,2,3", "b.y=p,q,r"]), ("seed=1",))
+    assert {t.id for t in ts} <= {t.id for t in more}
+    assert all(re.fullmatch(r"[A-Za-z0-9._+-]+", t.id) for t in more)
+
+
+# -- objectives, constraints, front ------------------------------------------------------------
+
+
+def test_objectives_and_constraints_parse_and_check_names():
+    assert [str(o) for o in objectives.parse_objectives(("agreement", "latency_ms:min"))] == [
+        "agreement:max", "latency_ms:min"]
+    c = objectives.parse_constraint(" agreement >= 0.99 ")
+    assert (c.name, c.op, c.bound) == ("agreement", ">=", 0.99)
+    assert c.holds(0.995) and not c.holds(0.98) and not c.holds(None)
+    with pytest.raises(BadInput, match="did you mean 'latency_ms'"):
+        objectives.parse_objective("latency_mss:min")
+    with pytest.raises(BadInput, match="direction"):
+        objectives.parse_objective("agreement:up")
+    for bad in ("agreement=>0.9", "agreement>=", ">=0.9", "agreement>=0.9x"):
+        with pytest.raises(BadInput, match="--constraint"):
+            objectives.parse_constraint(bad)
+    with pytest.raises(BadInput, match="unknown metric"):
+        objectives.parse_constraint("acc>=0.9")
+
+
+def test_values_come_from_the_deployable_row():
+    report = {"artifacts": [
+        {"artifact": "original", "backend": "torch", "deployable": False, "agreement": 1.0, "p50_ms": 3.0,
+         "size_bytes": 3_000_000},
+        {"artifact": "onnx_int8", "backend": "onnxruntime", "deployable": True, "agreement": 0.99, "p50_ms": 1.0,
+         "size_bytes": 1_000_000},
+        {"artifact": "onnx_int8", "backend": "openvino", "deployable": True, "agreement": 0.98, "p50_ms": None,
+         "size_bytes": 1_000_000}]}
+    row = objectives.deployable_row(report)
+    assert objectives.values(row, ["agreement", "latency_ms", "size_mb"]) == {
+        "agreement": 0.99, "latency_ms": 1.0, "size_mb": 1.0}
+    ov = objectives.deployable_row(report, "openvino")
+    assert objectives.values(ov, ["latency_ms"]) == {"latency_ms": None}  # unmeasured stays None
+    assert objectives.deployable_row(report, "tensorrt") is None
+
+
+def test_pareto_front():
+    d = ["max", "min"]
+    assert dominates([0.99, 1.0], [0.98, 2.0], d) and not dominates([0.99, 1.0], [0.99, 1.0], d)
+    pts = {"a": [0.99, 3.0], "b": [0.97, 1.0], "c": [0.96, 2.0], "d": [0.99, 3.5], "e": [1.0, 5.0]}
+    assert front(pts, d) == ["a", "b", "e"]
+
+
+# -- bad input: one line, exit 2, no trial started -------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "stages.quantize.nope=1,2"], "stages[1].quantize.nope: unknown key"),
+    (["--grid", "stages.prune.amount=0.3,0.5"], "no stage 'prune'"),
+    (["--grid", "stages.quantize.mode=static,int4"], "expected 'static' | 'dynamic' | 'fp16', got 'int4'"),
+    (["--grid", "stages.quantize.mode="], "empty value list"),
+    (["--objective", "latency:min"], "unknown metric 'latency'"),
+    (["--constraint", "agreement>>0.99"], "expected NAME OP NUMBER"),
+    (["--workers", "0"], "--workers must be at least 1"),
+])
+def test_bad_input_exits_2_before_any_trial(tiny_recipe, tmp_path, args, message):
+    out = tmp_path / "sweep"
+    res = CliRunner().invoke(cli, ["sweep", str(tiny_recipe), "--out", str(out), *args], standalone_mode=False)
+    assert isinstance(res.exception, BadInput) and res.exception.exit_code == 2
+    assert message in str(res.exception) and "\n" not in str(res.exception)
+    assert not out.exists()
+
+
+def test_ray_missing_or_unreachable_is_bad_input(tiny_recipe, tmp_path):
+    if importlib.util.find_spec("ray") is not None:
+        with socket.socket() as sock:  # a port nobody listens on once closed
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        args, message = ["--address", f"ray://127.0.0.1:{port}"], "is unreachable"
+    else:
+        args, message = [], "Ray is not installed"
+    res = CliRunner().invoke(cli, ["sweep", str(tiny_recipe), "--out", str(tmp_path / "s"), "--executor", "ray", *args],
+                             standalone_mode=False)
+    assert isinstance(res.exception, BadInput) and message in str(res.exception)
+    assert not (tmp_path / "s").exists()
+
+
+# -- one real sweep -----------------------------------------------------------------------------------
+
+
+def _sweep(recipe: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", str(recipe), "--out", str(out), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def _trials(out: Path) -> list[dict]:
+    return json.loads((out / "sweep.json").read_text())["trials"]
+
+
+def test_sweep_two_workers_failing_trial_timing_phase_and_resume(tiny_recipe, tmp_path):
+    """The default-suite sweep: 2 trials on 2 workers, one failing at run time (3 fmap processes)."""
+    out = tmp_path / "sweep"
+    grids = ["--grid", "model.input_shape=[1,1,32,32],[1,3,32,32]"]
+    res = _sweep(tiny_recipe, out, *grids, "--workers", "2", "--constraint", "agreement>=0.5")
+    assert res.returncode == 0, res.stderr
+    assert "serial timing phase" in res.stderr
+    ok, bad = _trials(out)  # leaderboard order: the front first, failures last
+    assert ok["params"] == {"model.input_shape": [1, 1, 32, 32]} and ok["status"] == "ok"
+    assert ok["pareto"] and ok["feasible"]
+    # a failing trial is recorded with its one-line error and did not stop the other
+    assert bad["status"] == "failed" and "fails on an input of shape [1, 3, 32, 32]" in bad["error"]
+    assert not bad["feasible"] and not bad["pareto"] and [p["phase"] for p in bad["phases"]] == ["build"]
+    run_dir = out / ok["run_dir"]
+    report = json.loads((run_dir / "report.json").read_text())
+    row = next(r for r in report["artifacts"] if r["deployable"])
+    assert ok["objectives"] == {"agreement": row["agreement"], "latency_ms": row["p50_ms"],
+                                "size_mb": row["size_bytes"] * 1e-6}
+    # the timing phase resumed the built stages and ran only verify, with the recipe's threads
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    stages = {s["id"]: s for s in manifest["stages"]}
+    assert stages["export"]["resumed"] and stages["quantize"]["resumed"] and not stages["verify"]["resumed"]
+    assert [p["phase"] for p in ok["phases"]] == ["build", "time"]
+    html = (out / "sweep.html").read_text()
+    assert "data:image/png;base64," in html and "<script" not in html
+    assert re.search(rf'<area shape="circle" coords="\d+,\d+,8" href="trials/{ok["id"]}/report.html"', html)
+    md = (out / "sweep.md").read_text()
+    assert f"[report](trials/{ok['id']}/report.md)" in md and "| failed: model 'builtin:digits_cnn' fails" in md
+
+    # resume: nothing re-run; a new constraint is judged on the finished runs; nobody meets it: exit 1
+    before = (run_dir / "manifest.json").stat().st_mtime_ns
+    res = CliRunner().invoke(cli, ["sweep", str(tiny_recipe), "--out", str(out), *grids, "--workers", "2",
+                                   "--constraint", "size_mb<0.001"], standalone_mode=False)
+    assert res.exception is None and res.return_value == 1
+    assert "1 of 2 trials already finished" in res.output and "1 trial(s) failed in an earlier sweep" in res.output
+    assert (run_dir / "manifest.json").stat().st_mtime_ns == before
+    again = _trials(out)
+    assert [t["status"] for t in again] == ["ok", "failed"] and again[0]["violations"] == ["size_mb<0.001"]
+    assert not any(t["pareto"] for t in again)
+
+
+@pytest.mark.slow
+def test_sweep_product_grid_resumes_an_interrupted_trial(tiny_recipe, tmp_path):
+    """4 trials (2 fail), then a sweep killed mid-trial continues from that trial's finished stages."""
+    out = tmp_path / "sweep"
+    grids = ["--grid", "model.input_shape=[1,1,32,32],[1,3,32,32]", "--grid", "stages.quantize.mode=static,dynamic"]
+    res = _sweep(tiny_recipe, out, *grids, "--workers", "2", "--constraint", "agreement>=0.5")
+    assert res.returncode == 0, res.stderr
+    trials = _trials(out)
+    ok = [t for t in trials if t["status"] == "ok"]
+    assert len(ok) == 2 and all(t["params"]["model.input_shape"] == [1, 1, 32, 32] for t in ok)
+    assert data_front(out) and set(data_front(out)) <= {t["id"] for t in ok}
+    keep, redo = ok
+    manifest = out / redo["run_dir"] / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["status"], m["finished"] = "interrupted", None  # what a killed sweep leaves behind
+    manifest.write_text(json.dumps(m))
+    before = (out / keep["run_dir"] / "manifest.json").stat().st_mtime_ns
+    res = _sweep(tiny_recipe, out, *grids, "--workers", "1", "--constraint", "agreement>=0.5")
+    assert res.returncode == 0, res.stderr
+    assert "1 of 4 trials already finished" in res.stderr
+    assert "2 trial(s) failed in an earlier sweep and are not retried" in res.stderr
+    assert (out / keep["run_dir"] / "manifest.json").stat().st_mtime_ns == before
+    again = {t["id"]: t for t in _trials(out)}
+    assert again[redo["id"]]["status"] == "ok"
+    assert sum(t["status"] == "failed" for t in again.values()) == 2
+    stages = json.loads(manifest.read_text())["stages"]
+    assert all(s["resumed"] for s in stages if s["id"] != "verify")
+
+
+def data_front(out: Path) -> list[str]:
+    return json.loads((out / "sweep.json").read_text())["pareto_front"]
+
+
+@pytest.mark.slow
+def test_ray_executor_on_a_local_cluster(tiny_recipe, tmp_path):
+    """4 trials, each build phase a Ray task on a local Ray (127.0.0.1) started and stopped by fmap."""
+    pytest.importorskip("ray")
+    out = tmp_path / "sweep"
+    res = _sweep(tiny_recipe, out, "--executor", "ray", "--workers", "2", "--grid", "stages.quantize.mode=static,dynamic",
+                 "--grid", "stages.quantize.per_channel=true,false")
+    assert res.returncode == 0, res.stderr
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["executor"]["name"] == "ray" and data["summary"]["finished"] == 4
+    for t in data["trials"]:
+        assert t["status"] == "ok" and [p["phase"] for p in t["phases"]] == ["build", "time"]
+        assert (out / t["run_dir"] / "report.html").is_file()
+    assert data["pareto_front"]
