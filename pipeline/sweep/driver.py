@@ -30,31 +30,10 @@ from pipeline.recipe import Recipe, dump_lock, load_recipe
 from pipeline.sweep import grid as gridmod
 from pipeline.sweep import objectives as objmod
 from pipeline.sweep.executors import Executor, LocalExecutor, TrialResult, TrialTask
+from pipeline.sweep.plan import SweepPlan, verify_index
 from pipeline.sweep.report import recipe_text
 
 FINISHED = ("ok", "gate_failed")
-
-
-@dataclass
-class SweepPlan:
-    recipe_path: Path
-    out: Path
-    grids: list[gridmod.Grid]
-    overrides: tuple[str, ...]
-    trials: list[gridmod.Trial]
-    recipes: dict[str, Recipe]  # trial id -> the validated recipe with its overrides
-    objectives: list[objmod.Objective]
-    constraints: list[objmod.Constraint]
-    backend: str | None
-    workers: int
-    threads_per_worker: int
-    executor: Executor
-    executor_address: str | None = None
-    retry_failed: bool = False
-
-    @property
-    def two_phase(self) -> bool:
-        return self.workers > 1 and len(self.trials) > 1 and _verify_index(next(iter(self.recipes.values()))) > 0
 
 
 @dataclass
@@ -62,11 +41,6 @@ class SweepOutcome:
     out: Path
     exit_code: int
     data: dict[str, Any] = field(default_factory=dict)
-
-
-def _verify_index(recipe: Recipe) -> int:
-    """Index of the first verify stage (-1 when there is none)."""
-    return next((s.index for s in recipe.stages if s.kind == "verify"), -1)
 
 
 def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overrides: tuple[str, ...] = (),
@@ -88,7 +62,7 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
         except BadInput as exc:
             point = ", ".join(f"{k}={v}" for k, v in t.params.items()) or "the recipe"
             raise BadInput(f"sweep trial {point}: {exc}") from None
-        if _verify_index(recipe) < 0:
+        if verify_index(recipe) < 0:
             raise BadInput(f"{recipe_path}: a sweep needs a verify stage (objectives are read from its "
                            f"artifact rows; objectives: {', '.join(map(str, objectives))})")
         recipes[t.id] = recipe
@@ -114,7 +88,7 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
 def _build_overrides(recipe: Recipe, threads: int) -> tuple[str, ...]:
     """Extra `--set` items of the build phase: its threads, and only the (resolved) stages before
     the first verify. JSON is YAML, so `stages=[...]` is an ordinary override of the whole list."""
-    prefix = [s.to_dict() for s in recipe.stages[:_verify_index(recipe)]]
+    prefix = [s.to_dict() for s in recipe.stages[:verify_index(recipe)]]
     return (f"threads={threads}", "stages=" + json.dumps(prefix, separators=(",", ":")))
 
 

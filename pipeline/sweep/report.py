@@ -22,7 +22,7 @@ from pipeline.sweep import objectives as objmod
 from pipeline.sweep.pareto import front
 
 if TYPE_CHECKING:
-    from pipeline.sweep.driver import SweepPlan
+    from pipeline.sweep.plan import SweepPlan
 
 SCHEMA_VERSION = "1.0"
 

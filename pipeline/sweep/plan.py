@@ -1,0 +1,39 @@
+"""What a sweep will run, fully validated before any trial starts (built by driver.plan_sweep,
+read by the driver and the report)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.recipe import Recipe
+from pipeline.sweep import grid as gridmod
+from pipeline.sweep import objectives as objmod
+from pipeline.sweep.executors import Executor
+
+
+@dataclass
+class SweepPlan:
+    recipe_path: Path
+    out: Path
+    grids: list[gridmod.Grid]
+    overrides: tuple[str, ...]
+    trials: list[gridmod.Trial]
+    recipes: dict[str, Recipe]  # trial id -> the validated recipe with its overrides
+    objectives: list[objmod.Objective]
+    constraints: list[objmod.Constraint]
+    backend: str | None
+    workers: int
+    threads_per_worker: int
+    executor: Executor
+    executor_address: str | None = None
+    retry_failed: bool = False
+
+    @property
+    def two_phase(self) -> bool:
+        return self.workers > 1 and len(self.trials) > 1 and verify_index(next(iter(self.recipes.values()))) > 0
+
+
+def verify_index(recipe: Recipe) -> int:
+    """Index of the first verify stage (-1 when there is none)."""
+    return next((s.index for s in recipe.stages if s.kind == "verify"), -1)
