@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import BadInput
@@ -52,6 +52,18 @@ class QuantizeConfig(StageConfig):
     eval_samples: int = Field(256, gt=0)
     debug_samples: int = Field(8, gt=0)  # samples for the per-tensor error analysis (holds activations)
     latency_iterations: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _fallback_can_be_judged(self) -> QuantizeConfig:
+        """A fallback target is judged on this machine's kernels: refuse targets it cannot run."""
+        from pipeline.quantization.targets import host_cpu, resolve
+
+        judged = self.fallback.max_accuracy_drop is not None or self.fallback.min_agreement is not None
+        target, host = resolve(self.target), host_cpu().target
+        if judged and target in ("arm64", "tensorrt") and target != host:
+            raise ValueError(f"target {target} cannot be measured on this {host} CPU, so fallback cannot "
+                             f"judge it; remove the fallback target or run the recipe on {target}")
+        return self
 
 
 class QuantizeStage(Stage[QuantizeConfig]):
@@ -297,15 +309,10 @@ class _Quantizer:
 
 
 def _target_plan(cfg: QuantizeConfig) -> dict[str, Any]:
-    """Resolve `target`; refuse a fallback target that this machine cannot measure."""
+    """Resolve `target` (the config already refused a fallback target this machine cannot measure)."""
     from pipeline.quantization import targets
 
     resolved = targets.resolve(cfg.target)
-    host = targets.host_cpu().target
-    judged = cfg.fallback.max_accuracy_drop is not None or cfg.fallback.min_agreement is not None
-    if judged and resolved in ("arm64", "tensorrt") and resolved != host:
-        raise BadInput(f"quantize.target: {resolved} cannot be measured on this {host} CPU, so quantize.fallback "
-                       f"cannot judge it; remove the fallback target or run the recipe on {resolved}")
     return {"requested": cfg.target, "resolved": resolved, "overflow_fix": targets.needs_overflow_fix(resolved)}
 
 
