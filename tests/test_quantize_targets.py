@@ -274,3 +274,9 @@ def test_uniform_reader_keeps_every_sample_when_a_divisor_exists():
     split = TensorSplit("s", torch.zeros(179, 1, 2, 2), None, batch_size=32)  # 179 is prime
     sizes = [len(b["input"]) for b in StreamingReader(split, "input", None, uniform=True)]
     assert set(sizes) == {32} and sum(sizes) == 160
+
+
+def test_calibration_cache_does_not_outlive_the_stage(stem_setup, make_ctx, tmp_path):
+    model, data = stem_setup
+    QuantizeStage().run(make_ctx(model, data, run_dir=tmp_path / "run"), QuantizeConfig(**FAST, target="x86-vnni"))
+    assert not list((tmp_path / "run").rglob(".calibration.*"))

@@ -149,12 +149,13 @@ class QuantizeStage(Stage[QuantizeConfig]):
         try:
             first = quantize(exclude, "0")
             outcome = run_fallback(
-                expand=lambda layer: nodes_to_keep_float(layer, prep), first=first, first_scores=evaluate(first), quantize=quantize, evaluate=evaluate,
-                meets=lambda s: _meets(s, fb), errors=lambda p: tensor_errors(prep, p, debug_reader),
-                base_exclude=exclude, max_float_layers=fb.max_float_layers, max_steps=fb.max_steps,
-                candidates=fb.candidates)
+                expand=lambda layer: nodes_to_keep_float(layer, prep), first=first, first_scores=evaluate(first),
+                quantize=quantize, evaluate=evaluate, meets=lambda s: _meets(s, fb),
+                errors=lambda p: tensor_errors(prep, p, debug_reader), base_exclude=exclude,
+                max_float_layers=fb.max_float_layers, max_steps=fb.max_steps, candidates=fb.candidates)
         finally:
             reference.close()
+            quantize.cache.unlink(missing_ok=True)  # the calibration cache serves this stage run only
         final = ctx.path("model_int8.onnx")
         with atomic_path(final) as tmp:
             shutil.copyfile(outcome.path, tmp)
