@@ -111,7 +111,7 @@ def main() -> int:
     base_macs = macs(teacher, ex)
     log(f"teacher ready; {int(confident.sum())}/{len(eval_x)} confident eval crops")
     ft = FinetuneSettings(minutes=args.minutes, lr=args.lr, optimizer="sgd", warmup=0.05, eval_every=8,
-                          patience=4, augment=AugmentConfig(), temperature=4.0, alpha=0.5)
+                          patience=None, augment=AugmentConfig(), temperature=4.0, alpha=0.5)
     rows: list[tuple[str, str, tuple[float, float]]] = []
 
     # fmap

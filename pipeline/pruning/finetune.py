@@ -77,7 +77,7 @@ class FinetuneSettings:
     distill: bool = True
     temperature: float = 4.0
     alpha: float = 0.5
-    patience: int = 2  # evaluations without improvement before stopping
+    patience: int | None = None  # evaluations without improvement before stopping; None: use the whole budget
     eval_every: int | None = None  # steps between evaluations; None = once per epoch
     augment: AugmentConfig | None = None
     feature_layers: tuple[str, ...] = ()
@@ -246,7 +246,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, ref:
                         best_state = copy.deepcopy(model.state_dict())
                     else:
                         bad += 1
-                        if bad >= s.patience:
+                        if s.patience is not None and bad >= s.patience:
                             stopped, done = "early_stop", True
                 if done:
                     break
