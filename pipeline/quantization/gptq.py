@@ -120,32 +120,21 @@ def _layers(model: Any, float_path: Path) -> list[dict[str, Any]]:
 def _patches(float_path: Path, layers: list[dict[str, Any]], reader: Any, per_layer: int) -> dict[str, Any]:
     """Random input patches of each layer, [P, groups, K] float32, from one pass over `reader`."""
     import onnx
-    import onnxruntime as ort
     import torch
 
-    model = onnx.load(str(float_path))
-    inputs = {i.name for i in model.graph.input}
+    from pipeline.quantization.graph import tensor_batches
+
     names = sorted({layer["act"] for layer in layers})
-    fetched = [n for n in names if n not in inputs]
-    existing = {o.name for o in model.graph.output}
-    for name in fetched:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     batches = max(1, -(-reader.samples_available() // reader.batch_size)) if hasattr(reader, "samples_available") else 8
     take = max(1, per_layer // batches)
     rng = np.random.default_rng(0)
     got: dict[str, list[np.ndarray]] = {layer["name"]: [] for layer in layers}
-    reader.rewind()
-    for feed in iter(reader.get_next, None):
-        arrays = dict(zip(fetched, session.run(fetched, feed) if fetched else []))
-        arrays.update({n: feed[n] for n in names if n in inputs})
+    for arrays in tensor_batches(onnx.load(str(float_path)), names, reader):
         for layer in layers:
             x = torch.from_numpy(np.asarray(arrays[layer["act"]], dtype=np.float32))
             cols = _unfold(x, layer)  # [N * L, groups, K]
             idx = rng.choice(cols.shape[0], size=min(take, cols.shape[0]), replace=False)
             got[layer["name"]].append(cols[idx].numpy())
-    reader.rewind()
     return {k: np.concatenate(v) for k, v in got.items() if v}
 
 

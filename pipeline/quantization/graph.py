@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -35,14 +36,10 @@ def set_initializer(graph: Any, name: str, array: Any) -> None:
     raise KeyError(name)
 
 
-def channel_stats(model: Any, names: list[str], reader: Any) -> dict[str, dict[str, Any]]:
-    """Per-channel mean, max and min of the float tensors `names` over `reader`'s batches (streamed).
-
-    Bias correction needs E[x] per input channel; ReLU6-aware equalization needs the largest
-    pre-clip value per channel; the saturation check needs each channel's range. One extra pass
-    over the calibration data serves each of them.
-    """
-    import numpy as np
+def tensor_batches(model: Any, names: list[str], reader: Any) -> Iterator[dict[str, Any]]:
+    """Stream the float tensors `names` of `model` (graph inputs included), one dict per batch of
+    `reader`, from one session with those tensors added as outputs. Every pass over calibration
+    data that needs intermediate tensors (statistics, histograms, patches) goes through here."""
     import onnx
     import onnxruntime as ort
 
@@ -55,11 +52,25 @@ def channel_stats(model: Any, names: list[str], reader: Any) -> dict[str, dict[s
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    stats: dict[str, dict[str, Any]] = {n: {"sum": 0.0, "count": 0, "max": None, "min": None} for n in names}
     reader.rewind()
     for feed in iter(reader.get_next, None):
         arrays = dict(zip(fetched, session.run(fetched, feed) if fetched else []))
         arrays.update({n: feed[n] for n in names if n in inputs})
+        yield arrays
+    reader.rewind()
+
+
+def channel_stats(model: Any, names: list[str], reader: Any) -> dict[str, dict[str, Any]]:
+    """Per-channel mean, max and min of the float tensors `names` over `reader`'s batches (streamed).
+
+    Bias correction needs E[x] per input channel; ReLU6-aware equalization needs the largest
+    pre-clip value per channel; the saturation check needs each channel's range. One extra pass
+    over the calibration data serves each of them.
+    """
+    import numpy as np
+
+    stats: dict[str, dict[str, Any]] = {n: {"sum": 0.0, "count": 0, "max": None, "min": None} for n in names}
+    for arrays in tensor_batches(model, names, reader):
         for name in names:
             arr = arrays[name]
             axes = (0,) + tuple(range(2, arr.ndim))
@@ -69,5 +80,4 @@ def channel_stats(model: Any, names: list[str], reader: Any) -> dict[str, dict[s
             mx, mn = arr.max(axis=axes).astype(np.float64), arr.min(axis=axes).astype(np.float64)
             s["max"] = mx if s["max"] is None else np.maximum(s["max"], mx)
             s["min"] = mn if s["min"] is None else np.minimum(s["min"], mn)
-    reader.rewind()
     return {n: {"mean": s["sum"] / max(s["count"], 1), "max": s["max"], "min": s["min"]} for n, s in stats.items()}

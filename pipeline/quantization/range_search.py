@@ -77,26 +77,16 @@ def _expected_mse(hist: np.ndarray, centres: np.ndarray, lo: float, hi: float) -
 def _histograms(float_path: Path, ranges: dict[str, tuple[float, float]], reader: Any) -> dict[str, np.ndarray]:
     """One pass: a histogram of every named float tensor over its min-max range."""
     import onnx
-    import onnxruntime as ort
+
+    from pipeline.quantization.graph import tensor_batches
 
     model = onnx.load(str(float_path))
-    inputs = {i.name for i in model.graph.input}
-    produced = {o for n in model.graph.node for o in n.output}
-    names = [n for n in ranges if n in produced or n in inputs]
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing and name not in inputs:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    fetched = [n for n in names if n not in inputs]
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    known = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+    names = [n for n in ranges if n in known]
     hists = {n: np.zeros(BINS, dtype=np.float64) for n in names}
-    reader.rewind()
-    for feed in iter(reader.get_next, None):
-        arrays = dict(zip(fetched, session.run(fetched, feed) if fetched else []))
-        arrays.update({n: feed[n] for n in names if n in inputs})
+    for arrays in tensor_batches(model, names, reader):
         for name in names:
             lo, hi = ranges[name]
             if hi > lo:
                 hists[name] += np.histogram(np.asarray(arrays[name], dtype=np.float32), bins=BINS, range=(lo, hi))[0]
-    reader.rewind()
     return hists
