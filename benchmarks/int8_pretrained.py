@@ -105,12 +105,10 @@ def ov_infer(ov_model: Any) -> Callable[[np.ndarray], np.ndarray]:
     return infer
 
 
-def saturation_note(path: Path, prep: Path, calib) -> str:
-    from pipeline.export.onnx import INPUT_NAME
+def saturation_note(path: Path, ranges: dict[str, Any]) -> str:
     from pipeline.quantization import saturation
-    from pipeline.quantization.calibration import StreamingReader
 
-    risky = saturation.at_risk(saturation.check(path, saturation.activation_ranges(prep, StreamingReader(calib, INPUT_NAME))))
+    risky = saturation.at_risk(saturation.check(path, ranges))
     return "safe on every x86" if not risky else f"{len(risky)} layers can saturate without VNNI"
 
 
@@ -167,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.quantization.ort_quant import preprocess
 
         preprocess(fp32, prep)
+        from pipeline.export.onnx import INPUT_NAME
+        from pipeline.quantization.calibration import StreamingReader
+        from pipeline.quantization.saturation import activation_ranges
+
+        ranges = activation_ranges(prep, StreamingReader(calib, INPUT_NAME))  # one pass serves every file
         files = [("FP32", fp32, "fp32"), ("quantize_static by hand (ORT defaults)", by_hand_int8(fp32, calib, work), "int8")]
         host = host_cpu().target
         best = {"calibration": "mse", "weight_rounding": "gptq"}
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             files.append((label, path, "int8"))
         sessions = []
         for label, path, precision in files:
-            note = saturation_note(path, prep, calib) if precision == "int8" else ""
+            note = saturation_note(path, ranges) if precision == "int8" else ""
             for b in (ort_b, ov_b):
                 sess = b.load(path, threads=THREADS, precision_hint=precision)
                 sessions.append(sess)

@@ -60,7 +60,6 @@ def _channel_rel_err(f: list[Any], q: list[Any], channels: int | None, batches: 
 
 def tensor_errors(float_path: Path, qdq_path: Path, reader: Any) -> list[TensorError]:
     """All tensor errors, worst local error first. `reader` must support rewind()."""
-    import onnx
     from onnxruntime.quantization import qdq_loss_debug as dbg
 
     with tempfile.TemporaryDirectory(prefix="fmap-qdebug-") as tmp:

@@ -78,21 +78,15 @@ def _layers(model: Any, float_path: Path) -> list[dict[str, Any]]:
     import onnx
     from onnx import numpy_helper
 
-    from pipeline.quantization.graph import attr, index
+    from pipeline.quantization.graph import attr, index, qdq_matrix_layers
 
     floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(float_path)).graph.initializer}
     inits, producer, _ = index(model.graph)
     out = []
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
-            continue
-        a_dq, w_dq = producer.get(node.input[0]), producer.get(node.input[1])
-        if not (a_dq and w_dq and a_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear"):
-            continue
-        a_q = producer.get(a_dq.input[0])
+    for node, a_q, w_dq in qdq_matrix_layers(model.graph, ("Conv", "Gemm")):
         codes_name = w_dq.input[0]
         w_float = floats.get(codes_name.removesuffix("_quantized"))
-        if a_q is None or a_q.op_type != "QuantizeLinear" or codes_name not in inits or w_float is None:
+        if w_float is None:
             continue
         if node.op_type == "Gemm" and not attr(node, "transB", 0):
             continue  # weights stored [K, N]: rare in CNN heads; left at nearest rounding
@@ -125,7 +119,7 @@ def _patches(float_path: Path, layers: list[dict[str, Any]], reader: Any, per_la
     from pipeline.quantization.graph import tensor_batches
 
     names = sorted({layer["act"] for layer in layers})
-    batches = max(1, -(-reader.samples_available() // reader.batch_size)) if hasattr(reader, "samples_available") else 8
+    batches = max(1, -(-reader.samples_available() // reader.batch_size))
     take = max(1, per_layer // batches)
     rng = np.random.default_rng(0)
     got: dict[str, list[np.ndarray]] = {layer["name"]: [] for layer in layers}

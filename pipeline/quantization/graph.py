@@ -17,6 +17,22 @@ def index(graph: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[An
     return inits, producer, consumers
 
 
+def qdq_matrix_layers(graph: Any, op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul")) -> Iterator[tuple[Any, Any, Any]]:
+    """(layer, activation QuantizeLinear, weight DequantizeLinear) for every layer of a QDQ graph
+    whose input is quantized and whose weight is stored as integer codes: the layers the
+    saturation check, the overflow fix and GPTQ rounding work on."""
+    inits, producer, _ = index(graph)
+    for node in graph.node:
+        if node.op_type not in op_types or len(node.input) < 2:
+            continue
+        a_dq, w_dq = producer.get(node.input[0]), producer.get(node.input[1])
+        if a_dq is None or w_dq is None or a_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+            continue
+        a_q = producer.get(a_dq.input[0])
+        if a_q is not None and a_q.op_type == "QuantizeLinear" and w_dq.input[0] in inits:
+            yield node, a_q, w_dq
+
+
 def attr(node: Any, name: str, default: Any = None) -> Any:
     import onnx
 

@@ -22,17 +22,18 @@ from pipeline.quantization.saturation import LayerRisk, at_risk, check
 MARGIN = 1.002  # widen a little beyond the exact ratio so rounding rarely needs a second round
 
 
-def widen_scales(qdq_path: Path, float_path: Path, ranges: dict[str, Any], rounds: int = 4) -> dict[str, dict[str, Any]]:
-    """Edit `qdq_path` until no layer is at risk (or `rounds` run out); returns what was widened per
-    layer: {layer: {"channels": n, "of": total, "max_factor": f}}."""
+def widen_scales(qdq_path: Path, float_path: Path, ranges: dict[str, Any],
+                 rounds: int = 4) -> tuple[dict[str, dict[str, Any]], list[LayerRisk]]:
+    """Edit `qdq_path` until no layer is at risk (or `rounds` run out). Returns what was widened per
+    layer, {layer: {"channels": n, "of": total, "max_factor": f}}, and the layers still at risk."""
     import onnx
     from onnx import numpy_helper
 
     floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(float_path)).graph.initializer}
     done: dict[str, dict[str, Any]] = {}
-    for _ in range(rounds):
+    for round_ in range(rounds + 1):
         risky = at_risk(check(qdq_path, ranges))
-        if not risky:
+        if not risky or round_ == rounds:
             break
         model = onnx.load(str(qdq_path))
         for risk in risky:
@@ -43,7 +44,7 @@ def widen_scales(qdq_path: Path, float_path: Path, ranges: dict[str, Any], round
     for entry in done.values():
         f = entry.pop("_f")
         entry["channels"], entry["max_factor"] = int((f > 1).sum()), round(float(f.max()), 4)
-    return done
+    return done, risky
 
 
 def _widen_layer(model: Any, risk: LayerRisk, floats: dict[str, np.ndarray]) -> np.ndarray:

@@ -109,19 +109,11 @@ def summary(risks: list[LayerRisk]) -> dict[str, Any]:
 def _quantized_layers(model: Any) -> list[_Quantized]:
     from onnx import numpy_helper
 
-    from pipeline.quantization.graph import attr, index
+    from pipeline.quantization.graph import attr, qdq_matrix_layers
 
-    inits, producer, _ = index(model.graph)
+    inits = {t.name: t for t in model.graph.initializer}
     out: list[_Quantized] = []
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
-            continue
-        a_dq, w_dq = producer.get(node.input[0]), producer.get(node.input[1])
-        if a_dq is None or w_dq is None or a_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
-            continue
-        a_q = producer.get(a_dq.input[0])
-        if a_q is None or a_q.op_type != "QuantizeLinear" or w_dq.input[0] not in inits:
-            continue
+    for node, a_q, w_dq in qdq_matrix_layers(model.graph):
         scale = float(numpy_helper.to_array(inits[a_q.input[1]]).reshape(-1)[0])
         zp_arr = numpy_helper.to_array(inits[a_q.input[2]]) if len(a_q.input) > 2 and a_q.input[2] else np.uint8(0)
         signed = zp_arr.dtype == np.int8

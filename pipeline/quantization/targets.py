@@ -91,9 +91,7 @@ def measurable_here(target: str, artifact_is_saturation_safe: bool, host: str | 
     host = host or host_cpu().target
     if target == host:
         return True
-    if target in ("arm64", "tensorrt") or host not in KERNELS:
-        return False
-    if host == "arm64":
+    if target in ("arm64", "tensorrt") or host not in KERNELS or host == "arm64":
         return False
     return KERNELS[target] == KERNELS[host] or artifact_is_saturation_safe
 

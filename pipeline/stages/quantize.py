@@ -268,7 +268,6 @@ class _Quantizer:
         self._rounding_cache: dict[str, Any] = {}
 
     def __call__(self, nodes: list[str], tag: str) -> Path:
-        from pipeline.quantization import saturation
         from pipeline.quantization.overflow_fix import widen_scales
 
         path = self.work / f"int8_step{tag}.onnx"
@@ -280,8 +279,7 @@ class _Quantizer:
                 self.gptq = gptq.apply(path, self.prep, self.reader, self._rounding_cache,
                                        reference="nearest" if self.cfg.bias_correction else "float")
         if self.fix:
-            self.widened[path] = widen_scales(path, self.prep, self.ranges)
-            risky = saturation.at_risk(saturation.check(path, self.ranges))
+            self.widened[path], risky = widen_scales(path, self.prep, self.ranges)
             if risky:  # widening did not converge: 7-bit weights are safe by construction
                 self.seven_bit.update({r.weight: r.weight_axis for r in risky})
                 self._quantize(nodes, path)
