@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pipeline.report.json import build_report
+from pipeline.report.document import build_report
 from pipeline.report.markdown import render_markdown
 from pipeline.stages import get_stage
 from pipeline.stages.base import Artifact

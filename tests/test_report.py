@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from pipeline.commands.report import Regression, compare, report
 from pipeline.errors import BadInput
 from pipeline.report import load_manifest, write_reports
-from pipeline.report.json import build_report
+from pipeline.report.document import build_report
 
 
 def _row(artifact, backend, top1, p50, speed, size, baseline=False):

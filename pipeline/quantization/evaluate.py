@@ -55,12 +55,13 @@ def latency_p50(session: Any, x: np.ndarray, iterations: int = 20, warmup: int =
 def backend_latencies(path: Any, precision: str, x: np.ndarray, backends: list[str], threads: int,
                       iterations: int = 20) -> tuple[dict[str, float | None], dict[str, Any]]:
     """p50 per backend, plus describe() of each; a backend that cannot run gives None and a reason."""
+    from pipeline.backends import get_backend
     from pipeline.backends.base import BackendUnavailable
 
     lat: dict[str, float | None] = {}
     info: dict[str, Any] = {}
     for name in backends:
-        module = _backend(name)
+        module = get_backend(name)
         try:
             sess = module.load(path, threads=threads, precision_hint=precision)
         except Exception as exc:  # unavailable, or this backend cannot read this file: a visible skip
@@ -74,12 +75,3 @@ def backend_latencies(path: Any, precision: str, x: np.ndarray, backends: list[s
             sess.close()
     return lat, info
 
-
-def _backend(name: str) -> Any:
-    if name == "onnxruntime":
-        from pipeline.backends import onnxruntime as mod
-    elif name == "openvino":
-        from pipeline.backends import openvino as mod
-    else:  # pragma: no cover - the config restricts names
-        raise ValueError(name)
-    return mod

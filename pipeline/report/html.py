@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.report import fmt, plots
+from pipeline.report import fmt, plots, report_format
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -33,6 +33,7 @@ img{max-width:100%;border:1px solid #eee}details{margin:.4em 0}.scroll{max-heigh
 DRAWN_INLINE = {"profile": {"plot_memory_timeline", "plot_redundancy"}, "prune": {"prune_channels"}}
 
 
+@report_format("html", "report.html")
 def render_html(report: dict[str, Any], run_dir: Path | None = None) -> str:
     state, verdict = fmt.verdict(report)
     parts = [f"<h1>fmap report: {_e(report.get('recipe_name') or 'run')}</h1>",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
-from pipeline.report import fmt
+from pipeline.report import fmt, report_format
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+@report_format("md", "report.md")
+def render_markdown(report: dict[str, Any], run_dir: Path | None = None) -> str:
     s = report["summary"]
     state, text = fmt.verdict(report)
     verdict = {"pass": "✅ ", "fail": "❌ ", "none": "➖ "}[state] + text

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from pipeline.contracts import run_relative
 from pipeline.errors import StageFailed
 from pipeline.stages.base import Artifact, GateResult, Stage, StageConfig, StageContext, StageResult
 
@@ -84,7 +85,7 @@ def visualize_batch(ctx: StageContext, cfg: VisualizeConfig, x: torch.Tensor, y:
 
     def add_plot(key: str, path: Path, what: str) -> None:
         result.artifacts[key] = Artifact(path, "plot", description=what)
-        m["plots"][key] = _rel(path, ctx.run_dir)
+        m["plots"][key] = run_relative(path, ctx.run_dir)
 
     ref_cams: dict[str, torch.Tensor] = {}
     with ctx.console.status("visualize: feature maps and Grad-CAM"):
@@ -139,7 +140,7 @@ def visualize_batch(ctx: StageContext, cfg: VisualizeConfig, x: torch.Tensor, y:
     gallery = write_gallery(ctx.path("qa.html"), _gallery_rows(x, y, names, preds, sims, ref_cams.get(cam_layer or ""), overlays),
                             list(preds))
     result.artifacts["qa_gallery"] = Artifact(gallery, "report", description="per-image QA gallery")
-    m["plots"]["qa_gallery"] = _rel(gallery, ctx.run_dir)
+    m["plots"]["qa_gallery"] = run_relative(gallery, ctx.run_dir)
 
     if cfg.tensorboard:
         m["tensorboard"] = _tensorboard(ctx, ref, x, acts)
@@ -196,7 +197,7 @@ def _tensorboard(ctx: StageContext, model: nn.Module, x: torch.Tensor, acts: dic
         ctx.console.print(f"[yellow]visualize: tensorboard export skipped: {reason}[/]")
         return f"skipped: {reason}"
     log_dir = export_tensorboard(ctx.path(f"{OUT}/tensorboard/.keep").parent, model, x, acts)
-    return _rel(log_dir, ctx.run_dir)
+    return run_relative(log_dir, ctx.run_dir)
 
 
 def _scaling(ctx: StageContext, model: nn.Module, add_plot: Any) -> Any:
@@ -210,9 +211,3 @@ def _scaling(ctx: StageContext, model: nn.Module, add_plot: Any) -> Any:
     add_plot("scaling", plot_scaling(table, ctx.path(f"{OUT}/scaling.png")), "computed memory/MACs scaling")
     return table
 
-
-def _rel(path: Path, run_dir: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(run_dir.resolve()))
-    except ValueError:
-        return str(path)
