@@ -57,7 +57,7 @@ def fmap_int8(model: torch.nn.Module, calib, eval_split, work: Path, **overrides
     from pipeline.stages.base import StageContext
     from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
 
-    ctx = StageContext(recipe=None, run_dir=work, model=model, original_model=model,  # type: ignore[arg-type]
+    ctx = StageContext(run_dir=work, model=model, original_model=model,
                        example_input=calib.x[:1], console=Console(stderr=True, quiet=True),
                        data=DataBundle(calibration=calib, eval=eval_split), threads=THREADS)
     cfg = QuantizeConfig(backends=[], latency_iterations=1, samples=len(calib), debug_samples=4,

@@ -90,7 +90,7 @@ def run(recipe: Path, overrides: tuple[str, ...], resume: bool, out: Path | None
     """Run every stage of RECIPE."""
     from pipeline.recipe import load_recipe
     from pipeline.runner import run_recipe
-    from pipeline.summary import print_summary
+    from pipeline.run_summary import print_summary
 
     console = make_console()
     loaded = load_recipe(recipe, overrides)

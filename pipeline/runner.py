@@ -142,7 +142,7 @@ class Runner:
         for split in (data.calibration, data.eval, data.train):
             if split is not None:
                 check_split(split, model, classes)
-        return StageContext(recipe=self.recipe, run_dir=self.run_dir, model=model,
+        return StageContext(run_dir=self.run_dir, model=model, model_spec=self.recipe.model,
                             original_model=copy.deepcopy(model).eval(), example_input=example, data=data,
                             console=self.console, threads=self.recipe.threads, seed=self.recipe.seed)
 

@@ -182,7 +182,7 @@ class PruneStage(Stage[PruneConfig]):
             "stats_source": stats_source,
         }
         history = {k: metrics[k] for k in ("criterion", "target", "amount", "ratio", "before", "after")}
-        base = ctx.recipe.model.model_dump() if ctx.recipe is not None else {}
+        base = ctx.model_spec.model_dump() if ctx.model_spec is not None else {}
         ckpt = save_checkpoint(ctx.path("pruned.pt"), pruned, base_source=base, history=history)
         plot = plot_channels(layers, ctx.path("prune_channels.png"))
         ctx.model = pruned

@@ -355,7 +355,11 @@ def _isolated_times(ctx: StageContext, runs: list[_Run], runners: dict[Any, Any]
                                 "iterations": lc.iterations, "precision": r.cand.precision,
                                 "plugins": loaded_plugins()}
         if r.backend == "torch":
-            spec["model"] = ctx.recipe.model.model_dump(mode="json")
+            if ctx.model_spec is None:
+                latency[key][str(bs)] = {"batch_size": bs, "error": "cannot be timed in its own process: "
+                                         "the model was given as an object, not a model source"}
+                continue
+            spec["model"] = ctx.model_spec.model_dump(mode="json")
             if r.cand.name != "original":
                 if not r.cand.path:
                     latency[key][str(bs)] = {"batch_size": bs, "error": "cannot be timed in its own process: "
