@@ -93,71 +93,25 @@ class VerifyStage(Stage[VerifyConfig]):
 
     def run(self, ctx: StageContext, cfg: VerifyConfig) -> StageResult:
         # each session runs with `threads` (torch's only inside its calls): process state is untouched
-        return self._run(ctx, cfg, cfg.latency.threads or ctx.threads)
-
-    def _run(self, ctx: StageContext, cfg: VerifyConfig, threads: int) -> StageResult:
+        threads = cfg.latency.threads or ctx.threads
         split = ctx.data.eval or ctx.data.calibration
         if (cfg.gates.max_accuracy_drop is not None) and (split is None or not split.has_labels):
             raise BadInput("verify.gates.max_accuracy_drop needs labelled data.eval in the recipe "
                            "(use gates.min_agreement for unlabelled data)")
-        unavailable: list[dict[str, Any]] = []
-        usable: list[str] = []
-        for b in dict.fromkeys(["torch", *cfg.backends]):
-            reason = available(b)
-            if reason:
-                unavailable.append({"artifact": None, "backend": b, "reason": reason})
-            elif b in cfg.backends or b == "torch":
-                usable.append(b)
-
+        unavailable, usable = _probe_backends(cfg)
         cands = _candidates(ctx)
-        runs: list[_Run] = []
-        example = _batch(ctx, split, 1)
         with contextlib.ExitStack() as sessions:  # every loaded session closes, last opened first
-            for cand in cands:
-                backends = ["torch"] if cand.name == cfg.baseline else [
-                    b for b in cfg.backends if cand.kind in loads(b)]
-                if not backends:
-                    unavailable.append({"artifact": cand.name, "backend": None, "reason":
-                                        f"no requested backend loads {cand.kind} artifacts "
-                                        f"(requested: {', '.join(cfg.backends)})"})
-                for b in backends:
-                    if b not in usable:
-                        if not any(u["backend"] == b and u["artifact"] is None for u in unavailable):
-                            unavailable.append({"artifact": cand.name, "backend": b, "reason": "backend unavailable"})
-                        continue
-                    run = _load(cand, b, threads, example, unavailable, ctx.original_model)
-                    if run is not None:
-                        sessions.enter_context(run.session)
-                        runs.append(run)
-                        ctx.console.print(f"verify: loaded {cand.name} on {b}")
+            runs = _load_all(ctx, cfg, cands, usable, threads, _batch(ctx, split, 1), unavailable, sessions)
             base = next(r for r in runs if r.cand.name == cfg.baseline and r.backend == "torch")
             with ctx.console.status(f"verify: accuracy and agreement, {len(runs)} sessions on "
                                     f"{len(split) if split is not None else 1} samples"):
                 accuracy = _accuracy(ctx, cfg, split, base, runs)
             latency, speedup, speedup_fp32, speedup_vs, machine = _latency(ctx, cfg, split, base, runs)
-
-        results = []
-        for r in runs:
-            key = (r.cand.name, r.backend)
-            results.append({
-                "artifact": r.cand.name, "backend": r.backend, "kind": r.cand.kind,
-                "precision": r.cand.precision, "path": r.cand.path, "size_bytes": r.cand.size_bytes,
-                "size_method": r.cand.size_method, "accuracy": accuracy[key], "latency": latency[key],
-                "speedup": speedup[key], "speedup_fp32": speedup_fp32[key], "speedup_vs": speedup_vs[key],
-                "memory": r.memory, "session": r.description,
-                "baseline": r.cand.name == cfg.baseline and r.backend == "torch",
-            })
+        results = [_result_row(r, cfg, accuracy, latency, speedup, speedup_fp32, speedup_vs) for r in runs]
         deployable = _deployable(ctx, cands)
-        measured = [r["artifact"] for r in results]
-        not_run = {u["artifact"]: u["reason"] for u in unavailable if u["artifact"]}
-        for u in unavailable:
-            if u["artifact"] is None:
-                for c in cands:
-                    if u["backend"] in cfg.backends and c.kind in loads(u["backend"]):
-                        not_run.setdefault(c.name, f"{u['backend']}: {u['reason']}")
-        targets = gate_targets(cfg.gates, deployable, measured, cfg.baseline)
-        gates = evaluate_gates(cfg.gates, results, targets, cfg.baseline,
-                               batch_size=cfg.latency.batch_sizes[0], unmeasured=not_run)
+        targets = gate_targets(cfg.gates, deployable, [r["artifact"] for r in results], cfg.baseline)
+        gates = evaluate_gates(cfg.gates, results, targets, cfg.baseline, batch_size=cfg.latency.batch_sizes[0],
+                               unmeasured=_not_run(cfg, cands, unavailable))
         metrics = {
             "baseline": cfg.baseline, "deployable": deployable, "gate_targets": targets,
             "gate_batch_size": cfg.latency.batch_sizes[0], "threads": threads,
@@ -170,6 +124,69 @@ class VerifyStage(Stage[VerifyConfig]):
             ctx.console.print(f"[yellow]verify: {u['artifact'] or 'all artifacts'} on {u['backend'] or '-'} "
                               f"not measured: {u['reason']}[/yellow]")
         return StageResult(metrics=metrics, gates=gates)
+
+
+def _probe_backends(cfg: VerifyConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """(backends that cannot run here, with reasons; those that can). torch always: the baseline."""
+    unavailable: list[dict[str, Any]] = []
+    usable: list[str] = []
+    for b in dict.fromkeys(["torch", *cfg.backends]):
+        reason = available(b)
+        if reason:
+            unavailable.append({"artifact": None, "backend": b, "reason": reason})
+        elif b in cfg.backends or b == "torch":
+            usable.append(b)
+    return unavailable, usable
+
+
+def _load_all(ctx: StageContext, cfg: VerifyConfig, cands: list[_Candidate], usable: list[str], threads: int,
+              example: np.ndarray, unavailable: list[dict[str, Any]], sessions: contextlib.ExitStack) -> list[_Run]:
+    """Load every candidate on every requested backend that loads its kind; `sessions` closes them."""
+    runs: list[_Run] = []
+    for cand in cands:
+        backends = ["torch"] if cand.name == cfg.baseline else [b for b in cfg.backends if cand.kind in loads(b)]
+        if not backends:
+            unavailable.append({"artifact": cand.name, "backend": None, "reason":
+                                f"no requested backend loads {cand.kind} artifacts "
+                                f"(requested: {', '.join(cfg.backends)})"})
+        for b in backends:
+            if b not in usable:
+                if not any(u["backend"] == b and u["artifact"] is None for u in unavailable):
+                    unavailable.append({"artifact": cand.name, "backend": b, "reason": "backend unavailable"})
+                continue
+            run = _load(cand, b, threads, example, unavailable, ctx.original_model)
+            if run is not None:
+                sessions.enter_context(run.session)
+                runs.append(run)
+                ctx.console.print(f"verify: loaded {cand.name} on {b}")
+    return runs
+
+
+Measured = dict[tuple[str, str], dict[str, Any]]  # by (artifact, backend)
+
+
+def _result_row(r: _Run, cfg: VerifyConfig, accuracy: Measured, latency: Measured, speedup: Measured,
+                speedup_fp32: Measured, speedup_vs: Measured) -> dict[str, Any]:
+    key = (r.cand.name, r.backend)
+    return {
+        "artifact": r.cand.name, "backend": r.backend, "kind": r.cand.kind,
+        "precision": r.cand.precision, "path": r.cand.path, "size_bytes": r.cand.size_bytes,
+        "size_method": r.cand.size_method, "accuracy": accuracy[key], "latency": latency[key],
+        "speedup": speedup[key], "speedup_fp32": speedup_fp32[key], "speedup_vs": speedup_vs[key],
+        "memory": r.memory, "session": r.description,
+        "baseline": r.cand.name == cfg.baseline and r.backend == "torch",
+    }
+
+
+def _not_run(cfg: VerifyConfig, cands: list[_Candidate], unavailable: list[dict[str, Any]]) -> dict[str, str]:
+    """Artifact -> why it was not measured (gates on it fail as unmeasured, with this reason)."""
+    not_run = {u["artifact"]: u["reason"] for u in unavailable if u["artifact"]}
+    for u in unavailable:
+        if u["artifact"] is None:
+            for c in cands:
+                if u["backend"] in cfg.backends and c.kind in loads(u["backend"]):
+                    not_run.setdefault(c.name, f"{u['backend']}: {u['reason']}")
+    return not_run
 
 
 def _candidates(ctx: StageContext) -> list[_Candidate]:

@@ -108,43 +108,12 @@ def run_sweep(plan: SweepPlan, console: Console) -> SweepOutcome:
     out = plan.out
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    build: list[TrialTask] = []
-    final: list[TrialTask] = []
-    skipped: list[str] = []
-    for t in plan.trials:
-        recipe = plan.recipes[t.id]
-        run_dir = out / "trials" / t.id
-        # One worker, or two phases: the last phase runs with the recipe's own threads.
-        if plan.two_phase or plan.workers == 1:
-            last_overrides, last = t.overrides, recipe
-        else:
-            last_overrides = (f"threads={plan.threads_per_worker}", *t.overrides)
-            last = load_recipe(plan.recipe_path, last_overrides)
-        final_lock = dump_lock(last)  # what the trial's recipe.lock.yaml says once it finished
-        atomic.write_text(out / "recipes" / f"{t.id}.yaml", final_lock)
-        if _is_done(run_dir, final_lock):
-            skipped.append(t.id)
-            continue
-        recipe_file = str(plan.recipe_path)
-        if plan.two_phase:
-            build.append(TrialTask(t.id, "build", recipe_file, str(run_dir), plan.threads_per_worker,
-                                   t.overrides + _build_overrides(recipe, plan.threads_per_worker)))
-        phase = "time" if plan.two_phase else "full"
-        final.append(TrialTask(t.id, phase, recipe_file, str(run_dir), last.threads, last_overrides))
+    build, final, skipped = _tasks(plan)
     results: dict[str, list[dict[str, Any]]] = {t.id: [] for t in plan.trials}
     if skipped:
         console.print(f"{len(skipped)} of {len(plan.trials)} trials already finished in {out} (resumed, not re-run)")
     if not plan.retry_failed:  # a trial that failed with this very recipe would fail again: keep its record
-        failed = _failed_before(out)
-        for t in plan.trials:
-            old = failed.get(t.id)
-            if old and old.get("recipe_sha256") == hashlib.sha256(recipe_text(out, t.id).encode()).hexdigest():
-                results[t.id] = old.get("phases") or []
-        keep = {tid for tid, phases in results.items() if phases}
-        if keep:
-            console.print(f"{len(keep)} trial(s) failed in an earlier sweep and are not retried (--retry-failed)")
-            build = [b for b in build if b.trial_id not in keep]
-            final = [f for f in final if f.trial_id not in keep]
+        build, final = _keep_failed(plan, console, results, build, final)
     mode = (f"build phase on {plan.workers} workers x {plan.threads_per_worker} thread(s), then a serial timing phase"
             if plan.two_phase else f"{plan.workers} worker(s)")
     console.print(f"sweep: {len(plan.trials)} trials, {len(final)} to run, {plan.executor.name} executor, {mode}")
@@ -174,6 +143,52 @@ def run_sweep(plan: SweepPlan, console: Console) -> SweepOutcome:
         console.print(f"interrupted: run the same command again to continue the sweep in {out}")
         return SweepOutcome(out, EXIT_INTERRUPTED, data)
     return SweepOutcome(out, report.exit_code(data), data)
+
+
+def _tasks(plan: SweepPlan) -> tuple[list[TrialTask], list[TrialTask], list[str]]:
+    """(build-phase tasks, final-phase tasks, ids of trials already finished); writes each trial's
+    resolved recipe to recipes/<id>.yaml."""
+    build: list[TrialTask] = []
+    final: list[TrialTask] = []
+    skipped: list[str] = []
+    for t in plan.trials:
+        recipe = plan.recipes[t.id]
+        run_dir = plan.out / "trials" / t.id
+        # One worker, or two phases: the last phase runs with the recipe's own threads.
+        if plan.two_phase or plan.workers == 1:
+            last_overrides, last = t.overrides, recipe
+        else:
+            last_overrides = (f"threads={plan.threads_per_worker}", *t.overrides)
+            last = load_recipe(plan.recipe_path, last_overrides)
+        final_lock = dump_lock(last)  # what the trial's recipe.lock.yaml says once it finished
+        atomic.write_text(plan.out / "recipes" / f"{t.id}.yaml", final_lock)
+        if _is_done(run_dir, final_lock):
+            skipped.append(t.id)
+            continue
+        recipe_file = str(plan.recipe_path)
+        if plan.two_phase:
+            build.append(TrialTask(t.id, "build", recipe_file, str(run_dir), plan.threads_per_worker,
+                                   t.overrides + _build_overrides(recipe, plan.threads_per_worker)))
+        phase = "time" if plan.two_phase else "full"
+        final.append(TrialTask(t.id, phase, recipe_file, str(run_dir), last.threads, last_overrides))
+    return build, final, skipped
+
+
+def _keep_failed(plan: SweepPlan, console: Console, results: dict[str, list[dict[str, Any]]],
+                 build: list[TrialTask], final: list[TrialTask]) -> tuple[list[TrialTask], list[TrialTask]]:
+    """Trials that failed in an earlier sweep with the same recipe keep that record (in `results`)
+    and are dropped from the task lists."""
+    failed = _failed_before(plan.out)
+    for t in plan.trials:
+        old = failed.get(t.id)
+        if old and old.get("recipe_sha256") == hashlib.sha256(recipe_text(plan.out, t.id).encode()).hexdigest():
+            results[t.id] = old.get("phases") or []
+    keep = {tid for tid, phases in results.items() if phases}
+    if keep:
+        console.print(f"{len(keep)} trial(s) failed in an earlier sweep and are not retried (--retry-failed)")
+        build = [b for b in build if b.trial_id not in keep]
+        final = [f for f in final if f.trial_id not in keep]
+    return build, final
 
 
 def _failed_before(out: Path) -> dict[str, dict[str, Any]]:
