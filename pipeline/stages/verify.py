@@ -249,14 +249,8 @@ def _accuracy(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run,
               runs: list[_Run]) -> dict[tuple[str, str], dict[str, Any]]:
     accs = {(r.cand.name, r.backend): AccuracyAccumulator() for r in runs}
     errors: dict[tuple[str, str], str] = {}
-    batches = split.batches() if split is not None else [(torch.from_numpy(_batch(ctx, None, 1)), None)]
-    seen = 0
+    batches = split.take(cfg.eval_samples) if split is not None else [(torch.from_numpy(_batch(ctx, None, 1)), None)]
     for x, y in batches:
-        if cfg.eval_samples is not None and seen >= cfg.eval_samples:
-            break
-        if cfg.eval_samples is not None:
-            x, y = x[: cfg.eval_samples - seen], None if y is None else y[: cfg.eval_samples - seen]
-        seen += len(x)
         xn = x.numpy().astype(np.float32)
         ref = _infer(base, xn)
         labels = None if y is None else y.numpy()

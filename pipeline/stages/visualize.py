@@ -20,6 +20,8 @@ if TYPE_CHECKING:  # torch is imported inside functions so that `fmap validate` 
     import torch
     from torch import nn
 
+    from pipeline.sources.data import DataSplit
+
 SHOWN_IMAGES = 4  # rows in the per-layer and worst-image figures
 OUT = "visualize"
 
@@ -41,22 +43,19 @@ class VisualizeStage(Stage[VisualizeConfig]):
     description = "Feature maps, Grad-CAM, compressed-vs-original attention similarity, qa.html gallery"
 
     def run(self, ctx: StageContext, cfg: VisualizeConfig) -> StageResult:
-        x, y = take(ctx.data.require("eval", self.name).batches(), cfg.images)
+        x, y = _first(ctx.data.require("eval", self.name), cfg.images)
         return visualize_batch(ctx, cfg, x, y)
 
 
-def take(batches: Any, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first n samples of a stream of (x, y) batches."""
+def _first(split: DataSplit, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first n samples of a split as one batch."""
     import torch
 
-    xs, ys, got = [], [], 0
-    for bx, by in batches:
-        xs.append(bx[: n - got])
+    xs, ys = [], []
+    for bx, by in split.take(n):
+        xs.append(bx)
         if by is not None:
-            ys.append(by[: n - got])
-        got += len(xs[-1])
-        if got >= n:
-            break
+            ys.append(by)
     if not xs:
         raise StageFailed("visualize: the eval split yielded no samples")
     x = torch.cat(xs).float()
