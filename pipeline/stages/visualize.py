@@ -211,13 +211,9 @@ def _tensorboard(ctx: StageContext, model: nn.Module, x: torch.Tensor, acts: dic
 
 
 def _scaling(ctx: StageContext, model: nn.Module, add_plot: Any) -> Any:
-    from pipeline.visualize.scaling import plot_scaling, scaling_table, summarize_fn
+    from pipeline.visualize.scaling import plot_scaling, scaling_table
 
-    fn = summarize_fn()
-    if isinstance(fn, str):
-        ctx.console.print(f"[yellow]visualize: scaling plot skipped: {fn}[/]")
-        return f"skipped: {fn}"
-    table = scaling_table(model, ctx.example_input, fn)
+    table = scaling_table(model, ctx.example_input)
     add_plot("scaling", plot_scaling(table, ctx.path(f"{OUT}/scaling.png")), "computed memory/MACs scaling")
     return table
 
