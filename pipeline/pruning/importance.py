@@ -157,7 +157,7 @@ def criterion(name: str, needs_stats: bool = False) -> Callable[[MakeImportance]
 
 def _check_criterion(name: str) -> str:
     if name not in CRITERIA:
-        raise ValueError(CRITERIA.unknown(name))
+        raise ValueError(f"expected a registered criterion: {' | '.join(repr(n) for n in CRITERIA.names())}")
     return name
 
 
