@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 
 from pipeline.backends import available, backend_names, get_backend, loads
 from pipeline.backends.base import BackendUnavailable
+from pipeline.backends.torch import torch_threads
 from pipeline.errors import BadInput, StageFailed
 from pipeline.plugins import loaded_plugins
 from pipeline.contracts import run_relative
@@ -92,8 +93,13 @@ class VerifyStage(Stage[VerifyConfig]):
     description = "accuracy, agreement, interleaved latency with CIs, memory and gates per artifact x backend"
 
     def run(self, ctx: StageContext, cfg: VerifyConfig) -> StageResult:
-        # each session runs with `threads` (torch's only inside its calls): process state is untouched
         threads = cfg.latency.threads or ctx.threads
+        # sessions set torch's thread count only inside their calls; holding it at `threads` for the
+        # stage keeps timing loops from switching it back and forth, and restores it on the way out
+        with torch_threads(threads):
+            return self._verify(ctx, cfg, threads)
+
+    def _verify(self, ctx: StageContext, cfg: VerifyConfig, threads: int) -> StageResult:
         split = ctx.data.eval or ctx.data.calibration
         if (cfg.gates.max_accuracy_drop is not None) and (split is None or not split.has_labels):
             raise BadInput("verify.gates.max_accuracy_drop needs labelled data.eval in the recipe "

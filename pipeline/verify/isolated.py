@@ -67,7 +67,9 @@ def child(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     x = np.load(spec["input"])
-    with _load_session(spec) as session:
+    from pipeline.backends.torch import torch_threads
+
+    with torch_threads(spec["threads"]), _load_session(spec) as session:  # no switching inside the loop
         times = measure({"x": lambda: session.infer(x)}, spec["warmup"], spec["iterations"], interleave=False)["x"]
     print(json.dumps({"times_ms": times}))
 
