@@ -10,12 +10,13 @@ a plug-in that fails to import is bad input (exit 2), with its own error in one 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -34,6 +35,20 @@ def loaded_plugins() -> list[str]:
     """Every plug-in loaded so far, as absolute paths or module names: what a child process
     (verify's isolated timing) loads to see the same registries."""
     return list(_LOADED)
+
+
+@contextlib.contextmanager
+def scoped() -> Iterator[None]:
+    """Plug-ins loaded inside the block are forgotten on exit, so loading them again re-registers
+    them (pair with `Registry.scoped()`)."""
+    saved = dict(_LOADED)
+    try:
+        yield
+    finally:
+        for key, module in list(_LOADED.items()):
+            if key not in saved:
+                del _LOADED[key]
+                sys.modules.pop(module.__name__, None)
 
 
 def load_plugins(specs: Iterable[str], base_dir: Path | None = None) -> list[ModuleType]:

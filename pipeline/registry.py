@@ -11,6 +11,7 @@ This module sits at the bottom next to `pipeline.contracts`: it imports only `pi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import pkgutil
@@ -78,3 +79,14 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return [(n, self._entries[n]) for n in self.names()]
+
+    @contextlib.contextmanager
+    def scoped(self) -> Iterator[None]:
+        """Registrations made inside the block are undone on exit (tests load plug-ins in one process)."""
+        self._discover()
+        saved = dict(self._entries)
+        try:
+            yield
+        finally:
+            self._entries.clear()
+            self._entries.update(saved)

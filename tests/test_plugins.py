@@ -9,11 +9,23 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import plugins
 from pipeline.backends import backend_names
+from pipeline.backends.base import BACKENDS
 from pipeline.cli import main
 from pipeline.plugins import PLUGIN_ENV
+from pipeline.pruning.importance import CRITERIA
+from pipeline.report import REPORT_FORMATS
+from pipeline.sources.registry import SOURCES
 
 PLUGIN = Path(__file__).with_name("fmap_plugin_example.py")
+
+
+@pytest.fixture(autouse=True)
+def forget_plugins():
+    """Each test loads the plug-in afresh; later test modules see only the built-ins."""
+    with plugins.scoped(), BACKENDS.scoped(), CRITERIA.scoped(), SOURCES.scoped(), REPORT_FORMATS.scoped():
+        yield
 
 
 def _cli(args: list[str]) -> int:
@@ -82,6 +94,10 @@ def test_bad_plugins_are_bad_input(tmp_path, capsys):
     assert _cli(["--plugin", str(broken), "report", str(tmp_path)]) == 2
     assert "half-written plug-in" in capsys.readouterr().err
     assert _cli(["report", str(tmp_path), "--format", "nope"]) == 2
+
+
+def test_plugins_are_forgotten_between_tests():
+    assert "ort_basic" not in backend_names() and "csv" not in REPORT_FORMATS
 
 
 def test_unregistered_names_are_refused_by_validate(tmp_path, capsys):
