@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pipeline.quantization.passes import QuantPass, QuantState, register
 
 Relu6Policy = Literal["skip", "exact", "relu"]
-RELU6_POLICIES = ("skip", "exact", "relu")
-
 
 def equalize(src: Path, dst: Path, iterations: int = 3, relu6: Relu6Policy = "skip",
              reader: Any = None) -> tuple[Path, int]:

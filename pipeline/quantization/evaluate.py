@@ -74,10 +74,8 @@ def backend_latencies(path: Any, precision: str, x: np.ndarray, backends: list[s
             reason = str(exc) if isinstance(exc, BackendUnavailable) else f"{type(exc).__name__}: {exc}"
             lat[name], info[name] = None, {"skipped": reason[:300]}
             continue
-        try:
+        with sess:
             lat[name] = round(latency_p50(sess, x, iterations), 4)
             info[name] = sess.describe()
-        finally:
-            sess.close()
     return lat, info
 

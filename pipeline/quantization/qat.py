@@ -248,6 +248,9 @@ class Qat(QuantPass[QatConfig]):
         ptq_path = state.emitter(state.exclude, "ptq")
         ptq = state.evaluate(ptq_path)
         student, plan = prepare(state.model, float_onnx, placement)
+        if not plan["layers"]:
+            raise BadInput("quantize.method: qat: no torch Conv/Linear layer of the model matches the ONNX file "
+                           "(a model given as a compiled graph has no torch weights to train); use method: ptq")
         fit = _fit(student, state, config)
         prep = write_back(student.release(), plan, float_onnx, state.work / "prep_qat.onnx")
         ptq_prep, ptq_ranges = state.emitter.prep, state.emitter.ranges

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import BadInput
@@ -18,8 +18,6 @@ from pipeline.quantization.qat import QatConfig
 from pipeline.quantization.targets import Target
 from pipeline.stages.base import Artifact, Stage, StageConfig, StageContext, StageResult
 from pipeline.stages.export import FP32_NAME, ExportConfig, export_fp32
-
-Backend = Literal["onnxruntime", "openvino"]
 
 
 class FallbackConfig(StageConfig):
@@ -53,10 +51,22 @@ class QuantizeConfig(StageConfig):
     exclude: list[str] = Field(default_factory=list)  # ONNX node names or torch module paths kept float
     # layer families kept float from the start (with their fused activation and consumers)
     keep_float: list[Literal["first_conv", "last_conv", "classifier", "depthwise"]] = Field(default_factory=list)
-    backends: list[Backend] = Field(default_factory=lambda: ["onnxruntime", "openvino"])
+    backends: list[str] = Field(default_factory=lambda: ["onnxruntime", "openvino"])  # any registered backend
     eval_samples: int = Field(256, gt=0)
     debug_samples: int = Field(8, gt=0)  # samples for the per-tensor error analysis (holds activations)
     latency_iterations: int = Field(20, ge=1)
+
+    @field_validator("backends")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        """Built-in or plug-in backends (pipeline.backends registry) time the stage's own files."""
+        from pipeline.backends import backend_names
+
+        names = backend_names()
+        unknown = [b for b in v if b not in names]
+        if unknown:
+            raise ValueError(f"unknown backend '{unknown[0]}' (expected {' | '.join(repr(n) for n in names)})")
+        return v
 
     @model_validator(mode="after")
     def _qat_combines(self) -> QuantizeConfig:
@@ -150,26 +160,23 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
         calib = ctx.data.require("calibration", "quantize")
         eval_split = ctx.data.eval or calib
-        reference = ort_backend.load(fp32_path, threads=ctx.threads)
+        with ort_backend.load(fp32_path, threads=ctx.threads) as reference:
 
-        def evaluate(path: Path) -> dict[str, Any]:
-            sess = ort_backend.load(path, threads=ctx.threads)
+            def evaluate(path: Path) -> dict[str, Any]:
+                with ort_backend.load(path, threads=ctx.threads) as sess:
+                    return score(sess, reference, eval_split, cfg.eval_samples)
+
+            state = QuantState(
+                cfg=cfg, fp32=fp32_path, work=work, console=ctx.console, evaluate=evaluate, metrics=metrics,
+                reader=StreamingReader(calib, INPUT_NAME, cfg.samples,
+                                       uniform=cfg.calibration in ("entropy", "percentile")),
+                debug_reader=StreamingReader(calib, INPUT_NAME, cfg.debug_samples, batch_size=cfg.debug_samples),
+                model=ctx.model if cfg.method == "qat" else None, train=ctx.data.train or calib, seed=ctx.seed)
             try:
-                return score(sess, reference, eval_split, cfg.eval_samples)
+                run_chain(state)
             finally:
-                sess.close()
-
-        state = QuantState(
-            cfg=cfg, fp32=fp32_path, work=work, console=ctx.console, evaluate=evaluate, metrics=metrics,
-            reader=StreamingReader(calib, INPUT_NAME, cfg.samples, uniform=cfg.calibration in ("entropy", "percentile")),
-            debug_reader=StreamingReader(calib, INPUT_NAME, cfg.debug_samples, batch_size=cfg.debug_samples),
-            model=ctx.model if cfg.method == "qat" else None, train=ctx.data.train or calib, seed=ctx.seed)
-        try:
-            run_chain(state)
-        finally:
-            reference.close()
-            if state.emitter is not None:
-                state.emitter.cache.unlink(missing_ok=True)  # the calibration cache serves this stage run only
+                if state.emitter is not None:
+                    state.emitter.cache.unlink(missing_ok=True)  # the calibration cache serves this stage run only
         outcome, emitter = state.outcome, state.emitter
         assert state.prep is not None and outcome is not None
         final = ctx.path("model_int8.onnx")
@@ -200,24 +207,18 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
         split = ctx.data.eval or ctx.data.calibration
         x1 = np.ascontiguousarray(ctx.example_input[:1].detach().cpu().numpy(), dtype=np.float32)
-        reference = ort_backend.load(fp32_path, threads=ctx.threads)
         entries: dict[str, Any] = {}
-        try:
+        with ort_backend.load(fp32_path, threads=ctx.threads) as reference:
             for name, art in {"fp32": Artifact(fp32_path, "onnx", "fp32"), **made}.items():
                 entry: dict[str, Any] = {"path": str(art.path), "size_bytes": Path(art.path).stat().st_size}
                 if split is not None:
-                    sess = ort_backend.load(art.path, threads=ctx.threads)
-                    try:
+                    with ort_backend.load(art.path, threads=ctx.threads) as sess:
                         s = score(sess, reference, split, cfg.eval_samples)
-                    finally:
-                        sess.close()
                     entry.update(accuracy=s["accuracy"], agreement=s["agreement"], max_abs_err=s["max_abs_err"],
-                                 eval_samples=s["samples"])
+                                 sqnr_db=s["sqnr_db"], eval_samples=s["samples"])
                 entry["latency_ms"], entry["backends"] = backend_latencies(
                     art.path, art.precision or "fp32", x1, list(cfg.backends), ctx.threads, cfg.latency_iterations)
                 entries[name] = entry
-        finally:
-            reference.close()
         metrics["fp32"] = entries.pop("fp32")
         metrics["artifacts"] = entries
         for name, e in entries.items():
