@@ -55,6 +55,7 @@ def fmap_int8(model: torch.nn.Module, calib, eval_split, work: Path, **overrides
 
     from pipeline.sources.data import DataBundle
     from pipeline.stages.base import StageContext
+    from pipeline.stages.export import ExportConfig, ExportStage
     from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
 
     ctx = StageContext(run_dir=work, model=model, original_model=model,
@@ -62,6 +63,7 @@ def fmap_int8(model: torch.nn.Module, calib, eval_split, work: Path, **overrides
                        data=DataBundle(calibration=calib, eval=eval_split), threads=THREADS)
     cfg = QuantizeConfig(backends=[], latency_iterations=1, samples=len(calib), debug_samples=4,
                          eval_samples=len(eval_split), **overrides)
+    ctx.artifacts.update(ExportStage().run(ctx, ExportConfig()).artifacts)  # as `- export: {}` before quantize
     result = QuantizeStage().run(ctx, cfg)
     return Path(result.artifacts["onnx_int8"].path), result.metrics
 

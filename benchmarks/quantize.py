@@ -142,6 +142,7 @@ def fmap_int8(case: dict, work: Path, overrides: dict[str, Any]) -> Path:
 
     from pipeline.sources.data import DataBundle
     from pipeline.stages.base import StageContext
+    from pipeline.stages.export import ExportConfig, ExportStage
     from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
 
     ctx = StageContext(run_dir=work, model=case["model"], original_model=case["model"],
@@ -149,6 +150,7 @@ def fmap_int8(case: dict, work: Path, overrides: dict[str, Any]) -> Path:
                        data=DataBundle(calibration=case["calib"], eval=case["eval"]), threads=THREADS)
     cfg = QuantizeConfig(backends=[], latency_iterations=1, samples=len(case["calib"]), debug_samples=2,
                          eval_samples=8, **overrides)
+    ctx.artifacts.update(ExportStage().run(ctx, ExportConfig()).artifacts)  # as `- export: {}` before quantize
     return Path(QuantizeStage().run(ctx, cfg).artifacts["onnx_int8"].path)
 
 

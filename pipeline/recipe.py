@@ -177,10 +177,29 @@ def _validate(data: dict[str, Any], node: yaml.Node | None, filename: str, sourc
         seen[kind] = seen.get(kind, 0) + 1
         stage_id = kind if seen[kind] == 1 else f"{kind}_{seen[kind]}"
         specs.append(StageSpec(kind=kind, id=stage_id, index=i, config=cfg))
+    _check_order(specs, filename, node, data)
     return Recipe(name=header.name, seed=header.seed, threads=header.threads,
                   output_dir=header.output_dir if header.output_dir is not None else "runs",
                   model=header.model, data=header.data, stages=tuple(specs), source_path=source_path,
                   output_dir_explicit=header.output_dir is not None, plugins=tuple(header.plugins))
+
+
+def _check_order(specs: list[StageSpec], filename: str, node: yaml.Node | None, data: dict[str, Any]) -> None:
+    """Each stage's `requires` must be `produces`d by an earlier stage: a quantize before any ONNX
+    exists is an error here, naming the stage that would make it, not an implicit export at run time."""
+    from pipeline.stages import STAGES, get_stage  # lazy: no recipe -> stages -> recipe cycle
+
+    made: set[str] = set()
+    for spec in specs:
+        stage = get_stage(spec.kind)()
+        missing = [a for a in stage.requires(spec.config) if a not in made]
+        if missing:
+            makers = [k for k in STAGES if missing[0] in get_stage(k)().produces(get_stage(k).Config())]
+            hint = f"; put '- {makers[0]}: {{}}' before it" if makers else ""
+            raise _error(filename, node, data, ("stages", spec.index, spec.kind),
+                         f"needs the artifact '{missing[0]}', which no earlier stage produces{hint}",
+                         on_key=True)
+        made.update(stage.produces(spec.config))
 
 
 # --------------------------------------------------------------------------------------------

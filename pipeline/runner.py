@@ -319,6 +319,11 @@ class Runner:
                 raise StageFailed(msg) from exc
             except (Exception, SystemExit) as exc:  # a bug or a library failure: traceback in the run dir
                 raise StageFailed(self._stage_crash(spec, exc, entry, t0)) from exc
+            missing = [a for a in stage.produces(spec.config) if a not in result.artifacts]
+            if result.status == "ok" and missing:  # a broken contract, not bad input
+                msg = f"stage '{spec.id}' declares the artifact '{missing[0]}' but did not produce it"
+                entry.update(status="failed", error=msg, duration_s=round(time.perf_counter() - t0, 3))
+                raise StageFailed(msg)
             self._record(ctx, spec, entry, result, time.perf_counter() - t0, entry["started"])
             if result.status == "skipped":
                 self.console.print(f"[yellow]skipped[/] {spec.id}: {escape(str(result.skip_reason))}")
@@ -349,6 +354,7 @@ class Runner:
 
     def _record(self, ctx: StageContext, spec: StageSpec, entry: dict[str, Any], result: StageResult,
                 duration: float, started: str | None) -> None:
+        """The one place a run's artifacts are recorded: the manifest and `ctx.artifacts`."""
         ctx.results[spec.id] = result
         artifacts = {}
         for name, art in result.artifacts.items():

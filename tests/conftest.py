@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -78,3 +79,14 @@ def make_ctx(tmp_path: Path):
         )
 
     return _make
+
+
+def run_quantize(ctx: StageContext, cfg: Any) -> Any:
+    """What a recipe's `- export: {}` then `- quantize: ...` does: the FP32 file first (recorded as the
+    runner records artifacts), then quantize. Quantize no longer exports on its own."""
+    from pipeline.stages.export import FP32_NAME, ExportConfig, ExportStage
+    from pipeline.stages.quantize import QuantizeStage
+
+    if FP32_NAME not in ctx.artifacts:
+        ctx.artifacts.update(ExportStage().run(ctx, ExportConfig()).artifacts)
+    return QuantizeStage().run(ctx, cfg)

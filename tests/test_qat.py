@@ -18,7 +18,8 @@ from pipeline.quantization import ort_quant, qat
 from pipeline.quantization.calibration import StreamingReader
 from pipeline.quantization.qat_placement import locate, quantized_tensors, quantized_weights
 from pipeline.sources.data import DataBundle, TensorSplit
-from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
+from pipeline.stages.quantize import QuantizeConfig
+from conftest import run_quantize  # tests/ is on sys.path (rootdir conftest)
 
 
 class Block(nn.Module):
@@ -143,7 +144,7 @@ def test_qat_stage_never_ships_worse_than_ptq(small, make_ctx):
     ctx = make_ctx(model, DataBundle(calibration=split, eval=split))
     cfg = QuantizeConfig(method="qat", qat={"steps": 6, "eval_every": 3, "augment": None}, backends=["onnxruntime"],
                          latency_iterations=1, eval_samples=48, samples=48)
-    metrics = QuantizeStage().run(ctx, cfg).metrics
+    metrics = run_quantize(ctx, cfg).metrics
     q = metrics["qat"]
     assert q["placement"]["unmatched_activations"] == [] and q["steps_run"] == 6
     assert "qat" in metrics["passes"] and "bias_correction" not in metrics["passes"]

@@ -67,6 +67,16 @@ class Stage(Generic[ConfigT]):
     def run(self, ctx: StageContext, cfg: ConfigT) -> StageResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def requires(self, cfg: ConfigT) -> tuple[str, ...]:
+        """Artifacts an earlier stage must produce: `fmap validate` checks the order from these, so a
+        recipe never reaches a stage that would have to make its own inputs."""
+        return ()
+
+    def produces(self, cfg: ConfigT) -> tuple[str, ...]:
+        """Artifacts `run` returns in its StageResult. The runner, and only the runner, records them
+        in the run (manifest and `ctx.artifacts`), and fails a stage that does not deliver them."""
+        return ()
+
     def restore(self, ctx: StageContext, cfg: ConfigT, result: StageResult) -> None:
         """Called instead of `run` when --resume skips this stage: rebuild what `run` left in ctx.
 

@@ -101,6 +101,9 @@ class PruneStage(Stage[PruneConfig]):
     Config = PruneConfig
     description = "structured channel pruning (torch-pruning DepGraph) to a MACs/params/memory target"
 
+    def produces(self, cfg: PruneConfig) -> tuple[str, ...]:
+        return ("pruned_checkpoint",)
+
     def run(self, ctx: StageContext, cfg: PruneConfig) -> StageResult:
         from pipeline.pruning.checkpoint import save_checkpoint
         from pipeline.pruning.engine import (PruneSettings, default_protection, left_alone,

@@ -17,7 +17,7 @@ from pipeline.errors import BadInput
 from pipeline.quantization.qat import QatConfig
 from pipeline.quantization.targets import Target
 from pipeline.stages.base import Artifact, Stage, StageConfig, StageContext, StageResult
-from pipeline.stages.export import FP32_NAME, ExportConfig, export_fp32
+from pipeline.stages.export import FP32_NAME
 
 
 class FallbackConfig(StageConfig):
@@ -101,20 +101,22 @@ class QuantizeStage(Stage[QuantizeConfig]):
     Config: ClassVar[type[StageConfig]] = QuantizeConfig
     description = "Quantize the ONNX model (static QDQ INT8, dynamic INT8 or FP16) with accuracy-aware fallback"
 
+    def requires(self, cfg: QuantizeConfig) -> tuple[str, ...]:
+        return (FP32_NAME,)
+
+    def produces(self, cfg: QuantizeConfig) -> tuple[str, ...]:
+        return ("onnx_fp16",) if cfg.mode == "fp16" else ("onnx_int8",)
+
     def run(self, ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
         result = StageResult(metrics={"mode": cfg.mode, "calibration": cfg.calibration if cfg.mode == "static" else None})
         if cfg.mode == "static" and len(ctx.data.require("calibration", "quantize")) == 0:
             raise BadInput("data.calibration: the split is empty; static INT8 needs calibration samples")
         fp32 = ctx.artifacts.get(FP32_NAME)
-        if fp32 is not None:
-            from pipeline.export.onnx import load_onnx
+        if fp32 is None:  # validate refuses such recipes; this guards direct calls
+            raise BadInput(f"quantize needs the {FP32_NAME} artifact: put an export stage before it")
+        from pipeline.export.onnx import load_onnx
 
-            load_onnx(fp32.path)  # a missing or corrupt file is BadInput naming the path
-        else:
-            fp32, export_metrics = export_fp32(ctx, ExportConfig())
-            ctx.artifacts[FP32_NAME] = fp32
-            result.artifacts[FP32_NAME] = fp32
-            result.metrics["export"] = export_metrics
+        load_onnx(fp32.path)  # a missing or corrupt file is BadInput naming the path
         fp32_path = Path(fp32.path)
         work = ctx.path("quantize/.keep").parent
         if cfg.mode == "fp16":
@@ -124,7 +126,6 @@ class QuantizeStage(Stage[QuantizeConfig]):
         else:
             name, art = "onnx_int8", self._static(ctx, cfg, fp32_path, work, result.metrics)
         result.artifacts[name] = art
-        ctx.artifacts[name] = art
         if cfg.mode != "static":
             result.metrics["fallback"] = {"steps": [], "float_layers": [], "note": "fallback applies to mode: static"}
             result.metrics["layer_errors"] = []

@@ -24,5 +24,9 @@ class TensorRTStage(Stage[TensorRTConfig]):
     Config: ClassVar[type[StageConfig]] = TensorRTConfig
     description: ClassVar[str] = "build TensorRT engines (fp16 from onnx_fp32, int8 from the QDQ onnx_int8)"
 
+    def requires(self, cfg: TensorRTConfig) -> tuple[str, ...]:
+        """fp16 engines build from the FP32 file, int8 engines from the QDQ file; best builds both."""
+        return {"fp16": ("onnx_fp32",), "int8": ("onnx_int8",)}.get(cfg.precision, ("onnx_fp32", "onnx_int8"))
+
     def run(self, ctx: StageContext, cfg: TensorRTConfig) -> StageResult:
         return build_engines(ctx, cfg)
