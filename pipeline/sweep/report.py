@@ -113,6 +113,7 @@ def collect(plan: SweepPlan, results: dict[str, list[dict[str, Any]]], started: 
         "started": started,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "grid": {g.key: list(g.values) for g in plan.grids},
+        "search": plan.search.describe() if plan.search else {"strategy": "grid"},
         "overrides": list(plan.overrides),
         "objectives": [{"name": o.name, "direction": o.direction} for o in plan.objectives],
         "constraints": [str(c) for c in plan.constraints],
