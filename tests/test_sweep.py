@@ -249,7 +249,8 @@ def test_ray_executor_on_a_local_cluster(tiny_recipe, tmp_path):
     data = json.loads((out / "sweep.json").read_text())
     assert data["executor"]["name"] == "ray" and data["summary"]["finished"] == 4
     for t in data["trials"]:
-        assert t["status"] == "ok" and [p["phase"] for p in t["phases"]] == ["build", "time"]
+        assert t["status"] == "ok" and [p["phase"] for p in t["phases"]] in (["build", "time"],
+                                                                             ["prefix", "build", "time"])
         assert (out / t["run_dir"] / "report.html").is_file()
     assert data["pareto_front"]
 
@@ -318,3 +319,21 @@ def test_optuna_search_is_seeded_and_resumes(tiny_recipe, tmp_path):
     assert res.exception is None and res.return_value == 0
     assert set(ids) <= {t["id"] for t in _trials(out)} and len(_trials(out)) <= 4
     assert {i: (out / "trials" / i / "manifest.json").stat().st_mtime_ns for i in ids} == before
+
+
+@pytest.mark.slow
+def test_sweep_shares_the_export_of_trials_that_differ_in_quantize(tiny_recipe, tmp_path):
+    """3 trials on 2 workers: export runs once (the prefix phase), the others copy it from OUT/cache."""
+    out = tmp_path / "sweep"
+    res = _sweep(tiny_recipe, out, "--workers", "2", "--grid", "stages.quantize.calibration=minmax,percentile,entropy")
+    assert res.returncode == 0, res.stderr
+    trials = _trials(out)
+    leaders = [t for t in trials if [p["phase"] for p in t["phases"]] == ["prefix", "build", "time"]]
+    assert len(leaders) == 1 and res.stderr.count("[prefix ") == 1
+    leader = out / leaders[0]["run_dir"]
+    for t in trials:
+        export = json.loads((out / t["run_dir"] / "manifest.json").read_text())["stages"][0]
+        assert export["id"] == "export" and (export["reused"] is None) == (t is leaders[0])
+        if export["reused"]:
+            assert export["reused"]["run_dir"] == str(leader)
+            assert (out / t["run_dir"] / "model_fp32.onnx").read_bytes() == (leader / "model_fp32.onnx").read_bytes()

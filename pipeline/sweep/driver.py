@@ -24,11 +24,13 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import atomic
+from pipeline import atomic, stagecache
 from pipeline.errors import EXIT_INTERRUPTED, BadInput
+from pipeline.fingerprint import stage_chain
 from pipeline.recipe import Recipe, dump_lock, load_recipe
 from pipeline.sweep import grid as gridmod
 from pipeline.sweep import objectives as objmod
+from pipeline.sweep import prefixes
 from pipeline.sweep.executors import Executor, LocalExecutor, TrialResult, TrialTask
 from pipeline.sweep import search as searchmod
 from pipeline.sweep.plan import SweepPlan, verify_index
@@ -36,6 +38,7 @@ from pipeline.sweep.search import OptunaSearch
 from pipeline.sweep.report import recipe_text
 
 FINISHED = ("ok", "gate_failed")
+CACHE_DIR = "cache"  # the sweep's stage cache (pipeline.stagecache): shared prefixes
 
 
 @dataclass
@@ -50,7 +53,7 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
                backend: str | None = None, workers: int | None = None, executor: str = "local",
                address: str | None = None, retry_failed: bool = False,
                build_threads: int | None = None, search: str = "grid", param_items: tuple[str, ...] = (),
-               n_trials: int | None = None, seed: int = 0) -> SweepPlan:
+               n_trials: int | None = None, seed: int = 0, share_prefixes: bool = True) -> SweepPlan:
     """Check every input and every trial's recipe; BadInput (exit 2) before any trial starts."""
     grids = gridmod.parse_grids(grid_items)
     objectives = objmod.parse_objectives(objective_items)
@@ -85,7 +88,7 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
     else:
         raise BadInput(f"--executor: expected 'local' or 'ray', got '{executor}'")
     return SweepPlan(recipe_path, out, grids, tuple(overrides), trials, recipes, objectives, constraints, backend,
-                     workers, threads, runner, address, retry_failed, optuna, base)
+                     workers, threads, runner, address, retry_failed, optuna, base, share_prefixes)
 
 
 def _trial_recipe(recipe_path: Path, overrides: tuple[str, ...], point: str) -> Recipe:
@@ -114,11 +117,34 @@ def _plan_search(search: str, grids: list[gridmod.Grid], param_items: tuple[str,
     return OptunaSearch(params, objectives, constraints, n_trials, seed)
 
 
-def _build_overrides(recipe: Recipe, threads: int) -> tuple[str, ...]:
+def _build_overrides(recipe: Recipe, threads: int, stages: int | None = None) -> tuple[str, ...]:
     """Extra `--set` items of the build phase: its threads, and only the (resolved) stages before
-    the first verify. JSON is YAML, so `stages=[...]` is an ordinary override of the whole list."""
-    prefix = [s.to_dict() for s in recipe.stages[:verify_index(recipe)]]
+    the first verify (or the first `stages`). JSON is YAML, so `stages=[...]` is an ordinary override
+    of the whole list."""
+    prefix = [s.to_dict() for s in recipe.stages[:verify_index(recipe) if stages is None else stages]]
     return (f"threads={threads}", "stages=" + json.dumps(prefix, separators=(",", ":")))
+
+
+def _prefix_waves(plan: SweepPlan, build: list[TrialTask]) -> list[list[TrialTask]]:
+    """Tasks that compute each shared prefix once before the build phase (prefixes.py); none when
+    prefixes are not shared or every one is in the stage cache already."""
+    if not plan.share_prefixes or len(build) < 2:
+        return []
+    trials = {t.id: t for t in plan.trials}
+    chains = {b.trial_id: stage_chain(plan.recipes[b.trial_id])[:verify_index(plan.recipes[b.trial_id])]
+              for b in build}
+    cache = plan.out / CACHE_DIR
+    out = []
+    for wave in prefixes.waves(chains):
+        tasks = [TrialTask(p.trial_id, "prefix", str(plan.recipe_path), str(plan.out / "trials" / p.trial_id),
+                           plan.threads_per_worker,
+                           trials[p.trial_id].overrides + _build_overrides(plan.recipes[p.trial_id],
+                                                                           plan.threads_per_worker, p.stages),
+                           str(cache))
+                 for p in wave if not (cache / p.chain_hash / stagecache.ENTRY).is_file()]
+        if tasks:
+            out.append(tasks)
+    return out
 
 
 def _is_done(run_dir: Path, final_lock: str) -> bool:
@@ -202,11 +228,12 @@ def _run_trials(plan: SweepPlan, trials: list[gridmod.Trial], console: Console,
             skipped.append(t.id)
             continue
         recipe_file = str(plan.recipe_path)
+        cache = str(out / CACHE_DIR) if plan.share_prefixes else None
         if plan.two_phase:
             build.append(TrialTask(t.id, "build", recipe_file, str(run_dir), plan.threads_per_worker,
-                                   t.overrides + _build_overrides(recipe, plan.threads_per_worker)))
+                                   t.overrides + _build_overrides(recipe, plan.threads_per_worker), cache))
         phase = "time" if plan.two_phase else "full"
-        final.append(TrialTask(t.id, phase, recipe_file, str(run_dir), last.threads, last_overrides))
+        final.append(TrialTask(t.id, phase, recipe_file, str(run_dir), last.threads, last_overrides, cache))
     if skipped:
         console.print(f"{len(skipped)} of {len(trials)} trials already finished in {out} (resumed, not re-run)")
     keep = set()  # a trial that failed with this very recipe would fail again: keep its record
@@ -223,6 +250,12 @@ def _run_trials(plan: SweepPlan, trials: list[gridmod.Trial], console: Console,
             if plan.two_phase else f"{plan.workers} worker(s)")
     console.print(f"sweep: {len(trials)} trials, {len(final)} to run, {plan.executor.name} executor, {mode}")
     failed_build: set[str] = set()
+    for wave in _prefix_waves(plan, build):
+        for n, res in enumerate(plan.executor.run(wave, plan.workers), start=1):
+            _note(console, res, n, len(wave), results)
+            if res.exit_code not in (0, 1):
+                failed_build.add(res.trial_id)
+    build = [t for t in build if t.trial_id not in failed_build]
     for n, res in enumerate(plan.executor.run(build, plan.workers), start=1):
         _note(console, res, n, len(build), results)
         if res.exit_code not in (0, 1):

@@ -34,6 +34,7 @@ class SweepPlan:
     retry_failed: bool = False
     search: OptunaSearch | None = None  # None: the grid's trials; else trials are asked batch by batch
     base: Recipe | None = None  # the recipe with the sweep-wide overrides (what every trial shares)
+    share_prefixes: bool = True  # trials reuse each other's stages through OUT/cache (prefixes.py)
 
     @property
     def two_phase(self) -> bool:
