@@ -21,7 +21,7 @@ from pipeline.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STAGE_FAILED,
 LAZY_COMMANDS = {
     "profile": ("pipeline.commands.profile:profile", "Profile a model's feature maps without a recipe."),
     "report": ("pipeline.commands.report:report", "Regenerate reports from a run directory."),
-    "compare": ("pipeline.commands.report:compare", "Compare two run directories; exit 1 on regression."),
+    "compare": ("pipeline.commands.report:compare", "Compare runs with the first; exit 1 on regression."),
     "visualize": ("pipeline.commands.visualize:visualize", "Feature-map grids, overlays and Grad-CAM."),
     "sweep": ("pipeline.commands.sweep:sweep", "Run a recipe over a grid of overrides; leaderboard and Pareto front."),
 }
