@@ -82,19 +82,26 @@ def cli() -> None:
 @click.option("--stage-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Reuse stages other runs finished with the same inputs and configs up to them, and offer "
                    "this run's (fmap sweep shares prefixes this way).")
+@click.option("--nproc", type=int, default=None,
+              help="Fine-tune with N data-parallel processes (torch.distributed DDP, gloo); rank 0 writes the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable result on stdout.")
 def run(recipe: Path, overrides: tuple[str, ...], resume: bool, out: Path | None, stage_cache: Path | None,
-        as_json: bool) -> int:
+        nproc: int | None, as_json: bool) -> int:
     """Run every stage of RECIPE."""
+    from pipeline.pruning import distributed
     from pipeline.recipe import load_recipe
     from pipeline.runner import run_recipe
     from pipeline.summary import print_summary
 
+    if distributed.launched_worker():  # torchrun rank > 0: serve rank 0's fine-tune, run no pipeline
+        return distributed.serve_launched()
     console = make_console()
     loaded = load_recipe(recipe, overrides)
+    distributed.check_recipe(loaded, nproc)
     console.print(f"[bold]fmap {__version__}[/] running recipe [bold]{loaded.name}[/] ({len(loaded.stages)} stages)"
                   f" -> {loaded.run_dir(out)}")
-    outcome = run_recipe(loaded, out=out, resume=resume, console=console, stage_cache=stage_cache)
+    with distributed.session(nproc, loaded.threads):
+        outcome = run_recipe(loaded, out=out, resume=resume, console=console, stage_cache=stage_cache)
     if outcome.exit_code not in (EXIT_INTERRUPTED, EXIT_BAD_INPUT):  # bad input: just the one line
         print_summary(console, outcome.manifest)
     if as_json:
