@@ -206,34 +206,12 @@ def _run_search(plan: SweepPlan, search: OptunaSearch, console: Console, results
 def _run_trials(plan: SweepPlan, trials: list[gridmod.Trial], console: Console,
                 results: dict[str, list[dict[str, Any]]], started: str,
                 failed_before: dict[str, dict[str, Any]]) -> None:
-    """Run the given trials (build phase in parallel, then the serial timing phase); skip finished ones."""
+    """Run the given trials (shared prefixes, the build phase in parallel, then the serial timing
+    phase); skip finished ones and ones that failed before with the same recipe."""
     from pipeline.sweep import report
 
     out = plan.out
-    build: list[TrialTask] = []
-    final: list[TrialTask] = []
-    skipped: list[str] = []
-    for t in trials:
-        recipe = plan.recipes[t.id]
-        run_dir = out / "trials" / t.id
-        # One worker, or two phases: the last phase runs with the recipe's own threads.
-        if plan.two_phase or plan.workers == 1:
-            last_overrides, last = t.overrides, recipe
-        else:
-            last_overrides = (f"threads={plan.threads_per_worker}", *t.overrides)
-            last = load_recipe(plan.recipe_path, last_overrides)
-        final_lock = dump_lock(last)  # what the trial's recipe.lock.yaml says once it finished
-        atomic.write_text(out / "recipes" / f"{t.id}.yaml", final_lock)
-        if _is_done(run_dir, final_lock):
-            skipped.append(t.id)
-            continue
-        recipe_file = str(plan.recipe_path)
-        cache = str(out / CACHE_DIR) if plan.share_prefixes else None
-        if plan.two_phase:
-            build.append(TrialTask(t.id, "build", recipe_file, str(run_dir), plan.threads_per_worker,
-                                   t.overrides + _build_overrides(recipe, plan.threads_per_worker), cache))
-        phase = "time" if plan.two_phase else "full"
-        final.append(TrialTask(t.id, phase, recipe_file, str(run_dir), last.threads, last_overrides, cache))
+    build, final, skipped = _tasks(plan, trials)
     if skipped:
         console.print(f"{len(skipped)} of {len(trials)} trials already finished in {out} (resumed, not re-run)")
     keep = set()  # a trial that failed with this very recipe would fail again: keep its record
@@ -250,23 +228,48 @@ def _run_trials(plan: SweepPlan, trials: list[gridmod.Trial], console: Console,
             if plan.two_phase else f"{plan.workers} worker(s)")
     console.print(f"sweep: {len(trials)} trials, {len(final)} to run, {plan.executor.name} executor, {mode}")
     failed_build: set[str] = set()
-    for wave in _prefix_waves(plan, build):
-        for n, res in enumerate(plan.executor.run(wave, plan.workers), start=1):
-            _note(console, res, n, len(wave), results)
+    phases = [*_prefix_waves(plan, build), build]
+    for tasks in phases:
+        tasks = [t for t in tasks if t.trial_id not in failed_build]
+        for n, res in enumerate(plan.executor.run(tasks, plan.workers), start=1):
+            _note(console, res, n, len(tasks), results)
             if res.exit_code not in (0, 1):
                 failed_build.add(res.trial_id)
-    build = [t for t in build if t.trial_id not in failed_build]
-    for n, res in enumerate(plan.executor.run(build, plan.workers), start=1):
-        _note(console, res, n, len(build), results)
-        if res.exit_code not in (0, 1):
-            failed_build.add(res.trial_id)
-        atomic.write_json(out / "sweep.json", report.collect(plan, results, started, "running"))
+            atomic.write_json(out / "sweep.json", report.collect(plan, results, started, "running"))
     final = [t for t in final if t.trial_id not in failed_build]
     workers = 1 if plan.two_phase else plan.workers
     timing = LocalExecutor() if plan.two_phase else plan.executor  # timing stays on this machine
     for n, res in enumerate(timing.run(final, workers), start=1):
         _note(console, res, n, len(final), results)
         atomic.write_json(out / "sweep.json", report.collect(plan, results, started, "running"))
+
+
+def _tasks(plan: SweepPlan, trials: list[gridmod.Trial]) -> tuple[list[TrialTask], list[TrialTask], list[str]]:
+    """(build-phase tasks, last-phase tasks, finished trial ids); writes each trial's final recipe."""
+    build: list[TrialTask] = []
+    final: list[TrialTask] = []
+    skipped: list[str] = []
+    cache = str(plan.out / CACHE_DIR) if plan.share_prefixes else None
+    for t in trials:
+        recipe = plan.recipes[t.id]
+        run_dir = plan.out / "trials" / t.id
+        # One worker, or two phases: the last phase runs with the recipe's own threads.
+        if plan.two_phase or plan.workers == 1:
+            last_overrides, last = t.overrides, recipe
+        else:
+            last_overrides = (f"threads={plan.threads_per_worker}", *t.overrides)
+            last = load_recipe(plan.recipe_path, last_overrides)
+        final_lock = dump_lock(last)  # what the trial's recipe.lock.yaml says once it finished
+        atomic.write_text(plan.out / "recipes" / f"{t.id}.yaml", final_lock)
+        if _is_done(run_dir, final_lock):
+            skipped.append(t.id)
+            continue
+        if plan.two_phase:
+            build.append(TrialTask(t.id, "build", str(plan.recipe_path), str(run_dir), plan.threads_per_worker,
+                                   t.overrides + _build_overrides(recipe, plan.threads_per_worker), cache))
+        final.append(TrialTask(t.id, "time" if plan.two_phase else "full", str(plan.recipe_path), str(run_dir),
+                               last.threads, last_overrides, cache))
+    return build, final, skipped
 
 
 def _failed_before(out: Path) -> dict[str, dict[str, Any]]:
