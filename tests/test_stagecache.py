@@ -10,27 +10,12 @@ from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
 from pipeline.sweep.prefixes import Prefix, waves
 
-TINY = """
-name: tiny-cache
-seed: 0
-threads: 1
-model: {source: "builtin:digits_cnn", input_shape: [1, 1, 32, 32]}
-data:
-  calibration: {source: builtin, split: calibration, batch_size: 32, samples: 32}
-  eval: {source: builtin, split: test, batch_size: 64, samples: 64}
-stages:
-  - export: {}
-  - quantize: {mode: static, calibration: minmax}
-"""
-
-
 def _stages(run_dir: Path) -> dict[str, dict]:
     return {s["id"]: s for s in json.loads((run_dir / "manifest.json").read_text())["stages"]}
 
 
-def test_runs_that_agree_up_to_a_stage_reuse_it(tmp_path):
-    path = tmp_path / "r.yaml"
-    path.write_text(TINY)
+def test_runs_that_agree_up_to_a_stage_reuse_it(tiny_recipe, tmp_path):
+    path = tiny_recipe
     cache = tmp_path / "cache"
     a = run_recipe(load_recipe(path), out=tmp_path / "a", stage_cache=cache)
     b = run_recipe(load_recipe(path, ["stages.quantize.mode=dynamic"]), out=tmp_path / "b", stage_cache=cache)

@@ -22,31 +22,6 @@ from pipeline.sweep.pareto import dominates, front
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = """
-name: tiny-sweep
-seed: 0
-threads: 1
-model: {source: "builtin:digits_cnn", input_shape: [1, 1, 32, 32]}
-data:
-  calibration: {source: builtin, split: calibration, batch_size: 32, samples: 32}
-  eval: {source: builtin, split: test, batch_size: 64, samples: 64}
-stages:
-  - export: {}
-  - quantize: {mode: static, calibration: minmax}
-  - verify:
-      backends: [onnxruntime]
-      latency: {batch_sizes: [1], warmup: 1, iterations: 5}
-      gates: {min_agreement: 0.5}
-"""
-
-
-@pytest.fixture
-def tiny_recipe(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    return path
-
-
 # -- grid ------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -56,18 +57,11 @@ def compare(runs: tuple[Path, ...], max_accuracy_drop: float, max_latency_increa
     if len(runs) > 2:
         return _compare_many(runs, manifests, out_format, as_json, max_accuracy_drop=max_accuracy_drop,
                              max_latency_increase=max_latency_increase, max_size_increase=max_size_increase)
+    from pipeline.report.compare import render_compare_markdown
+
     run_a, run_b = runs
     result = compare_runs(manifests[0], manifests[1], max_accuracy_drop, max_latency_increase, max_size_increase)
-    if as_json or out_format == "json":
-        click.echo(json.dumps(result, indent=2, default=str))
-    elif out_format == "md":
-        from pipeline.report.compare import render_compare_markdown
-
-        click.echo(render_compare_markdown(result), nl=False)
-    else:
-        _render(result)
-    if result["regressed"]:
-        raise Regression(f"{run_b} regresses {run_a}: " + "; ".join(result["regressions"]))
+    _emit(result, "json" if as_json else out_format, render_compare_markdown, _render, f"{run_b} regresses {run_a}")
 
 
 def _compare_many(runs: tuple[Path, ...], manifests: list[dict], out_format: str, as_json: bool,
@@ -75,15 +69,20 @@ def _compare_many(runs: tuple[Path, ...], manifests: list[dict], out_format: str
     from pipeline.report.compare_many import compare_many, render_many_markdown
 
     result = compare_many(manifests, [str(r) for r in runs], **tolerances)
-    if as_json or out_format == "json":
+    _emit(result, "json" if as_json else out_format, render_many_markdown, _render_many,
+          f"{len(result['regressions'])} regression(s) against {runs[0]}")
+
+
+def _emit(result: dict, out_format: str, markdown: Any, text: Any, verdict: str) -> None:
+    """Print a comparison in its format; a regression is exit 1 (Regression) after it is printed."""
+    if out_format == "json":
         click.echo(json.dumps(result, indent=2, default=str))
     elif out_format == "md":
-        click.echo(render_many_markdown(result), nl=False)
+        click.echo(markdown(result), nl=False)
     else:
-        _render_many(result)
+        text(result)
     if result["regressed"]:
-        raise Regression(f"{len(result['regressions'])} regression(s) against {runs[0]}: "
-                         + "; ".join(result["regressions"]))
+        raise Regression(f"{verdict}: " + "; ".join(result["regressions"]))
 
 
 def _render_many(result: dict) -> None:

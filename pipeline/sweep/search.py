@@ -85,15 +85,7 @@ def parse_param(item: str) -> Param:
     if not sep or not key or kind not in KINDS:
         raise BadInput(f"--param '{item}': expected KEY=float:LO:HI[:log], KEY=int:LO:HI[:log] or KEY=choice:A,B,C")
     if kind == "choice":
-        choices = gridmod.split_values(rest)
-        if not rest.strip() or any(not c for c in choices):
-            raise BadInput(f"--param '{item}': empty choice list or empty choice")
-        for c in choices:
-            try:
-                yaml.safe_load(c)
-            except yaml.YAMLError:
-                raise BadInput(f"--param '{item}': choice '{c}' is not valid YAML") from None
-        return Param(key, kind, choices=tuple(dict.fromkeys(choices)))
+        return Param(key, kind, choices=gridmod.parse_values(rest, f"--param '{item}'", "choice"))
     parts = rest.split(":")
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
         raise BadInput(f"--param '{item}': expected {kind}:LO:HI or {kind}:LO:HI:log")
