@@ -136,12 +136,16 @@ def _prefix_waves(plan: SweepPlan, build: list[TrialTask]) -> list[list[TrialTas
     cache = plan.out / CACHE_DIR
     out = []
     for wave in prefixes.waves(chains):
-        tasks = [TrialTask(p.trial_id, "prefix", str(plan.recipe_path), str(plan.out / "trials" / p.trial_id),
-                           plan.threads_per_worker,
-                           trials[p.trial_id].overrides + _build_overrides(plan.recipes[p.trial_id],
-                                                                           plan.threads_per_worker, p.stages),
-                           str(cache))
-                 for p in wave if not (cache / p.chain_hash / stagecache.ENTRY).is_file()]
+        todo = [p for p in wave if not (cache / p.chain_hash / stagecache.ENTRY).is_file()]
+        # a wave narrower than the pool leaves cores idle: up to the recipe's own threads per task
+        spare = (os.cpu_count() or 1) // max(1, min(len(todo), plan.workers))
+        tasks = []
+        for p in todo:
+            recipe = plan.recipes[p.trial_id]
+            threads = max(plan.threads_per_worker, min(recipe.threads, spare))
+            tasks.append(TrialTask(p.trial_id, "prefix", str(plan.recipe_path), str(plan.out / "trials" / p.trial_id),
+                                   threads, trials[p.trial_id].overrides + _build_overrides(recipe, threads, p.stages),
+                                   str(cache)))
         if tasks:
             out.append(tasks)
     return out
@@ -267,8 +271,9 @@ def _tasks(plan: SweepPlan, trials: list[gridmod.Trial]) -> tuple[list[TrialTask
         if plan.two_phase:
             build.append(TrialTask(t.id, "build", str(plan.recipe_path), str(run_dir), plan.threads_per_worker,
                                    t.overrides + _build_overrides(recipe, plan.threads_per_worker), cache))
+        # the serial timing phase only restores and measures: it offers nothing worth sharing
         final.append(TrialTask(t.id, "time" if plan.two_phase else "full", str(plan.recipe_path), str(run_dir),
-                               last.threads, last_overrides, cache))
+                               last.threads, last_overrides, None if plan.two_phase else cache))
     return build, final, skipped
 
 
