@@ -69,8 +69,14 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fmap")
-def cli() -> None:
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE",
+              help="Load a plug-in (backend, prune criterion, model source, report format) before the "
+                   "command; repeatable. $FMAP_PLUGINS (os.pathsep-separated) is loaded first.")
+def cli(plugins: tuple[str, ...]) -> None:
     """fmap: profile, prune, quantize, export and verify PyTorch vision models from one recipe."""
+    from pipeline.plugins import env_plugins, load_plugins
+
+    load_plugins([*env_plugins(), *plugins])
 
 
 @cli.command()
@@ -91,7 +97,7 @@ def run(recipe: Path, overrides: tuple[str, ...], resume: bool, out: Path | None
     from pipeline.pruning import distributed
     from pipeline.recipe import load_recipe
     from pipeline.runner import run_recipe
-    from pipeline.summary import print_summary
+    from pipeline.run_summary import print_summary
 
     if distributed.launched_worker():  # torchrun rank > 0: serve rank 0's fine-tune, run no pipeline
         return distributed.serve_launched()

@@ -44,6 +44,8 @@ from pipeline.stages.base import Artifact, GateResult, StageContext, StageResult
 MANIFEST = "manifest.json"
 LOCK = "recipe.lock.yaml"
 RUN_LOG = "run.log"
+# Libraries every run depends on; each backend adds its own (Backend.libraries) to the environment.
+CORE_LIBRARIES = ("torch", "torchvision", "torch-pruning", "onnx", "onnxslim", "numpy")
 
 
 @dataclass
@@ -63,12 +65,13 @@ def environment(threads: int) -> dict[str, Any]:
     """Library versions and machine facts, so a report says what produced its numbers."""
     from importlib import metadata
 
+    from pipeline.backends.base import BACKENDS
     from pipeline.verify.machine import cpu_info
     from pipeline.verify.threads import thread_env
 
     libs = {}
-    for dist in ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "openvino", "onnxslim", "numpy",
-                 "tensorrt"):
+    backend_libs = [lib for _, b in BACKENDS.items() for lib in b.libraries]
+    for dist in dict.fromkeys([*CORE_LIBRARIES, *backend_libs]):
         try:
             libs[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -128,7 +131,7 @@ class Runner:
         for split in (data.calibration, data.eval, data.train):
             if split is not None:
                 check_split(split, model, classes)
-        return StageContext(recipe=self.recipe, run_dir=self.run_dir, model=model,
+        return StageContext(run_dir=self.run_dir, model=model, model_spec=self.recipe.model,
                             original_model=copy.deepcopy(model).eval(), example_input=example, data=data,
                             console=self.console, threads=self.recipe.threads, seed=self.recipe.seed)
 
@@ -379,9 +382,9 @@ class Runner:
         self._write_manifest()
 
     def _remove_reports(self) -> None:
-        from pipeline.report import FORMATS
+        from pipeline.report import report_filenames
 
-        for name in FORMATS.values():
+        for name in report_filenames():
             (self.run_dir / name).unlink(missing_ok=True)
 
     def _write_reports(self) -> str | None:

@@ -59,7 +59,7 @@ def tiny_data() -> DataBundle:
 
 @pytest.fixture
 def make_ctx(tmp_path: Path):
-    """Build a StageContext around any model/data without a recipe (recipe=None)."""
+    """Build a StageContext around any model/data without a recipe (no model_spec)."""
 
     def _make(model: torch.nn.Module, data: DataBundle, example_input: torch.Tensor | None = None,
               run_dir: Path | None = None) -> StageContext:
@@ -69,7 +69,6 @@ def make_ctx(tmp_path: Path):
             split = data.calibration or data.eval
             example_input = split.first_batch(1)[0]
         return StageContext(
-            recipe=None,  # type: ignore[arg-type]
             run_dir=run_dir or tmp_path / "run",
             model=model,
             original_model=copy.deepcopy(model).eval(),

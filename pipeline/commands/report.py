@@ -20,14 +20,14 @@ class Regression(FmapError):
 
 @click.command("report")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["md", "html", "json", "junit", "all"]), default="all",
-              show_default=True, help="Which report to regenerate from manifest.json.")
+@click.option("--format", "fmt", default="all", show_default=True, metavar="FORMAT",
+              help="Which report to regenerate from manifest.json: md, html, json, junit, a plug-in's format, "
+                   "or all.")
 def report(run_dir: Path, fmt: str) -> None:
     """Regenerate the reports of RUN_DIR from its manifest.json."""
     from pipeline.report import write_reports
 
-    formats = ("json", "md", "html", "junit") if fmt == "all" else (fmt,)
-    for path in write_reports(run_dir, formats).values():
+    for path in write_reports(run_dir, None if fmt == "all" else (fmt,)).values():
         click.echo(str(path))
 
 

@@ -94,7 +94,7 @@ def _run(spec: str, images_path: Path, layers: list[str], out_dir: Path | None, 
         x, y, names = load_images(images_path, shape, mean, std, limit=max_images)
     net = build_model(cfg, log=lambda msg: console.print(msg))
     out = out_dir or Path("runs") / f"visualize-{spec.replace(':', '-').replace('/', '-')}"
-    ctx = StageContext(recipe=None, run_dir=out, model=net, original_model=net,  # type: ignore[arg-type]
+    ctx = StageContext(run_dir=out, model=net, original_model=net, model_spec=cfg,
                        example_input=torch.zeros(shape), data=DataBundle(eval=TensorSplit("images", x, y)),
                        console=console)
     vcfg = VisualizeConfig(layers=layers or None, images=max_images, top_k=top_k, gradcam=gradcam, compare=False)

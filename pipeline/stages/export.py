@@ -105,9 +105,10 @@ class ExportStage(Stage[ExportConfig]):
         result = StageResult(metrics={"onnx": metrics}, artifacts={FP32_NAME: art})
         ctx.artifacts[FP32_NAME] = art  # quantize/tensorrt in this same run can pick it up
         if cfg.tensorrt is not None:
-            from pipeline.export.tensorrt import build_engines
+            from pipeline.export.tensorrt import build_engine_set
 
-            trt = build_engines(ctx, cfg.tensorrt, sources={FP32_NAME: art})
+            trt = build_engine_set(cfg.tensorrt, {**ctx.artifacts, FP32_NAME: art}, ctx.run_dir / "tensorrt",
+                                   tuple(ctx.example_input.shape), ctx.console)
             result.metrics.update(trt.metrics)
             result.artifacts.update(trt.artifacts)
         return result

@@ -27,7 +27,7 @@ class ProfileStage(Stage[ProfileConfig]):
     description = "Per-layer shapes, params, MACs, liveness peak memory and channel redundancy."
 
     def run(self, ctx: StageContext, cfg: ProfileConfig) -> StageResult:
-        from pipeline.profiling.summary import profile_model, to_markdown
+        from pipeline.profiling.model_profile import profile_model, to_markdown
         from pipeline.sources.registry import is_editable
 
         ctx.console.print("[bold]profile[/]: tracing shapes and activation memory")

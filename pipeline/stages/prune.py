@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from pipeline.errors import BadInput, StageFailed
 from pipeline.pruning.augment import AugmentConfig
+from pipeline.pruning.importance import NEEDS_STATS, CriterionName
 from pipeline.stages.base import Artifact, Stage, StageConfig, StageContext, StageResult
 
 Target = Literal["ratio", "macs", "params", "peak_memory"]
@@ -59,7 +60,7 @@ class PruneConfig(StageConfig):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    criterion: Literal["activation", "apoz", "l1", "l2", "taylor", "bn_scale"] = "activation"
+    criterion: CriterionName = "activation"  # a registered criterion (pipeline.pruning.importance)
     target: Target = "macs"
     amount: float = Field(0.5, gt=0, lt=1)
     global_pruning: bool = Field(False, alias="global")
@@ -112,7 +113,7 @@ class PruneStage(Stage[PruneConfig]):
         ignored = resolve_ignored(model, cfg.ignore)
         protect = default_protection(model, example, ignored)
 
-        stats, stats_source = (_channel_stats(ctx, model) if cfg.criterion in ("activation", "apoz")
+        stats, stats_source = (_channel_stats(ctx, model) if cfg.criterion in NEEDS_STATS
                                else (None, None))
         grads = None
         if cfg.criterion == "taylor":
@@ -181,7 +182,7 @@ class PruneStage(Stage[PruneConfig]):
             "stats_source": stats_source,
         }
         history = {k: metrics[k] for k in ("criterion", "target", "amount", "ratio", "before", "after")}
-        base = ctx.recipe.model.model_dump() if ctx.recipe is not None else {}
+        base = ctx.model_spec.model_dump() if ctx.model_spec is not None else {}
         ckpt = save_checkpoint(ctx.path("pruned.pt"), pruned, base_source=base, history=history)
         plot = plot_channels(layers, ctx.path("prune_channels.png"))
         ctx.model = pruned
