@@ -144,6 +144,8 @@ def test_compare_md_of_a_copy_is_clean(tmp_path):
 
 def test_n_runs_each_judged_against_the_first(tmp_path):
     """3 runs: B (same file) and C (2x slower vs its own original, bigger) against A; exit 1 names C only."""
+    from pipeline.report import fmt
+
     a = _write(tmp_path, "a", manifest(100.0, 25.0))
     b = _write(tmp_path, "b", manifest(100.0, 25.0))
     slow = manifest(100.0, 50.0, sha="c" * 64)
@@ -161,7 +163,7 @@ def test_n_runs_each_judged_against_the_first(tmp_path):
     assert [cell["speedup"] for cell in int8["cells"]] == [4.0, 4.0, 2.0]
     md = CliRunner().invoke(compare, [str(a), str(b), str(c), "--format", "md"])
     assert md.exit_code == 1 and "## fmap compare — 3 runs — ❌ 2 regression(s)" in md.output
-    assert "| onnx_int8 | onnxruntime | 90.00% · 4.00x" in md.output and "2.00x · 1.95 KB ❌ |" in md.output
+    assert "| onnx_int8 | onnxruntime | 90.00% · 4.00x" in md.output and f"2.00x · {fmt.size(2000)} ❌ |" in md.output
     text = CliRunner().invoke(compare, [str(a), str(b), str(c)])
     assert text.exit_code == 1 and "REGRESSED" in text.output
     # a reference that regresses nothing: exit 0
