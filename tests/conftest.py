@@ -90,3 +90,29 @@ def run_quantize(ctx: StageContext, cfg: Any) -> Any:
     if FP32_NAME not in ctx.artifacts:
         ctx.artifacts.update(ExportStage().run(ctx, ExportConfig()).artifacts)
     return QuantizeStage().run(ctx, cfg)
+
+
+TINY_RECIPE = """
+name: tiny-sweep
+seed: 0
+threads: 1
+model: {source: "builtin:digits_cnn", input_shape: [1, 1, 32, 32]}
+data:
+  calibration: {source: builtin, split: calibration, batch_size: 32, samples: 32}
+  eval: {source: builtin, split: test, batch_size: 64, samples: 64}
+stages:
+  - export: {}
+  - quantize: {mode: static, calibration: minmax}
+  - verify:
+      backends: [onnxruntime]
+      latency: {batch_sizes: [1], warmup: 1, iterations: 5}
+      gates: {min_agreement: 0.5}
+"""
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    """A whole recipe in seconds (export, static INT8, verify on onnxruntime): sweeps, stage cache."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_RECIPE)
+    return path

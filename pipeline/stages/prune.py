@@ -286,6 +286,7 @@ def _reestimate_bn(ctx: StageContext, pruned: torch.nn.Module, max_batches: int 
 
 def _finetune(ctx: StageContext, f: FinetuneConfig, teacher: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
     """Fine-tune on data.train with a held-out part of it (or data.calibration) for model selection."""
+    from pipeline.pruning import distributed
     from pipeline.pruning.finetune import FinetuneSettings, finetune
     from pipeline.pruning.validation import Reference, split_holdout
 
@@ -312,7 +313,8 @@ def _finetune(ctx: StageContext, f: FinetuneConfig, teacher: torch.nn.Module, pr
         warmup=f.warmup, distill=f.distill, temperature=f.temperature, alpha=f.alpha, patience=f.patience,
         eval_every=f.eval_every, augment=f.augment, feature_layers=tuple(f.feature_layers),
         feature_weight=f.feature_weight, seed=ctx.seed)
-    return finetune(pruned, teacher, train, ref, settings, console=ctx.console)
+    # data-parallel under `fmap run --nproc N` / torchrun, else a plain call (pruning/distributed.py)
+    return distributed.train(finetune, pruned, teacher, train, ref, settings, console=ctx.console)
 
 
 def _check_forward(original: torch.nn.Module, pruned: torch.nn.Module, example: torch.Tensor) -> None:
