@@ -118,13 +118,18 @@ def rule_for(block: Block, line: str) -> Rule | None:
 
 def script(block: Block, slow: bool) -> str:
     """The block as bash, with the lines this test does not run replaced by a visible no-op."""
-    out = []
+    out: list[str] = []
+    dropping = False  # inside a dropped command's `\` continuation lines
     for line in block.lines:
+        if dropping:
+            dropping = line.rstrip().endswith("\\")
+            continue
         rule = rule_for(block, line) if line.strip() and not line.lstrip().startswith("#") else None
         if rule is not None:
             rule.used = True
             if rule.kind in NEVER or (rule.kind == "slow" and not slow):
                 out.append(f": not run here, {rule.kind}: {rule.reason!r}")
+                dropping = line.rstrip().endswith("\\")
                 continue
         out.append(line)
     return "set -eo pipefail\n" + "\n".join(out) + "\n"
@@ -264,6 +269,10 @@ def test_rules_select_lines_and_stale_rules_are_caught(tmp_path: Path):
     assert "fmap validate r.yaml" in fast and "\nfmap run r.yaml" not in fast and "\npip install" not in fast
     slow = script(block, slow=True)
     assert "\nfmap run r.yaml" in slow and "\npip install" not in slow
+    doc.write_text("<!-- fmap-docs: slow: fmap sweep -- long -->\n```sh\nfmap sweep r.yaml \\\n  --grid a=1,2\n"
+                   "fmap validate r.yaml\n```\n")
+    (block,) = blocks(doc)
+    assert script(block, slow=False).splitlines()[2:] == ["fmap validate r.yaml"]  # continuation dropped too
     doc.write_text("<!-- fmap-docs: gpu: trtexec -- needs CUDA -->\n```bash\nfmap profile x\n```\n")
     (block,) = blocks(doc)
     script(block, slow=True)
