@@ -145,8 +145,7 @@ def test_journey_timm_model_by_name(project):
     assert init.returncode == 0, init.stderr
     recipe = (project / "recipe.yaml").read_text()
     assert "input_shape: [1, 3, 160, 160]" in recipe and "min_agreement" in recipe  # random data: no labels
-    run = fmap("run", "recipe.yaml", *FAST, "--set", "model.input_shape=[1,3,32,32]",
-               "--set", "stages.profile.redundancy=false", cwd=project)
+    run = fmap("run", "recipe.yaml", *FAST, cwd=project)  # as written, at 160 px (FAST: fewer latency runs)
     assert run.returncode == 0, run.stderr[-2000:]
     passed_report(project / "runs" / "test_resnet")
 
