@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -116,3 +121,55 @@ def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_RECIPE)
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Cheaper latency statistics than the recipe's; everything else as `make demo` runs it.
+QUICKSTART_FAST = ["--set", "stages.verify.latency.iterations=10", "--set", "stages.verify.latency.warmup=2"]
+
+
+class TimedRun(NamedTuple):
+    out: Path  # the run directory
+    proc: subprocess.CompletedProcess[str]
+    line_times: list[float]  # seconds since start at which each stderr line arrived
+
+
+def run_timed(args: list[str], cwd: Path, timeout: float) -> tuple[subprocess.CompletedProcess[str], list[float]]:
+    """Run `fmap ARGS` without a terminal (CI=1, pipes), timing when each stderr line arrives,
+    as a CI log viewer would see it."""
+    env = dict(os.environ, CI="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "pipeline.cli", *args]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    times: list[float] = []
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            times.append(time.monotonic() - t0)
+            lines.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    assert proc.stdout is not None
+    stdout = proc.stdout.read()
+    proc.wait(timeout=timeout)
+    reader.join()
+    times.append(time.monotonic() - t0)  # the exit ends the last gap
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "".join(lines)), times
+
+
+@pytest.fixture(scope="session")
+def quickstart_timed(tmp_path_factory) -> TimedRun:
+    """One `fmap run recipes/quickstart.yaml` per test session, shared by the end-to-end tests and the
+    docs-that-run test (which copies it wherever a doc names a run directory). Do not modify it."""
+    out = tmp_path_factory.mktemp("e2e") / "quickstart"
+    proc, times = run_timed(["run", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(out), "--json",
+                             *QUICKSTART_FAST], ROOT, timeout=1100)
+    return TimedRun(out, proc, times)
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(quickstart_timed) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    return quickstart_timed.out, quickstart_timed.proc

@@ -101,8 +101,13 @@ def get_source(spec: str) -> tuple[ModelSource, str]:
 
 
 def is_editable(model: Any) -> bool:
-    """False for a graph fmap cannot hook or prune (set by the non-editable sources on the module)."""
-    return not getattr(model, "fmap_graph_only", False)
+    """False for a graph fmap cannot hook or prune (set by the non-editable sources on the module).
+    A TorchScript module counts as one by its type too: `copy.deepcopy` (the runner's original
+    model) drops Python attributes set on a ScriptModule."""
+    if getattr(model, "fmap_graph_only", False):
+        return False
+    torch = sys.modules.get("torch")
+    return not (torch is not None and isinstance(model, torch.jit.ScriptModule))
 
 
 # A bare path is read as the source its extension names: `fmap profile tiny.onnx`.

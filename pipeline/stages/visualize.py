@@ -68,16 +68,16 @@ def visualize_batch(ctx: StageContext, cfg: VisualizeConfig, x: torch.Tensor, y:
     """Everything the stage does, on an explicit batch (shared with the `fmap visualize` command)."""
     import torch
 
-    from pipeline.visualize.featuremaps import capture, resolve_layers
     from pipeline.visualize.gallery import write_gallery
 
     ref = ctx.original_model
-    layers = resolve_layers(ref, cfg.layers)
+    layers, logits, acts, graph_only = _feature_maps(ctx, cfg, x)
     names = names or [str(i) for i in range(len(x))]
-    logits, acts = capture(ref, x, layers)
     result = StageResult(metrics={"layers": {}, "images": len(x), "labelled": y is not None, "plots": {},
                                   "similarity": {}})
     m = result.metrics
+    if graph_only:
+        cfg = _graph_skips(ctx, cfg, m)
 
     def add_plot(key: str, path: Path, what: str) -> None:
         result.artifacts[key] = Artifact(path, "plot", description=what)
@@ -157,6 +157,40 @@ def _compare(ctx: StageContext, x: torch.Tensor, layers: list[str], acts: dict[s
             x[worst], [("input", None), ("original", res.ref_maps[worst]), (res.name, res.maps[worst])],
             ctx.path(f"{OUT}/worst_{res.name}.png"), f"{res.name}: least similar images ({res.method})",
             [f"#{i} sim {float(res.similarity[i]):.2f}" for i in worst]), f"worst images of {res.name}")
+
+
+def _feature_maps(ctx: StageContext, cfg: VisualizeConfig, x: torch.Tensor,
+                  ) -> tuple[list[str], torch.Tensor, dict[str, torch.Tensor], bool]:
+    """(layers, logits, {layer: activation}, graph_only): forward hooks on a torch model; on a compiled
+    graph (ONNX, TorchScript, torch.export) the Conv outputs of its ONNX graph, read by onnxruntime."""
+    from pipeline.sources.registry import is_editable
+
+    ref = ctx.original_model
+    if is_editable(ref):
+        from pipeline.visualize.featuremaps import capture, resolve_layers
+
+        layers = resolve_layers(ref, cfg.layers)
+        return (layers, *capture(ref, x, layers), False)
+    from pipeline.visualize import graph_maps
+
+    path = graph_maps.graph_file(ref, ctx.example_input, ctx.path(f"{OUT}/graph_view.onnx"))
+    layers = graph_maps.resolve_layers(path, cfg.layers)
+    return (layers, *graph_maps.capture(path, x, layers, ctx.threads), True)
+
+
+def _graph_skips(ctx: StageContext, cfg: VisualizeConfig, m: dict[str, Any]) -> VisualizeConfig:
+    """What a compiled graph cannot show, each skip with its reason in the metrics; the config without them."""
+    from pipeline.visualize.graph_maps import GRADCAM_SKIPPED
+
+    m["graph"] = "onnx"
+    if cfg.gradcam:
+        ctx.console.print(f"[yellow]visualize: Grad-CAM skipped: {GRADCAM_SKIPPED}[/]", soft_wrap=True)
+        m["gradcam"] = f"skipped: {GRADCAM_SKIPPED}"
+    if cfg.scaling:  # the profile stage reports the graph's memory and MACs at the recipe's shape
+        m["scaling"] = "skipped: the scaling plot re-traces torch modules; a compiled graph has none"
+    if cfg.tensorboard:
+        m["tensorboard"] = "skipped: the TensorBoard graph is traced from torch modules"
+    return cfg.model_copy(update={"gradcam": False, "tensorboard": False, "scaling": False})
 
 
 def _gates(threshold: float, similarity: dict[str, dict[str, Any]]) -> list[GateResult]:
