@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_model_sources import MODEL_PY
+from tests.sources.test_model_sources import MODEL_PY
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "stages.verify.latency.batch_sizes=[1]", "--set", "stages.verify.latency.iterations=5",

@@ -1,6 +1,6 @@
 """The seed's closed-form formulas, exact integer arithmetic, no torch.
 
-They are the reference that the traced shapes are checked against (tests/test_profiling_graph.py),
+They are the reference that the traced shapes are checked against (tests/profiling/test_profiling_graph.py),
 so a layer whose observed shape disagrees with its formula points at a modelling bug, not a guess.
 """
 

@@ -14,7 +14,7 @@ writes the run directory. Workers (ranks 1..N-1) run no pipeline: they wait for 
   batch. DDP averages the gradients, so a step uses the gradient of the whole batch as in one
   process. What differs from one process: BatchNorm statistics are per shard (no SyncBatchNorm),
   augmentation draws per rank, and float sums change order; the quickstart's accuracy after
-  fine-tuning matches one process within 0.5 point (tests/test_distributed.py).
+  fine-tuning matches one process within 0.5 point (tests/pruning/test_distributed.py).
 - Every rank evaluates the same validation set on the same weights, so model selection and early
   stopping decide alike on all ranks and no rank waits for a step the others skip. A `minutes`
   budget would end on each rank's own clock, and feature distillation's adapters are outside the

@@ -20,7 +20,7 @@ from pipeline.stages.verify import VerifyConfig
 from pipeline.verify import machine
 from pipeline.verify.gates import GatesConfig, SpeedupGate, evaluate_gates
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = {"batch_sizes": [1], "warmup": 1, "iterations": 6}
 
 

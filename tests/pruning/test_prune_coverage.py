@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "prune_coverage", Path(__file__).resolve().parents[1] / "benchmarks" / "prune_coverage.py")
+    "prune_coverage", Path(__file__).resolve().parents[2] / "benchmarks" / "prune_coverage.py")
 coverage = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(coverage)  # type: ignore[union-attr]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.report import plots, write_reports
-from tests.test_report import synthetic_manifest
+from tests.report.test_report import synthetic_manifest
 
 
 def _write(run_dir: Path, manifest: dict) -> None:
@@ -71,7 +71,7 @@ def test_readme_visualize_command_runs_as_written(tmp_path):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     line = next(ln for ln in (root / "README.md").read_text().splitlines() if ln.startswith("fmap visualize"))
     args = line.split("#")[0].split()[1:]
     assert args == ["visualize", "builtin:digits_cnn", "--images", "builtin:digits"]

@@ -20,7 +20,7 @@ from pipeline.pruning import distributed
 from pipeline.pruning.finetune import FinetuneSettings, finetune
 from pipeline.sources.data import TensorSplit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _data() -> TensorSplit:

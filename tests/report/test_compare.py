@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from pipeline.commands.report import Regression, compare
 from pipeline.report.compare import compare_runs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _row(artifact, backend, p50, speed, ci=0.05, top1=0.9, baseline=False):

@@ -20,7 +20,7 @@ from pipeline.errors import BadInput
 from pipeline.sweep import grid, objectives
 from pipeline.sweep.pareto import dominates, front
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # -- grid ------------------------------------------------------------------------------------
 
