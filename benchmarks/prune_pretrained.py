@@ -8,8 +8,9 @@ wall-clock budget would buy each pipeline a different number of steps; wall time
 
 - fmap, its prune-stage defaults: activation criterion, uniform ratio, round_to 8, least-squares
   reconstruction of the layers that lost inputs (`reconstruct: true`), then distillation with
-  frozen BatchNorm statistics and label-free model selection (held-out training crops, candidate
-  zero = the reconstructed model). BN re-estimation is shown as a reference row only;
+  label-free model selection (held-out training crops, candidate zero = the reconstructed model).
+  BN re-estimation is shown as a reference row only (after reconstruction it lowers agreement,
+  so the stage's `bn_reestimate: null` skips it);
 - torch-pruning by hand: MagnitudePruner (L2), one ratio bisected to the same MACs, classifier
   ignored, round_to 8, then the loop a user writes: the same KD loss, augmentation, optimizer
   and schedule in train mode, last step kept.
@@ -115,7 +116,7 @@ class Bench:
 
 
 def run_fmap(b: Bench, amount: float, rows: list[dict[str, Any]]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """fmap's prune-stage defaults: uniform activation ranking, reconstruction, frozen-BN distillation."""
+    """fmap's prune-stage defaults: uniform activation ranking, reconstruction, distillation with selection."""
     from dataclasses import replace
 
     from pipeline.pruning.batchnorm import reestimate_batchnorm
@@ -142,7 +143,7 @@ def run_fmap(b: Bench, amount: float, rows: list[dict[str, Any]]) -> tuple[torch
         return model, {"history": []}
     train, held = split_holdout(TensorSplit("train", b.train_x, None, batch_size=16), 0.2)
     ref = Reference.build(b.teacher, held, "held-out training crops")
-    ft = replace(b.ft, freeze_bn=True, eval_every=max(1, b.args.steps // 6))
+    ft = replace(b.ft, eval_every=max(1, b.args.steps // 6))
     out = finetune(model, b.teacher, train, ref, ft)
     rows.append({"pipeline": "fmap", "step": f"after fine-tune ({out['steps_run']} steps, {out['seconds']:.0f} s; "
                  f"best step {out['best_step']})", "agreement": b.agree(model)})
@@ -201,7 +202,7 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
                          capture_output=True, text=True).stdout.split()
     amounts = " ".join(f"{a:g}" for a in args.amounts)
     cmd = (f"nice -n 10 python benchmarks/prune_pretrained.py --amounts {amounts} --steps {args.steps} "
-           f"--lr {args.lr} --write")
+           f"--lr {args.lr} --latency-iterations {args.latency_iterations} --write")
     lines = [HEADING, "",
              f"`{cmd}` — EfficientNet-Lite0 with its ImageNet weights (`models` extra); both pipelines get the "
              f"same fine-tune budget of {args.steps} optimizer steps (batch 16) on {THREADS} threads of a machine "
@@ -210,10 +211,12 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
              f"Images: real photos ({describe()}), {args.train} training crops (64 of them calibrate and "
              f"reconstruct; 20% held out for fmap's model selection), {args.eval} evaluation crops from another "
              f"seed; no labels anywhere. Agreement = same top-1 as the FP32 model; confident = the "
-             f"{int(b.confident.sum())} evaluation crops where its top-1 probability is >= 0.5. Fine-tune for "
-             f"both: SGD lr {args.lr}, 5% warm-up, cosine, KD T=4, augmentation (random resized crop 0.35-1, "
-             "flip, colour jitter 0.1); fmap freezes BatchNorm statistics and keeps its best held-out "
-             "evaluation, torch-pruning by hand trains in train mode and keeps the last step.",
+             f"{int(b.confident.sum())} evaluation crops where its top-1 probability is >= 0.5. "
+             + (f"Fine-tune for both: SGD lr {args.lr}, 5% warm-up, cosine, KD T=4, augmentation (random resized "
+                "crop 0.35-1, flip, colour jitter 0.1); fmap keeps its best held-out evaluation (candidate zero "
+                "included), torch-pruning by hand keeps the last step." if args.steps else
+                "No fine-tune in this run (--steps 0): the rows compare what each pipeline hands over before any "
+                "training."),
              f"CPU flags: {', '.join(cpu) or 'none of avx2/avx512_vnni/amx_int8'}. {machine_line(THREADS)}", "",
              "| MACs removed | pipeline | step | agreement | agreement (confident) |", "|---|---|---|---|---|"]
     for d in done:

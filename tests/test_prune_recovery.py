@@ -283,5 +283,8 @@ def test_iterative_rounds_reach_the_target_and_report_each_round(tiny_model, tin
     assert all(r["finetune_steps"] == 2 for r in m["rounds"])
     assert m["reduction"]["macs"] >= 0.4 - 0.05
     assert m["agreement"]["after_finetune"] is not None
+    bn = m["batchnorm"]  # bn_reestimate null after reconstruction: decided by agreement, recorded
+    d = bn["decided_on"]
+    assert d["images"] == 64 and bn["applied"] == (d["agreement_with"] > d["agreement_without"])
     with pytest.raises(ValidationError):
         PruneConfig.model_validate({"macs": 0.4, "rounds": 0})

@@ -49,9 +49,10 @@ class FinetuneConfig(StageConfig):
     augment: AugmentConfig | None = None  # {crop_scale, flip, color_jitter}; none = no augmentation
     feature_layers: list[str] = Field(default_factory=list)  # intermediate layers to distil (1x1 adapters)
     feature_weight: float = Field(1.0, gt=0)
-    # keep BatchNorm running statistics while training: batches of a few photos are a worse estimate
-    # than the original training set's (EfficientNet-Lite0: measured in benchmarks/RESULTS.md)
-    freeze_bn: bool = True
+    # keep BatchNorm running statistics while training (batches of a few photos can be a worse estimate
+    # than the original training set's); off by default: where pruning left the statistics wrong the
+    # fine-tune must move them (the quickstart diverged with them frozen)
+    freeze_bn: bool = False
 
 
 class PruneConfig(StageConfig):
@@ -73,8 +74,8 @@ class PruneConfig(StageConfig):
     tolerance: float = Field(0.02, gt=0, lt=0.5)  # accepted |reduction - amount| for cost targets
     # least-squares refit of the 1x1 conv / Linear layers that lost inputs, on calibration images
     reconstruct: bool = True
-    # recompute BatchNorm running stats on calibration images after pruning; default: only without
-    # reconstruct (after it, the original statistics fit better: measured on EfficientNet-Lite0)
+    # recompute BatchNorm running stats on calibration images after pruning; null: always without
+    # reconstruct, after it only when that raises agreement on calibration images it did not fit on
     bn_reestimate: bool | None = None
     rounds: int = Field(1, ge=1, le=10)  # prune/recover rounds towards the target (each: prune, recover)
     allocation: Literal["uniform", "sensitivity"] = "uniform"  # per-layer ratios: same, or by measured damage
@@ -243,8 +244,8 @@ def _one_round(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, k: i
     if cfg.reconstruct:
         row["reconstruct"] = _reconstruct(ctx, pruned, kept)
         row["agreement"]["after_reconstruct"] = _agree(pruned, reference)
-    if cfg.bn_reestimate if cfg.bn_reestimate is not None else not cfg.reconstruct:
-        row["batchnorm"] = _reestimate_bn(ctx, pruned)
+    pruned, row["batchnorm"] = _batchnorm_step(ctx, cfg, pruned)
+    if row["batchnorm"] is not None and row["batchnorm"]["applied"]:
         row["agreement"]["after_bn"] = _agree(pruned, reference)
         row["batchnorm"]["accuracy_after"] = accuracy(pruned, ctx.data.eval)
     if cfg.finetune is not None:
@@ -360,6 +361,31 @@ def _agree(model: torch.nn.Module, reference: Any) -> float | None:
     from pipeline.pruning.validation import score
 
     return None if reference is None else score(model, reference)["agreement"]
+
+
+def _batchnorm_step(ctx: StageContext, cfg: PruneConfig,
+                    pruned: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """BN re-estimation when asked; with `bn_reestimate: null` after reconstruction, only if it raises
+    agreement with the original on calibration images the reconstruction did not fit on."""
+    if cfg.bn_reestimate is False or (cfg.bn_reestimate is None and not _has_bn(pruned)):
+        return pruned, None
+    if cfg.bn_reestimate or not cfg.reconstruct:
+        return pruned, {**_reestimate_bn(ctx, pruned), "applied": True, "decided_on": None}
+    from pipeline.pruning.validation import logits
+
+    images = _calibration_images(ctx, 320)
+    held = images[64:] if len(images) >= 128 else images  # the first 64 fitted the reconstruction
+    target = logits(ctx.original_model, held).argmax(1)
+    candidate = copy.deepcopy(pruned)
+    metrics = _reestimate_bn(ctx, candidate)
+    kept, with_bn = (float((logits(m, held).argmax(1) == target).float().mean()) for m in (pruned, candidate))
+    metrics.update(applied=with_bn > kept, decided_on={"images": len(held), "agreement_without": round(kept, 4),
+                                                       "agreement_with": round(with_bn, 4)})
+    return (candidate if with_bn > kept else pruned), metrics
+
+
+def _has_bn(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _reestimate_bn(ctx: StageContext, pruned: torch.nn.Module, max_batches: int = 16) -> dict[str, Any]:
