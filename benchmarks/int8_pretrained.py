@@ -55,13 +55,15 @@ def fmap_int8(model: torch.nn.Module, calib, eval_split, work: Path, **overrides
 
     from pipeline.sources.data import DataBundle
     from pipeline.stages.base import StageContext
+    from pipeline.stages.export import ExportConfig, ExportStage
     from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
 
-    ctx = StageContext(recipe=None, run_dir=work, model=model, original_model=model,  # type: ignore[arg-type]
+    ctx = StageContext(run_dir=work, model=model, original_model=model,
                        example_input=calib.x[:1], console=Console(stderr=True, quiet=True),
                        data=DataBundle(calibration=calib, eval=eval_split), threads=THREADS)
     cfg = QuantizeConfig(backends=[], latency_iterations=1, samples=len(calib), debug_samples=4,
                          eval_samples=len(eval_split), **overrides)
+    ctx.artifacts.update(ExportStage().run(ctx, ExportConfig()).artifacts)  # as `- export: {}` before quantize
     result = QuantizeStage().run(ctx, cfg)
     return Path(result.artifacts["onnx_int8"].path), result.metrics
 
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--eval", type=int, default=256)
     ap.add_argument("--iterations", type=int, default=40)
+    ap.add_argument("--qat-steps", type=int, default=200, help="fine-tune steps of the QAT row (0: no QAT row)")
+    ap.add_argument("--ablations", action="store_true", help="also rows without bias correction and with equalization")
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
@@ -178,13 +182,28 @@ def main(argv: list[str] | None = None) -> int:
                     f"fmap PTQ gptq rounding (target auto = {host})": {"weight_rounding": "gptq"},
                     f"fmap PTQ mse + gptq (target auto = {host})": best,
                     "fmap PTQ mse + gptq (target x86-avx2: safe on every x86)": {**best, "target": "x86-avx2"}}
+        if args.ablations:  # each algorithm's measured effect, against the row above it in the table
+            variants[f"fmap PTQ mse + gptq, bias correction off (target auto = {host})"] = {**best, "bias_correction": False}
+            variants[f"fmap PTQ mse + gptq + equalization (target auto = {host})"] = {**best, "equalization": True}
+        if args.qat_steps:
+            variants[f"fmap QAT mse, {args.qat_steps} steps (target auto = {host})"] = {
+                "calibration": "mse", "method": "qat", "qat": {"steps": args.qat_steps}}
+        notes: dict[str, str] = {}
         for i, (label, overrides) in enumerate(variants.items()):
             print(f"quantizing: {label}", file=sys.stderr, flush=True)
-            path, _ = fmap_int8(model, calib, evals, work / f"fmap{i}", **overrides)
+            path, metrics = fmap_int8(model, calib, evals, work / f"fmap{i}", **overrides)
             files.append((label, path, "int8"))
+            if "qat" in metrics:
+                q = metrics["qat"]
+                notes[label] = (f"QAT {'kept' if q['kept'] else 'not kept (PTQ scored higher)'}: held-out KL "
+                                f"{q['candidate_zero']['kl']:.4f} -> {q['best']['kl']:.4f} in {q['steps_run']} steps "
+                                f"({q['seconds']:.0f} s); {q['placement']['activations']} activations and "
+                                f"{q['placement']['weights']} weights simulated, "
+                                f"{len(q['placement']['unmatched_activations'])} unmatched")
         sessions = []
         for label, path, precision in files:
             note = saturation_note(path, ranges) if precision == "int8" else ""
+            note = "; ".join(n for n in (note, notes.get(label, "")) if n)
             for b in (ort_b, ov_b):
                 sess = b.load(path, threads=THREADS, precision_hint=precision)
                 sessions.append(sess)
@@ -203,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         cpu = host_cpu()
         section = [HEADING, "",
-                   f"`python benchmarks/int8_pretrained.py --calib {args.calib} --eval {args.eval} --write`; "
+                   f"`python benchmarks/int8_pretrained.py --calib {args.calib} --eval {args.eval} "
+                   f"--qat-steps {args.qat_steps}{' --ablations' if args.ablations else ''} --write`; "
                    f"{machine_line(THREADS)} CPU int8 flags: {', '.join(cpu.flags)} (fmap target `{cpu.target}`); "
                    f"load average {load:.1f} during the run.", "",
                    f"Calibration: {args.calib} crops of {photos.describe('calibration')}; evaluation: {args.eval} "

@@ -142,13 +142,15 @@ def fmap_int8(case: dict, work: Path, overrides: dict[str, Any]) -> Path:
 
     from pipeline.sources.data import DataBundle
     from pipeline.stages.base import StageContext
+    from pipeline.stages.export import ExportConfig, ExportStage
     from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
 
-    ctx = StageContext(recipe=None, run_dir=work, model=case["model"], original_model=case["model"],  # type: ignore[arg-type]
+    ctx = StageContext(run_dir=work, model=case["model"], original_model=case["model"],
                        example_input=torch.zeros(case["shape"]), console=Console(stderr=True, quiet=True),
                        data=DataBundle(calibration=case["calib"], eval=case["eval"]), threads=THREADS)
     cfg = QuantizeConfig(backends=[], latency_iterations=1, samples=len(case["calib"]), debug_samples=2,
                          eval_samples=8, **overrides)
+    ctx.artifacts.update(ExportStage().run(ctx, ExportConfig()).artifacts)  # as `- export: {}` before quantize
     return Path(QuantizeStage().run(ctx, cfg).artifacts["onnx_int8"].path)
 
 

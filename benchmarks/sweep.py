@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/sweep.py                # prints the table
     .venv/bin/python benchmarks/sweep.py --write        # also replaces its section in RESULTS.md
+    .venv/bin/python benchmarks/sweep.py --prefixes     # a quantize-only grid with and without shared prefixes
 
 Compared per trial: every artifact row's top-1, agreement and size (report.json), the pruned
 channel count of every layer (prune metrics) and the layers the INT8 fallback kept in float
@@ -31,6 +32,8 @@ from pipeline.sweep.grid import parse_grids, trials  # noqa: E402
 
 SECTION = "## Sweep: 2 workers vs one run after another (benchmarks/sweep.py)"
 GRID = ("stages.prune.amount=0.3,0.4,0.5,0.6", "stages.quantize.per_channel=true,false")
+PREFIX_SECTION = "## Sweep: shared prefixes, a grid over quantize settings only (benchmarks/sweep.py --prefixes)"
+PREFIX_GRID = ("stages.quantize.calibration=minmax,percentile", "stages.quantize.per_channel=true,false")
 
 
 def fmap(*args: str) -> float:
@@ -56,6 +59,42 @@ def results(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def computed(run_dir: Path) -> list[str]:
+    """The stages this trial computed itself (not copied from another trial's, pipeline.stagecache)."""
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    return [s["id"] for s in stages if not s.get("reused")]
+
+
+def prefixes(args: argparse.Namespace, work: Path) -> str:
+    """Both sweeps of PREFIX_GRID side by side: --no-share-prefixes, then the default."""
+    points = trials(parse_grids(PREFIX_GRID))
+    grid_args = list(itertools.chain.from_iterable(("--grid", g) for g in PREFIX_GRID))
+    common = list(itertools.chain.from_iterable(("--set", o) for o in args.sets))
+    times, load0 = {}, os.getloadavg()[0]
+    for mode in ("--no-share-prefixes", "--share-prefixes"):
+        shutil.rmtree(work / mode, ignore_errors=True)
+        times[mode] = fmap("sweep", args.recipe, *common, *grid_args, "--workers", str(args.workers), mode,
+                           "--out", str(work / mode))
+        print(f"sweep {mode}: {times[mode]:.1f} s", file=sys.stderr)
+    runs = {m: [computed(work / m / "trials" / t.id) for t in points] for m in times}
+    count = {m: {k: sum(k in c for c in runs[m]) for k in ("profile", "prune", "export", "quantize")} for m in runs}
+    same = [results(work / "--no-share-prefixes" / "trials" / t.id) == results(work / "--share-prefixes" / "trials" / t.id)
+            for t in points]
+    base = times["--no-share-prefixes"]
+    rows = [f"| `fmap sweep --workers {args.workers} {m}` | {times[m]:.1f} s | {times[m] / base:.2f} | "
+            + " / ".join(str(count[m][k]) for k in count[m]) + " |" for m in times]
+    return "\n".join([
+        PREFIX_SECTION, "",
+        f"Grid `{' × '.join(PREFIX_GRID)}` over `{args.recipe}`: {len(points)} trials that differ only after "
+        f"export. Command: `python benchmarks/sweep.py --prefixes --workers {args.workers}"
+        f"{''.join(' --set ' + o for o in args.sets)}`. {machine_line(1)} Load average (1 min) "
+        f"{load0:.1f} before, {os.getloadavg()[0]:.1f} after." + (f" {args.note}" if args.note else ""), "",
+        "| sweep | wall time | relative | profile / prune / export / quantize computed (of " + str(len(points)) + ") |",
+        "|---|---|---|---|", *rows, "",
+        f"Results identical with and without sharing (top-1, agreement and size of every artifact row, channels "
+        f"per layer, layers kept in float): {sum(same)}/{len(same)} trials.", ""])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/quickstart.yaml")
@@ -65,8 +104,15 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="working directory (default: a temporary one)")
     ap.add_argument("--note", default="", help="a sentence about the machine's state for RESULTS.md")
     ap.add_argument("--write", action="store_true", help=f"replace '{SECTION}' in benchmarks/RESULTS.md")
+    ap.add_argument("--prefixes", action="store_true", help="measure shared prefixes instead (its own section)")
     args = ap.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="fmap-sweep-bench-"))
+    if args.prefixes:
+        text = prefixes(args, work)
+        print(text)
+        if args.write:
+            write_section(text, PREFIX_SECTION)
+        return 0
     shutil.rmtree(work / "serial", ignore_errors=True)
     shutil.rmtree(work / "sweep", ignore_errors=True)
     points = trials(parse_grids(GRID))

@@ -69,7 +69,12 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return write_text(path, dumps_json(obj))
+
+
+def dumps_json(obj: Any) -> str:
+    """The JSON text fmap writes (indented, numpy scalars and paths converted, final newline)."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
 
 
 def _json_default(obj: Any) -> Any:

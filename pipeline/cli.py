@@ -21,7 +21,7 @@ from pipeline.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STAGE_FAILED,
 LAZY_COMMANDS = {
     "profile": ("pipeline.commands.profile:profile", "Profile a model's feature maps without a recipe."),
     "report": ("pipeline.commands.report:report", "Regenerate reports from a run directory."),
-    "compare": ("pipeline.commands.report:compare", "Compare two run directories; exit 1 on regression."),
+    "compare": ("pipeline.commands.report:compare", "Compare runs with the first; exit 1 on regression."),
     "visualize": ("pipeline.commands.visualize:visualize", "Feature-map grids, overlays and Grad-CAM."),
     "sweep": ("pipeline.commands.sweep:sweep", "Run a recipe over a grid of overrides; leaderboard and Pareto front."),
 }
@@ -69,8 +69,14 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fmap")
-def cli() -> None:
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE",
+              help="Load a plug-in (backend, prune criterion, model source, report format) before the "
+                   "command; repeatable. $FMAP_PLUGINS (os.pathsep-separated) is loaded first.")
+def cli(plugins: tuple[str, ...]) -> None:
     """fmap: profile, prune, quantize, export and verify PyTorch vision models from one recipe."""
+    from pipeline.plugins import env_plugins, load_plugins
+
+    load_plugins([*env_plugins(), *plugins])
 
 
 @cli.command()
@@ -79,18 +85,29 @@ def cli() -> None:
               help="Override a recipe key, e.g. --set stages.prune.amount=0.3 (repeatable).")
 @click.option("--resume", is_flag=True, help="Skip stages whose inputs and config are unchanged and whose artifacts exist.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: runs/<name>).")
+@click.option("--stage-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Reuse stages other runs finished with the same inputs and configs up to them, and offer "
+                   "this run's (fmap sweep shares prefixes this way).")
+@click.option("--nproc", type=int, default=None,
+              help="Fine-tune with N data-parallel processes (torch.distributed DDP, gloo); rank 0 writes the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable result on stdout.")
-def run(recipe: Path, overrides: tuple[str, ...], resume: bool, out: Path | None, as_json: bool) -> int:
+def run(recipe: Path, overrides: tuple[str, ...], resume: bool, out: Path | None, stage_cache: Path | None,
+        nproc: int | None, as_json: bool) -> int:
     """Run every stage of RECIPE."""
+    from pipeline.pruning import distributed
     from pipeline.recipe import load_recipe
     from pipeline.runner import run_recipe
-    from pipeline.summary import print_summary
+    from pipeline.run_summary import print_summary
 
+    if distributed.launched_worker():  # torchrun rank > 0: serve rank 0's fine-tune, run no pipeline
+        return distributed.serve_launched()
     console = make_console()
     loaded = load_recipe(recipe, overrides)
+    distributed.check_recipe(loaded, nproc)
     console.print(f"[bold]fmap {__version__}[/] running recipe [bold]{loaded.name}[/] ({len(loaded.stages)} stages)"
                   f" -> {loaded.run_dir(out)}")
-    outcome = run_recipe(loaded, out=out, resume=resume, console=console)
+    with distributed.session(nproc, loaded.threads):
+        outcome = run_recipe(loaded, out=out, resume=resume, console=console, stage_cache=stage_cache)
     if outcome.exit_code not in (EXIT_INTERRUPTED, EXIT_BAD_INPUT):  # bad input: just the one line
         print_summary(console, outcome.manifest)
     if as_json:
@@ -118,7 +135,7 @@ def _json_result(outcome) -> dict:
         "error": outcome.error,
         "report": str(outcome.run_dir / "report.json"),
         "stages": [{"id": s["id"], "status": s["status"], "duration_s": s["duration_s"], "skip_reason": s["skip_reason"],
-                    "resumed": s.get("resumed", False)} for s in m.get("stages", [])],
+                    "resumed": s.get("resumed", False), "reused": bool(s.get("reused"))} for s in m.get("stages", [])],
         "failed_gates": outcome.failed_gates,
     }
 

@@ -23,6 +23,14 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no `lr: .inf`
 
 
+def run_relative(path: str | Path, run_dir: Path) -> str:
+    """`path` relative to the run directory (how manifests and reports name files), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(path)
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A file a stage produced. `kind` + `precision` let verify decide how to run it."""
@@ -37,13 +45,8 @@ class Artifact:
         return self.kind in ("torch", "onnx", "tensorrt", "openvino")
 
     def to_dict(self, run_dir: Path | None = None) -> dict[str, Any]:
-        path = self.path
-        if run_dir is not None:
-            try:
-                path = self.path.resolve().relative_to(run_dir.resolve())
-            except ValueError:
-                pass
-        return {"path": str(path), "kind": self.kind, "precision": self.precision, "description": self.description}
+        path = str(self.path) if run_dir is None else run_relative(self.path, run_dir)
+        return {"path": path, "kind": self.kind, "precision": self.precision, "description": self.description}
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,33 @@ def input_fingerprints(model: Any, data: Any) -> dict[str, str]:
         if path:
             out[f"data.{split}.path"] = path_fingerprint(path)
     return out
+
+
+def input_hash(recipe: Any) -> str:
+    """The root of a run's stage chain: config, fmap version and every input on disk (weights, model
+    source, data files/folders). Threads are not in it: they change speed, not what a stage means."""
+    import json
+
+    import pipeline
+
+    files = json.dumps(input_fingerprints(recipe.model, recipe.data), sort_keys=True)
+    material = recipe.hash_material() + pipeline.__version__ + files
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def chain_hash(previous: str, spec: Any) -> str:
+    """A stage's hash: the previous stage's hash, its id and its resolved config. Equal hashes mean
+    equal inputs, so `--resume` and the stage cache (pipeline.stagecache) may reuse its artifacts."""
+    import json
+
+    cfg = json.dumps(spec.to_dict(), sort_keys=True)
+    return hashlib.sha256(f"{previous}|{spec.id}|{cfg}".encode()).hexdigest()
+
+
+def stage_chain(recipe: Any) -> list[str]:
+    """The chain hash of every stage of a recipe, in order (what its manifest will record)."""
+    out, chain = [], input_hash(recipe)
+    for spec in recipe.stages:
+        chain = chain_hash(chain, spec)
+        out.append(chain)
+    return out

@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from pipeline.errors import BadInput
+from pipeline.plugins import load_plugins
 from pipeline.recipe_models import DataConfig, ModelConfig, Strict
 from pipeline.contracts import StageConfig
 
@@ -30,6 +31,7 @@ class RecipeHeader(Strict):
     seed: int = Field(default=0, ge=0, le=2**32 - 1)  # what torch, numpy and random all accept
     threads: int = Field(default=2, gt=0, le=256)
     output_dir: str | None = None  # default: runs/ under the working directory
+    plugins: list[str] = Field(default_factory=list)  # plug-in files (beside the recipe) or modules
     model: ModelConfig
     data: DataConfig = DataConfig()
     stages: list[Any] = Field(min_length=1)
@@ -60,6 +62,7 @@ class Recipe:
     source_path: Path | None = None
 
     output_dir_explicit: bool = False
+    plugins: tuple[str, ...] = ()
 
     def run_dir(self, out: str | Path | None = None) -> Path:
         """`--out` wins; an explicit `output_dir` is relative to the recipe's folder and must stay
@@ -88,6 +91,7 @@ class Recipe:
             "seed": self.seed,
             "threads": self.threads,
             "output_dir": self.output_dir,
+            **({"plugins": list(self.plugins)} if self.plugins else {}),
             "model": self.model.model_dump(mode="json"),
             "data": self.data.model_dump(mode="json", exclude_none=True),
             "stages": [s.to_dict() for s in self.stages],
@@ -147,6 +151,9 @@ def _validate(data: dict[str, Any], node: yaml.Node | None, filename: str, sourc
     from pipeline.stages import STAGES, get_stage  # lazy: no recipe -> stages -> recipe cycle
 
     ov = applied or []
+    plugins = data.get("plugins")  # first: the model source and stage configs may name what they register
+    if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):  # else the header says why
+        load_plugins(plugins, source_path.parent if source_path is not None else None)
     try:
         header = RecipeHeader.model_validate(data)
     except ValidationError as exc:
@@ -170,10 +177,29 @@ def _validate(data: dict[str, Any], node: yaml.Node | None, filename: str, sourc
         seen[kind] = seen.get(kind, 0) + 1
         stage_id = kind if seen[kind] == 1 else f"{kind}_{seen[kind]}"
         specs.append(StageSpec(kind=kind, id=stage_id, index=i, config=cfg))
+    _check_order(specs, filename, node, data)
     return Recipe(name=header.name, seed=header.seed, threads=header.threads,
                   output_dir=header.output_dir if header.output_dir is not None else "runs",
                   model=header.model, data=header.data, stages=tuple(specs), source_path=source_path,
-                  output_dir_explicit=header.output_dir is not None)
+                  output_dir_explicit=header.output_dir is not None, plugins=tuple(header.plugins))
+
+
+def _check_order(specs: list[StageSpec], filename: str, node: yaml.Node | None, data: dict[str, Any]) -> None:
+    """Each stage's `requires` must be `produces`d by an earlier stage: a quantize before any ONNX
+    exists is an error here, naming the stage that would make it, not an implicit export at run time."""
+    from pipeline.stages import STAGES, get_stage  # lazy: no recipe -> stages -> recipe cycle
+
+    made: set[str] = set()
+    for spec in specs:
+        stage = get_stage(spec.kind)()
+        missing = [a for a in stage.requires(spec.config) if a not in made]
+        if missing:
+            makers = [k for k in STAGES if missing[0] in get_stage(k)().produces(get_stage(k).Config())]
+            hint = f"; put '- {makers[0]}: {{}}' before it" if makers else ""
+            raise _error(filename, node, data, ("stages", spec.index, spec.kind),
+                         f"needs the artifact '{missing[0]}', which no earlier stage produces{hint}",
+                         on_key=True)
+        made.update(stage.produces(spec.config))
 
 
 # --------------------------------------------------------------------------------------------

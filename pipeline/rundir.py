@@ -110,8 +110,10 @@ def remove_orphans(run_dir: Path) -> list[Path]:
 
 def remove_stale_reports(run_dir: Path) -> list[Path]:
     """Delete the reports and error logs of an earlier run of this directory."""
+    from pipeline.report import report_filenames  # lazy: plug-in formats count too
+
     removed = []
-    for name in REPORT_FILES:
+    for name in dict.fromkeys([*REPORT_FILES, *report_filenames()]):
         p = Path(run_dir) / name
         if p.is_file():
             p.unlink()

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import datetime as _dt
 import errno
-import hashlib
 import json
 import os
 import platform
@@ -32,10 +31,10 @@ from rich.console import Console
 from rich.markup import escape
 
 import pipeline
-from pipeline import atomic
+from pipeline import atomic, stagecache
 from pipeline.errors import (EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_STAGE_FAILED, BadInput, FmapError,
                              StageFailed)
-from pipeline.fingerprint import input_fingerprints, sha256_file
+from pipeline.fingerprint import chain_hash, input_hash, sha256_file
 from pipeline.recipe import Recipe, StageSpec, dump_lock
 from pipeline.runlog import capture_third_party
 from pipeline.rundir import RunDirLock, SpaceReserve, remove_orphans, remove_stale_reports
@@ -45,6 +44,8 @@ from pipeline.stages.base import Artifact, GateResult, StageContext, StageResult
 MANIFEST = "manifest.json"
 LOCK = "recipe.lock.yaml"
 RUN_LOG = "run.log"
+# Libraries every run depends on; each backend adds its own (Backend.libraries) to the environment.
+CORE_LIBRARIES = ("torch", "torchvision", "torch-pruning", "onnx", "onnxslim", "numpy")
 
 
 @dataclass
@@ -64,12 +65,13 @@ def environment(threads: int) -> dict[str, Any]:
     """Library versions and machine facts, so a report says what produced its numbers."""
     from importlib import metadata
 
+    from pipeline.backends.base import BACKENDS
     from pipeline.verify.machine import cpu_info
     from pipeline.verify.threads import thread_env
 
     libs = {}
-    for dist in ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "openvino", "onnxslim", "numpy",
-                 "tensorrt"):
+    backend_libs = [lib for _, b in BACKENDS.items() for lib in b.libraries]
+    for dist in dict.fromkeys([*CORE_LIBRARIES, *backend_libs]):
         try:
             libs[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -96,24 +98,14 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _input_hash(recipe: Recipe) -> str:
-    """Config, fmap version and every input on disk (weights, model source, data files/folders)."""
-    files = json.dumps(input_fingerprints(recipe.model, recipe.data), sort_keys=True)
-    material = recipe.hash_material() + pipeline.__version__ + files
-    return hashlib.sha256(material.encode()).hexdigest()
-
-
-def _chain_hash(previous: str, spec: StageSpec) -> str:
-    cfg = json.dumps(spec.to_dict(), sort_keys=True)
-    return hashlib.sha256(f"{previous}|{spec.id}|{cfg}".encode()).hexdigest()
-
-
 class Runner:
-    def __init__(self, recipe: Recipe, run_dir: Path, console: Console, resume: bool = False) -> None:
+    def __init__(self, recipe: Recipe, run_dir: Path, console: Console, resume: bool = False,
+                 stage_cache: Path | None = None) -> None:
         self.recipe = recipe
         self.run_dir = run_dir
         self.console = console
         self.resume = resume
+        self.stage_cache = stage_cache  # pipeline.stagecache: stages shared with other runs
         self.manifest: dict[str, Any] = {}
 
     # -- setup ---------------------------------------------------------------------------
@@ -139,7 +131,7 @@ class Runner:
         for split in (data.calibration, data.eval, data.train):
             if split is not None:
                 check_split(split, model, classes)
-        return StageContext(recipe=self.recipe, run_dir=self.run_dir, model=model,
+        return StageContext(run_dir=self.run_dir, model=model, model_spec=self.recipe.model,
                             original_model=copy.deepcopy(model).eval(), example_input=example, data=data,
                             console=self.console, threads=self.recipe.threads, seed=self.recipe.seed)
 
@@ -274,15 +266,15 @@ class Runner:
 
     def _pending_entry(self, spec: StageSpec) -> dict[str, Any]:
         return {"id": spec.id, "kind": spec.kind, "status": "pending", "skip_reason": None, "resumed": False,
-                "started": None, "duration_s": None, "config": spec.config.model_dump(mode="json", by_alias=True),
+                "reused": None, "started": None, "duration_s": None, "config": spec.config.model_dump(mode="json", by_alias=True),
                 "chain_hash": None, "metrics": {}, "artifacts": {}, "gates": [], "error": None}
 
     def _run_stages(self, ctx: StageContext, previous: dict[str, dict[str, Any]]) -> None:
-        chain = _input_hash(self.recipe)
+        chain = input_hash(self.recipe)
         can_resume = bool(previous)
         total = len(self.recipe.stages)
         for n, spec in enumerate(self.recipe.stages, start=1):
-            chain = _chain_hash(chain, spec)
+            chain = chain_hash(chain, spec)
             entry = self.manifest["stages"][spec.index]
             entry["chain_hash"] = chain
             stage = get_stage(spec.kind)()
@@ -292,9 +284,14 @@ class Runner:
                 stage.restore(ctx, spec.config, result)
                 self._record(ctx, spec, entry, result, old.get("duration_s") or 0.0, old.get("started"))
                 entry["resumed"] = True
+                entry["reused"] = old.get("reused")  # still another run's work, if it was
                 self.console.print(f"[bold]\\[{n}/{total}] {spec.id}[/] [dim]unchanged, resumed from the previous run[/]")
                 continue
             can_resume = False
+            if self.stage_cache is not None and self._reuse_cached(ctx, spec, stage, entry, chain):
+                self.console.print(f"[bold]\\[{n}/{total}] {spec.id}[/] [dim]reused from {entry['reused']['run_dir']}[/]")
+                continue
+            before = stagecache.snapshot(self.run_dir) if self.stage_cache is not None else {}
             self.console.rule(f"[bold][{n}/{total}] {spec.id}[/]", style="dim")
             entry["status"] = "running"
             entry["started"] = now()
@@ -316,7 +313,13 @@ class Runner:
                 raise StageFailed(msg) from exc
             except (Exception, SystemExit) as exc:  # a bug or a library failure: traceback in the run dir
                 raise StageFailed(self._stage_crash(spec, exc, entry, t0)) from exc
+            missing = [a for a in stage.produces(spec.config) if a not in result.artifacts]
+            if result.status == "ok" and missing:  # a broken contract, not bad input
+                msg = f"stage '{spec.id}' declares the artifact '{missing[0]}' but did not produce it"
+                entry.update(status="failed", error=msg, duration_s=round(time.perf_counter() - t0, 3))
+                raise StageFailed(msg)
             self._record(ctx, spec, entry, result, time.perf_counter() - t0, entry["started"])
+            self._publish(entry, chain, before)
             if result.status == "skipped":
                 self.console.print(f"[yellow]skipped[/] {spec.id}: {escape(str(result.skip_reason))}")
             else:
@@ -335,6 +338,29 @@ class Runner:
         entry.update(status="failed", error=msg, duration_s=round(time.perf_counter() - t0, 3))
         return msg
 
+    def _reuse_cached(self, ctx: StageContext, spec: StageSpec, stage: Any, entry: dict[str, Any], chain: str) -> bool:
+        """Restore a stage another run finished with the same chain hash (pipeline.stagecache)."""
+        assert self.stage_cache is not None
+        cached = stagecache.fetch(self.stage_cache, chain, self.run_dir)
+        if cached is None or not self._reusable(cached, chain):
+            return False
+        result = _result_from_entry(cached, self.run_dir)
+        stage.restore(ctx, spec.config, result)
+        self._record(ctx, spec, entry, result, cached.get("duration_s") or 0.0, cached.get("started"))
+        entry["reused"] = {"chain_hash": chain, "run_dir": cached.get("run_dir"), "cache": cached["cache_dir"]}
+        self._write_manifest()
+        return True
+
+    def _publish(self, entry: dict[str, Any], chain: str, before: dict[str, tuple[int, int]]) -> None:
+        """Offer a finished stage to the stage cache; a cache that cannot be written only warns."""
+        if self.stage_cache is None or entry["status"] not in ("ok", "skipped"):
+            return
+        try:
+            stagecache.publish(self.stage_cache, chain, entry, self.run_dir,
+                               stagecache.written_since(before, self.run_dir))
+        except OSError as exc:
+            self.console.print(f"[yellow]warning[/] stage cache {self.stage_cache}: {exc.strerror or exc}")
+
     def _reusable(self, old: dict[str, Any], chain: str) -> bool:
         if old.get("chain_hash") != chain or old.get("status") not in ("ok", "skipped"):
             return False
@@ -346,6 +372,7 @@ class Runner:
 
     def _record(self, ctx: StageContext, spec: StageSpec, entry: dict[str, Any], result: StageResult,
                 duration: float, started: str | None) -> None:
+        """The one place a run's artifacts are recorded: the manifest and `ctx.artifacts`."""
         ctx.results[spec.id] = result
         artifacts = {}
         for name, art in result.artifacts.items():
@@ -361,9 +388,9 @@ class Runner:
         self._write_manifest()
 
     def _remove_reports(self) -> None:
-        from pipeline.report import FORMATS
+        from pipeline.report import report_filenames
 
-        for name in FORMATS.values():
+        for name in report_filenames():
             (self.run_dir / name).unlink(missing_ok=True)
 
     def _write_reports(self) -> str | None:
@@ -431,6 +458,6 @@ def _result_from_entry(entry: dict[str, Any], run_dir: Path) -> StageResult:
 
 
 def run_recipe(recipe: Recipe, out: str | Path | None = None, resume: bool = False,
-               console: Console | None = None) -> RunOutcome:
+               console: Console | None = None, stage_cache: Path | None = None) -> RunOutcome:
     console = console or Console(stderr=True)
-    return Runner(recipe, recipe.run_dir(out), console, resume=resume).run()
+    return Runner(recipe, recipe.run_dir(out), console, resume=resume, stage_cache=stage_cache).run()

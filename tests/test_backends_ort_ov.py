@@ -10,6 +10,7 @@ from pipeline.backends import onnxruntime as ort_backend
 from pipeline.backends import openvino as ov_backend
 from pipeline.errors import BadInput
 from pipeline.export.onnx import export_onnx
+from conftest import run_quantize  # tests/ is on sys.path (rootdir conftest)
 
 
 @pytest.fixture
@@ -46,9 +47,9 @@ def test_openvino_forces_f32_for_fp32_and_reports_precision(onnx_file):
 
 
 def test_openvino_runs_qdq_int8_in_int8(tiny_model, tiny_data, make_ctx):
-    from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
+    from pipeline.stages.quantize import QuantizeConfig
 
-    result = QuantizeStage().run(make_ctx(tiny_model, tiny_data),
+    result = run_quantize(make_ctx(tiny_model, tiny_data),
                                  QuantizeConfig(backends=["openvino"], latency_iterations=2, samples=32, eval_samples=16))
     ov = result.metrics["artifacts"]["onnx_int8"]["backends"]["openvino"]
     assert {"i8", "u8"} & set(ov["execution_precision"]), ov["execution_precision"]

@@ -140,3 +140,37 @@ def test_compare_md_of_a_copy_is_clean(tmp_path):
     b = _write(tmp_path, "b", copy.deepcopy(m))
     res = CliRunner().invoke(compare, [str(a), str(b), "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["regressed"] is False
+
+
+def test_n_runs_each_judged_against_the_first(tmp_path):
+    """3 runs: B (same file) and C (2x slower vs its own original, bigger) against A; exit 1 names C only."""
+    from pipeline.report import fmt
+
+    a = _write(tmp_path, "a", manifest(100.0, 25.0))
+    b = _write(tmp_path, "b", manifest(100.0, 25.0))
+    slow = manifest(100.0, 50.0, sha="c" * 64)
+    slow["stages"][1]["metrics"]["results"][1]["size_bytes"] = 2000
+    c = _write(tmp_path, "c", slow)
+    res = CliRunner().invoke(compare, [str(a), str(b), str(c), "--json"])
+    assert res.exit_code == 1
+    data = json.loads(res.output[:res.output.rindex("}") + 1])
+    assert data["reference"] == str(a) and data["runs"] == [str(a), str(b), str(c)]
+    assert [cmp["run"] for cmp in data["comparisons"]] == [str(b), str(c)]
+    assert not data["comparisons"][0]["regressed"] and data["comparisons"][1]["regressed"]
+    assert all(r.startswith(f"{c}: onnx_int8@onnxruntime") for r in data["regressions"]) and len(data["regressions"]) == 2
+    int8 = next(r for r in data["rows"] if r["artifact"] == "onnx_int8")
+    assert int8["regressed"] == [False, False, True]
+    assert [cell["speedup"] for cell in int8["cells"]] == [4.0, 4.0, 2.0]
+    md = CliRunner().invoke(compare, [str(a), str(b), str(c), "--format", "md"])
+    assert md.exit_code == 1 and "## fmap compare — 3 runs — ❌ 2 regression(s)" in md.output
+    assert "| onnx_int8 | onnxruntime | 90.00% · 4.00x" in md.output and f"2.00x · {fmt.size(2000)} ❌ |" in md.output
+    text = CliRunner().invoke(compare, [str(a), str(b), str(c)])
+    assert text.exit_code == 1 and "REGRESSED" in text.output
+    # a reference that regresses nothing: exit 0
+    assert CliRunner().invoke(compare, [str(a), str(b), str(a)]).exit_code == 0
+
+
+def test_compare_needs_two_runs(tmp_path):
+    a = _write(tmp_path, "a", manifest(100.0, 25.0))
+    res = CliRunner().invoke(compare, [str(a)], standalone_mode=False)
+    assert res.exception.exit_code == 2 and "at least two run directories" in str(res.exception)

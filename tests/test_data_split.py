@@ -62,3 +62,14 @@ def test_same_split_on_both_validates():
     split = ", split: {calibration: 0.5, eval: 0.5}"
     recipe = parse_recipe(RECIPE.format(a=split, b=split))
     assert recipe.data.eval.split == {"calibration": 0.5, "eval": 0.5}
+
+
+def test_take_cuts_the_stream_at_n_samples():
+    import torch
+
+    from pipeline.sources.data import TensorSplit
+
+    split = TensorSplit("s", torch.arange(10.0).reshape(10, 1), torch.arange(10), batch_size=4)
+    got = list(split.take(6))
+    assert [len(x) for x, _ in got] == [4, 2] and got[1][1].tolist() == [4, 5]
+    assert sum(len(x) for x, _ in split.take(None)) == 10 and list(split.take(0)) == []

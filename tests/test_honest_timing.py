@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pipeline.report.json import build_report
+from pipeline.report.document import build_report
 from pipeline.report.markdown import render_markdown
 from pipeline.stages import get_stage
 from pipeline.stages.base import Artifact
@@ -152,14 +152,11 @@ def test_isolate_times_each_artifact_in_its_own_process(tiny_model, tiny_data, m
     import torch
 
     from pipeline.export.onnx import export_onnx
+    from pipeline.recipe_models import ModelConfig
     from pipeline.verify import isolated
 
-    from types import SimpleNamespace
-
-    from pipeline.recipe_models import ModelConfig
-
     ctx = make_ctx(tiny_model, tiny_data)
-    ctx.recipe = SimpleNamespace(model=ModelConfig(source="python:conftest:TinyCNN", input_shape=[1, 1, 16, 16]))
+    ctx.model_spec = ModelConfig(source="python:conftest:TinyCNN", input_shape=[1, 1, 16, 16])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     fp32 = export_onnx(tiny_model, torch.randn(1, 1, 16, 16), tmp_path / "model_fp32.onnx")
     ctx.artifacts["onnx_fp32"] = Artifact(fp32, "onnx", "fp32")
@@ -175,7 +172,7 @@ def test_isolate_times_each_artifact_in_its_own_process(tiny_model, tiny_data, m
     res = get_stage("verify")().run(ctx, cfg)
     rows = {(r["artifact"], r["backend"]): r for r in res.metrics["results"]}
     assert {s["backend"] for s in specs} == {"torch", "onnxruntime"} and len(specs) == 2
-    assert next(s for s in specs if s["backend"] == "torch")["model"]["source"] == ctx.recipe.model.source
+    assert next(s for s in specs if s["backend"] == "torch")["model"]["source"] == ctx.model_spec.source
     onnx = rows[("onnx_fp32", "onnxruntime")]
     assert onnx["latency"]["1"]["iterations"] == 6 and onnx["speedup"]["1"]["paired"] is False
     assert "error" not in rows[("original", "torch")]["latency"]["1"]

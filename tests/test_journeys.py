@@ -118,14 +118,15 @@ def test_onnx_model_refuses_prune_before_running_anything(project):
 
 
 @pytest.mark.parametrize("spec", ["torchscript:tiny.ts", "exported:tiny.pt2"])
-def test_compiled_models_profile_export_quantize_verify(project, spec):
+def test_compiled_models_profile_export_quantize_verify_visualize(project, spec):
     (project / "r.yaml").write_text(f"""\
 name: r
 model: {{source: "{spec}", input_shape: [1, 3, 24, 24]}}
 data:
   calibration: &imgs {{source: imagefolder, path: images, transform: none, split: {{calibration: 0.5, eval: 0.5}}}}
   eval: *imgs
-stages: [profile: {{}}, export: {{}}, quantize: {{}}, verify: {{gates: {{max_accuracy_drop: 0.05}}}}]
+stages: [profile: {{}}, export: {{}}, quantize: {{}}, verify: {{gates: {{max_accuracy_drop: 0.05}}}},
+         visualize: {{images: 4}}]
 """)
     run = fmap("run", "r.yaml", *FAST, cwd=project)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -133,6 +134,9 @@ stages: [profile: {{}}, export: {{}}, quantize: {{}}, verify: {{gates: {{max_acc
     prof = next(s for s in report["stages"] if s["id"] == "profile")["metrics"]
     assert prof["totals"]["graph_method"] == "onnx (exported view)" and prof["totals"]["macs"] > 0
     assert "compiled graph" in prof["redundancy_skipped"]
+    visual = next(s for s in report["stages"] if s["id"] == "visualize")["metrics"]  # feature maps from ONNX
+    assert visual["graph"] == "onnx" and visual["gradcam"].startswith("skipped:") and len(visual["layers"]) == 2  # both convs
+    assert visual["similarity"]["onnx_int8"]["method"] == "featuremap"
 
 
 def test_journey_timm_model_by_name(project):
@@ -141,8 +145,7 @@ def test_journey_timm_model_by_name(project):
     assert init.returncode == 0, init.stderr
     recipe = (project / "recipe.yaml").read_text()
     assert "input_shape: [1, 3, 160, 160]" in recipe and "min_agreement" in recipe  # random data: no labels
-    run = fmap("run", "recipe.yaml", *FAST, "--set", "model.input_shape=[1,3,32,32]",
-               "--set", "stages.profile.redundancy=false", cwd=project)
+    run = fmap("run", "recipe.yaml", *FAST, cwd=project)  # as written, at 160 px (FAST: fewer latency runs)
     assert run.returncode == 0, run.stderr[-2000:]
     passed_report(project / "runs" / "test_resnet")
 

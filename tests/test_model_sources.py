@@ -104,7 +104,7 @@ def test_onnx_graph_profile_matches_the_torch_profiler(files):
     (BatchNorm is folded into the conv by the exporter, so its 2*8 affine params and one MAC per
     output value are the only difference)."""
     from pipeline.profiling.onnx_graph import profile_onnx
-    from pipeline.profiling.summary import profile_model
+    from pipeline.profiling.model_profile import profile_model
 
     onnx_prof = profile_onnx(files["tiny.onnx"], [2, 3, 24, 24])
     torch_prof = profile_model(tiny_net(), torch.randn(2, 3, 24, 24), measure=False)

@@ -7,7 +7,7 @@ from torch import nn
 
 from pipeline.profiling.graph import trace_graph
 from pipeline.profiling.memory import liveness, measure_peak
-from pipeline.profiling.summary import profile_model
+from pipeline.profiling.model_profile import profile_model
 
 T = 4 * 8 * 8 * 4  # bytes of one [1, 4, 8, 8] float32 map
 

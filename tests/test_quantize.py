@@ -15,7 +15,8 @@ from torch import nn
 from pipeline.errors import BadInput
 from pipeline.sources.data import DataBundle, DataSplit, TensorSplit
 from pipeline.stages.base import Artifact
-from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
+from pipeline.stages.quantize import QuantizeConfig
+from conftest import run_quantize  # tests/ is on sys.path (rootdir conftest)
 
 FAST = {"backends": ["onnxruntime"], "latency_iterations": 2, "eval_samples": 32, "samples": 32}
 
@@ -58,7 +59,7 @@ def outlier_setup():
 
 def test_static_int8_is_qdq_and_scored(tiny_model, tiny_data, make_ctx):
     ctx = make_ctx(tiny_model, tiny_data)
-    result = QuantizeStage().run(ctx, QuantizeConfig(**FAST))
+    result = run_quantize(ctx, QuantizeConfig(**FAST))
     art = result.artifacts["onnx_int8"]
     assert art.precision == "int8" and art.path.name == "model_int8.onnx"
     ops = {n.op_type for n in onnx.load(str(art.path)).graph.node}
@@ -69,7 +70,7 @@ def test_static_int8_is_qdq_and_scored(tiny_model, tiny_data, make_ctx):
     assert entry["agreement"] >= 0.9 and entry["accuracy"] is not None
     assert entry["latency_ms"]["onnxruntime"] > 0 and entry["size_bytes"] > 0
     assert m["fp32"]["agreement"] == 1.0
-    assert "onnx_fp32" in result.artifacts  # exported on demand and registered
+    assert set(result.artifacts) == {"onnx_int8"}  # what it declares: the FP32 file is export's
     assert 0 < len(m["layer_errors"]) <= 10 and {"tensor", "sqnr_db", "rel_err"} <= set(m["layer_errors"][0])
     assert m["fallback"]["steps"][0]["step"] == 0
 
@@ -78,7 +79,7 @@ def test_fallback_names_outlier_layer(outlier_setup, make_ctx):
     model, data = outlier_setup
     ctx = make_ctx(model, data)
     cfg = QuantizeConfig(**FAST, fallback={"min_agreement": 0.95, "max_float_layers": 2, "max_steps": 2})
-    fb = QuantizeStage().run(ctx, cfg).metrics["fallback"]
+    fb = run_quantize(ctx, cfg).metrics["fallback"]
     assert fb["steps"][0]["agreement"] < 0.5  # the plain INT8 model is broken by the outlier
     assert fb["float_layers"][0] == "/outlier/Conv"
     assert fb["met"] and fb["steps"][-1]["agreement"] >= 0.95
@@ -87,7 +88,7 @@ def test_fallback_names_outlier_layer(outlier_setup, make_ctx):
 
 def test_no_fallback_without_target(outlier_setup, make_ctx):
     model, data = outlier_setup
-    fb = QuantizeStage().run(make_ctx(model, data), QuantizeConfig(**FAST)).metrics["fallback"]
+    fb = run_quantize(make_ctx(model, data), QuantizeConfig(**FAST)).metrics["fallback"]
     assert fb["float_layers"] == [] and len(fb["steps"]) == 1
 
 
@@ -140,7 +141,7 @@ def test_calibration_streams_batches(tiny_model, make_ctx):
 
 @pytest.mark.parametrize("mode,name,precision", [("fp16", "onnx_fp16", "fp16"), ("dynamic", "onnx_int8", "int8")])
 def test_fp16_and_dynamic_are_runnable(mode, name, precision, tiny_model, tiny_data, make_ctx):
-    result = QuantizeStage().run(make_ctx(tiny_model, tiny_data), QuantizeConfig(mode=mode, **FAST))
+    result = run_quantize(make_ctx(tiny_model, tiny_data), QuantizeConfig(mode=mode, **FAST))
     art = result.artifacts[name]
     assert art.precision == precision
     sess = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
@@ -166,19 +167,19 @@ def test_missing_or_corrupt_fp32_artifact_is_bad_input(tiny_model, tiny_data, ma
     bad.write_bytes(b"garbage")
     ctx.artifacts["onnx_fp32"] = Artifact(bad, "onnx", "fp32")
     with pytest.raises(BadInput, match="broken.onnx"):
-        QuantizeStage().run(ctx, QuantizeConfig(**FAST))
+        run_quantize(ctx, QuantizeConfig(**FAST))
     ctx.artifacts["onnx_fp32"] = Artifact(tmp_path / "gone.onnx", "onnx", "fp32")
     with pytest.raises(BadInput, match="gone.onnx"):
-        QuantizeStage().run(ctx, QuantizeConfig(**FAST))
+        run_quantize(ctx, QuantizeConfig(**FAST))
 
 
 def test_unknown_exclude_is_bad_input(tiny_model, tiny_data, make_ctx):
     with pytest.raises(BadInput, match="nosuchlayer"):
-        QuantizeStage().run(make_ctx(tiny_model, tiny_data), QuantizeConfig(exclude=["nosuchlayer"], **FAST))
+        run_quantize(make_ctx(tiny_model, tiny_data), QuantizeConfig(exclude=["nosuchlayer"], **FAST))
 
 
 def test_exclude_by_module_path_keeps_layer_float(tiny_model, tiny_data, make_ctx):
-    result = QuantizeStage().run(make_ctx(tiny_model, tiny_data), QuantizeConfig(exclude=["fc"], **FAST))
+    result = run_quantize(make_ctx(tiny_model, tiny_data), QuantizeConfig(exclude=["fc"], **FAST))
     graph = onnx.load(str(result.artifacts["onnx_int8"].path)).graph
     gemm = next(n for n in graph.node if n.op_type == "Gemm")
     producers = {o: n.op_type for n in graph.node for o in n.output}
@@ -224,7 +225,7 @@ def test_bias_correction_removes_weight_quantization_bias(tmp_path):
 
 def test_static_with_equalization_and_bias_correction(tiny_model, tiny_data, make_ctx):
     cfg = QuantizeConfig(equalization=True, bias_correction=True, calibration="percentile", **FAST)
-    m = QuantizeStage().run(make_ctx(tiny_model, tiny_data), cfg).metrics
+    m = run_quantize(make_ctx(tiny_model, tiny_data), cfg).metrics
     assert m["bias_corrected_layers"] >= 3 and "equalized_pairs" in m
     assert m["calibration"] == "percentile" and m["artifacts"]["onnx_int8"]["agreement"] >= 0.9
 
@@ -303,7 +304,7 @@ def test_keep_float_depthwise_in_stage(tmp_path, make_ctx):
     net = nn.Sequential(model, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
     split = TensorSplit("x", x, None, batch_size=8)
     cfg = QuantizeConfig(keep_float=["depthwise"], equalization=True, bias_correction=True, **FAST)
-    result = QuantizeStage().run(make_ctx(net, DataBundle(calibration=split, eval=split), example_input=x[:1]), cfg)
+    result = run_quantize(make_ctx(net, DataBundle(calibration=split, eval=split), example_input=x[:1]), cfg)
     graph = onnx.load(str(result.artifacts["onnx_int8"].path)).graph
     producers = {o: n.op_type for n in graph.node for o in n.output}
     dw = next(n for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i == 8 for a in n.attribute))
@@ -314,10 +315,10 @@ def test_keep_float_depthwise_in_stage(tmp_path, make_ctx):
 def test_qint8_activations_are_symmetric_for_tensorrt(tmp_path, tiny_model, tiny_data, make_ctx):
     """TensorRT reads Q/DQ as-is and needs zero points of 0: activation_type qint8 must give that."""
     from pipeline.export.tensorrt import qdq_incompatibility
-    from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
+    from pipeline.stages.quantize import QuantizeConfig
 
     ctx = make_ctx(tiny_model, tiny_data)
-    res = QuantizeStage().run(ctx, QuantizeConfig(activation_type="qint8", backends=["onnxruntime"], samples=32,
+    res = run_quantize(ctx, QuantizeConfig(activation_type="qint8", backends=["onnxruntime"], samples=32,
                                                   eval_samples=32))
     assert qdq_incompatibility(res.artifacts["onnx_int8"].path) is None
 
@@ -334,3 +335,14 @@ def _bias_corrected(conv: nn.Module, x: torch.Tensor, tmp_path) -> tuple[torch.T
     wq = torch.from_numpy(fake_quant(conv.weight.detach().numpy().astype(np.float64)).astype(np.float32))
     new_b = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer if len(t.dims) == 1][0]
     return wq, new_b
+
+
+def test_quantize_without_export_is_refused_by_validate_with_the_fix(tmp_path):
+    from pipeline.recipe import parse_recipe
+
+    text = ("name: t\nmodel: {source: builtin:digits_cnn, input_shape: [1, 1, 32, 32]}\n"
+            "data: {calibration: {source: builtin, name: digits, split: calibration}}\n"
+            "stages:\n  - profile: {}\n  - quantize: {}\n")
+    with pytest.raises(BadInput, match=r"r.yaml:6 stages\[1\]\.quantize: needs the artifact 'onnx_fp32'.*'- export: \{\}' before it"):
+        parse_recipe(text, "r.yaml")
+    parse_recipe(text.replace("  - quantize: {}", "  - export: {}\n  - quantize: {}"), "r.yaml")  # in order: fine

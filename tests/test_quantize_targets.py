@@ -17,7 +17,8 @@ from pipeline.errors import BadInput
 from pipeline.quantization import saturation, targets
 from pipeline.quantization.fallback import run_fallback
 from pipeline.sources.data import DataBundle, TensorSplit
-from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
+from pipeline.stages.quantize import QuantizeConfig
+from conftest import run_quantize  # tests/ is on sys.path (rootdir conftest)
 
 FAST = {"backends": ["onnxruntime"], "latency_iterations": 2, "eval_samples": 32, "samples": 32}
 
@@ -77,7 +78,7 @@ def test_measurable_here_only_when_kernels_agree():
 
 def test_vnni_target_keeps_8bit_and_flags_the_stem_at_risk(stem_setup, make_ctx):
     model, data = stem_setup
-    result = QuantizeStage().run(make_ctx(model, data), QuantizeConfig(**FAST, target="x86-vnni"))
+    result = run_quantize(make_ctx(model, data), QuantizeConfig(**FAST, target="x86-vnni"))
     tgt = result.metrics["target"]
     sat = tgt["saturation"]
     assert tgt["resolved"] == "x86-vnni" and tgt["seven_bit_weights"] == []
@@ -91,8 +92,8 @@ def test_vnni_target_keeps_8bit_and_flags_the_stem_at_risk(stem_setup, make_ctx)
 
 def test_avx2_target_widens_only_the_channels_at_risk(stem_setup, make_ctx, tmp_path):
     model, data = stem_setup
-    vnni = QuantizeStage().run(make_ctx(model, data, run_dir=tmp_path / "vnni"), QuantizeConfig(**FAST, target="x86-vnni"))
-    result = QuantizeStage().run(make_ctx(model, data, run_dir=tmp_path / "avx2"), QuantizeConfig(**FAST, target="x86-avx2"))
+    vnni = run_quantize(make_ctx(model, data, run_dir=tmp_path / "vnni"), QuantizeConfig(**FAST, target="x86-vnni"))
+    result = run_quantize(make_ctx(model, data, run_dir=tmp_path / "avx2"), QuantizeConfig(**FAST, target="x86-avx2"))
     tgt = result.metrics["target"]
     assert tgt["saturation"]["safe_without_vnni"] and tgt["saturation"]["worst_ratio"] <= 1.0
     assert tgt["safe_on"] == ["x86-avx2", "x86-vnni", "x86-amx"] and tgt["seven_bit_weights"] == []
@@ -144,7 +145,7 @@ def test_unmeasurable_target_without_fallback_is_marked_not_measured(stem_setup,
     if targets.host_cpu().target == "arm64":
         pytest.skip("this machine is arm64")
     model, data = stem_setup
-    tgt = QuantizeStage().run(make_ctx(model, data), QuantizeConfig(**FAST, target="arm64")).metrics["target"]
+    tgt = run_quantize(make_ctx(model, data), QuantizeConfig(**FAST, target="arm64")).metrics["target"]
     assert tgt["resolved"] == "arm64" and tgt["measured_on_target"] is False
 
 
@@ -159,7 +160,7 @@ def test_bad_calibration_data_is_bad_input_naming_the_key(bad, stem_setup, make_
     calib = TensorSplit("calib", x, None, batch_size=16)
     ctx = make_ctx(model, DataBundle(calibration=calib, eval=data.eval), example_input=data.eval.x[:1])
     with pytest.raises(BadInput, match=r"data\.calibration: "):
-        QuantizeStage().run(ctx, QuantizeConfig(**FAST, target="x86-avx2"))
+        run_quantize(ctx, QuantizeConfig(**FAST, target="x86-avx2"))
 
 
 class _Err:
@@ -220,7 +221,7 @@ def test_range_search_clips_heavy_tails_where_it_lowers_the_error():
 
 def test_mse_calibration_runs_through_the_stage(stem_setup, make_ctx):
     model, data = stem_setup
-    m = QuantizeStage().run(make_ctx(model, data), QuantizeConfig(**FAST, calibration="mse")).metrics
+    m = run_quantize(make_ctx(model, data), QuantizeConfig(**FAST, calibration="mse")).metrics
     assert m["calibration"] == "mse" and m["range_search"]["tensors"] >= 3
     assert m["artifacts"]["onnx_int8"]["agreement"] >= 0.9
 
@@ -228,8 +229,8 @@ def test_mse_calibration_runs_through_the_stage(stem_setup, make_ctx):
 
 def test_gptq_rounding_lowers_layer_output_error_and_keeps_agreement(stem_setup, make_ctx, tmp_path):
     model, data = stem_setup
-    near = QuantizeStage().run(make_ctx(model, data, run_dir=tmp_path / "near"), QuantizeConfig(**FAST, target="x86-vnni"))
-    ada = QuantizeStage().run(make_ctx(model, data, run_dir=tmp_path / "gptq"),
+    near = run_quantize(make_ctx(model, data, run_dir=tmp_path / "near"), QuantizeConfig(**FAST, target="x86-vnni"))
+    ada = run_quantize(make_ctx(model, data, run_dir=tmp_path / "gptq"),
                               QuantizeConfig(**FAST, target="x86-vnni", weight_rounding="gptq"))
     layers = ada.metrics["gptq"]
     assert len(layers) >= 2 and all(v["mse_gptq"] <= v["mse_nearest"] for v in layers.values())
@@ -262,7 +263,7 @@ def test_histogram_calibration_with_a_short_last_batch(calibration, stem_setup, 
     calib = TensorSplit("calib", data.calibration.x[:45], None, batch_size=16)
     ctx = make_ctx(model, DataBundle(calibration=calib, eval=data.eval))
     cfg = QuantizeConfig(**{**FAST, "samples": 45}, calibration=calibration, target="x86-vnni")
-    assert QuantizeStage().run(ctx, cfg).metrics["artifacts"]["onnx_int8"]["agreement"] >= 0.8
+    assert run_quantize(ctx, cfg).metrics["artifacts"]["onnx_int8"]["agreement"] >= 0.8
 
 
 def test_uniform_reader_keeps_every_sample_when_a_divisor_exists():
@@ -278,5 +279,5 @@ def test_uniform_reader_keeps_every_sample_when_a_divisor_exists():
 
 def test_calibration_cache_does_not_outlive_the_stage(stem_setup, make_ctx, tmp_path):
     model, data = stem_setup
-    QuantizeStage().run(make_ctx(model, data, run_dir=tmp_path / "run"), QuantizeConfig(**FAST, target="x86-vnni"))
+    run_quantize(make_ctx(model, data, run_dir=tmp_path / "run"), QuantizeConfig(**FAST, target="x86-vnni"))
     assert not list((tmp_path / "run").rglob(".calibration.*"))

@@ -24,6 +24,7 @@ GOOD = textwrap.dedent("""\
       eval: {source: builtin, split: test}
     stages:
       - profile: {}
+      - export: {}
       - quantize:
           mode: static
       - verify: {}
@@ -39,21 +40,21 @@ def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
 def test_good_recipe_resolves_defaults(tmp_path):
     r = load_recipe(write(tmp_path, GOOD))
     assert r.name == "t" and r.threads == 2 and r.seed == 0
-    assert [s.kind for s in r.stages] == ["profile", "quantize", "verify"]
+    assert [s.kind for s in r.stages] == ["profile", "export", "quantize", "verify"]
     assert r.data.calibration.batch_size == 32
     lock = r.to_dict()
-    assert lock["stages"][1]["quantize"]["mode"] == "static"
+    assert lock["stages"][2]["quantize"]["mode"] == "static"
 
 
 def test_repeated_stage_kinds_get_unique_ids(tmp_path):
     text = GOOD.replace("  - verify: {}", "  - verify: {}\n  - verify: {}")
     r = load_recipe(write(tmp_path, text))
-    assert [s.id for s in r.stages] == ["profile", "quantize", "verify", "verify_2"]
+    assert [s.id for s in r.stages] == ["profile", "export", "quantize", "verify", "verify_2"]
 
 
 def test_override_sets_stage_key_by_kind_and_index(tmp_path):
     r = load_recipe(write(tmp_path, GOOD), ["stages.quantize.mode=dynamic", "seed=7", "stages[0].batch_size=4"])
-    assert r.stages[1].config.mode == "dynamic" and r.seed == 7
+    assert r.stages[2].config.mode == "dynamic" and r.seed == 7
     data = {"a": {"b": 1}}
     apply_override(data, "a.c=[1, 2]")
     assert data == {"a": {"b": 1, "c": [1, 2]}}
@@ -62,10 +63,10 @@ def test_override_sets_stage_key_by_kind_and_index(tmp_path):
 BAD = [
     # (id, recipe text or transform, expected fragments of the one-line message)
     ("wrong_literal", GOOD.replace("mode: static", "mode: int4"),
-     ["r.yaml:11", "stages[1].quantize.mode", "expected 'static' | 'dynamic' | 'fp16'", "got 'int4'"]),
-    ("unknown_top_key", GOOD + "colour: blue\n", ["r.yaml:13", "colour", "unknown key"]),
+     ["r.yaml:12", "stages[2].quantize.mode", "expected 'static' | 'dynamic' | 'fp16'", "got 'int4'"]),
+    ("unknown_top_key", GOOD + "colour: blue\n", ["r.yaml:14", "colour", "unknown key"]),
     ("unknown_stage_key", GOOD.replace("mode: static", "mode: static\n      moed: 3"),
-     ["r.yaml:12", "stages[1].quantize.moed", "unknown key"]),
+     ["r.yaml:13", "stages[2].quantize.moed", "unknown key"]),
     ("unknown_stage", GOOD.replace("- profile: {}", "- profiel: {}"),
      ["r.yaml:9", "stages[0].profiel", "unknown stage 'profiel'", "did you mean 'profile'"]),
     ("wrong_type", GOOD.replace("name: t", "name: t\nseed: abc"), ["r.yaml:2", "seed", "got 'abc'"]),
@@ -140,7 +141,7 @@ def test_bad_recipe_subprocess_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "stages[1].quantize.mode" in lines[0]
+    assert len(lines) == 1 and "stages[2].quantize.mode" in lines[0]
 
 
 def test_every_shipped_recipe_validates():

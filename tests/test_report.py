@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from pipeline.commands.report import Regression, compare, report
 from pipeline.errors import BadInput
 from pipeline.report import load_manifest, write_reports
-from pipeline.report.json import build_report
+from pipeline.report.document import build_report
 
 
 def _row(artifact, backend, top1, p50, speed, size, baseline=False):
@@ -128,7 +128,7 @@ def test_html_is_self_contained_with_all_sections(run_dir):
     assert "<script" not in html and "http://" not in html and "https://" not in html and "<link" not in html
     assert html.count("data:image/png;base64,") >= 4  # latency, memory timeline, redundancy, pruning
     for needle in ('id="summary"', 'id="layers"', 'id="gates"', "skipped: backend onnxruntime missing",
-                   "no CUDA device", "Per-layer feature maps", "Channels per layer" if False else "Pruning",
+                   "no CUDA device", "Per-layer feature maps", "Pruning (", 'alt="channels per layer"',
                    "1×8×16×16"):
         assert needle in html, needle
 

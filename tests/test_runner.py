@@ -212,3 +212,17 @@ def test_missing_command_module_is_a_clear_error_not_a_crash(monkeypatch, capsys
         main(["ghost"])
     assert info.value.code == 3
     assert "'fmap ghost' is unavailable" in capsys.readouterr().err
+
+
+def test_a_stage_that_does_not_deliver_its_declared_artifact_fails_the_run(tmp_path, monkeypatch):
+    """produces() is a contract the runner enforces: exit 3, the stage marked failed, nothing recorded."""
+    from pipeline.recipe import parse_recipe
+    from pipeline.runner import run_recipe
+    from pipeline.stages.export import ExportStage
+
+    recipe = parse_recipe("name: t\nmodel: {source: builtin:digits_cnn, input_shape: [1, 1, 32, 32]}\n"
+                          "data: {calibration: {source: builtin, split: calibration, samples: 8}}\n"
+                          "stages:\n  - export: {}\n", "r.yaml")
+    monkeypatch.setattr(ExportStage, "produces", lambda self, cfg: ("onnx_fp32", "onnx_gold"))
+    outcome = run_recipe(recipe, out=tmp_path / "run")
+    assert outcome.exit_code == 3 and "declares the artifact 'onnx_gold'" in (outcome.error or "")

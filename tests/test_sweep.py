@@ -22,31 +22,6 @@ from pipeline.sweep.pareto import dominates, front
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = """
-name: tiny-sweep
-seed: 0
-threads: 1
-model: {source: "builtin:digits_cnn", input_shape: [1, 1, 32, 32]}
-data:
-  calibration: {source: builtin, split: calibration, batch_size: 32, samples: 32}
-  eval: {source: builtin, split: test, batch_size: 64, samples: 64}
-stages:
-  - export: {}
-  - quantize: {mode: static, calibration: minmax}
-  - verify:
-      backends: [onnxruntime]
-      latency: {batch_sizes: [1], warmup: 1, iterations: 5}
-      gates: {min_agreement: 0.5}
-"""
-
-
-@pytest.fixture
-def tiny_recipe(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    return path
-
-
 # -- grid ------------------------------------------------------------------------------------
 
 
@@ -249,6 +224,91 @@ def test_ray_executor_on_a_local_cluster(tiny_recipe, tmp_path):
     data = json.loads((out / "sweep.json").read_text())
     assert data["executor"]["name"] == "ray" and data["summary"]["finished"] == 4
     for t in data["trials"]:
-        assert t["status"] == "ok" and [p["phase"] for p in t["phases"]] == ["build", "time"]
+        assert t["status"] == "ok" and [p["phase"] for p in t["phases"]] in (["build", "time"],
+                                                                             ["prefix", "build", "time"])
         assert (out / t["run_dir"] / "report.html").is_file()
     assert data["pareto_front"]
+
+
+# -- --search optuna ------------------------------------------------------------------------------
+
+
+def test_param_parsing_and_bad_params():
+    from pipeline.sweep import search
+
+    p = search.parse_param("stages.prune.amount=float:0.2:0.8")
+    assert (p.kind, p.low, p.high, p.log) == ("float", 0.2, 0.8, False) and p.texts() == ["0.2", "0.8"]
+    assert search.parse_param("data.calibration.samples=int:16:64:log").log
+    assert search.parse_param("stages.quantize.mode=choice:static,dynamic,static").choices == ("static", "dynamic")
+    for bad, msg in [("a=float:0.8:0.2", "LO < HI"), ("a=int:1.5:3", "not an integer"), ("a=choice:", "empty choice"),
+                     ("a=uniform:0:1", "expected KEY=float"), ("a=float:0:1:log", "LO > 0"), ("a=float:0:1:x", "LO:HI")]:
+        with pytest.raises(BadInput, match=msg):
+            search.parse_param(bad)
+    with pytest.raises(BadInput, match="given twice"):
+        search.parse_params(["a=int:1:2", "a=int:1:3"])
+    c = objectives.parse_constraint("agreement>=0.9")
+    assert search.violation(c, 0.95) == 0.0 and search.violation(c, 0.8) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--search", "optuna", "--trials", "2"], "needs at least one --param"),
+    (["--search", "optuna", "--param", "stages.quantize.mode=choice:static"], "needs --trials N"),
+    (["--search", "optuna", "--trials", "2", "--param", "stages.quantize.nope=int:1:2"], "unknown key"),
+    (["--search", "optuna", "--trials", "2", "--param", "stages.quantize.mode=choice:static,int4"], "int4"),
+    (["--search", "optuna", "--trials", "2", "--param", "stages.quantize.mode=choice:static",
+      "--grid", "seed=1,2"], "exclude each other"),
+    (["--param", "stages.quantize.mode=choice:static"], "need --search optuna"),
+])
+def test_search_bad_input_exits_2_before_any_trial(tiny_recipe, tmp_path, args, message):
+    out = tmp_path / "sweep"
+    res = CliRunner().invoke(cli, ["sweep", str(tiny_recipe), "--out", str(out), *args], standalone_mode=False)
+    assert isinstance(res.exception, BadInput) and message in str(res.exception), res.output
+    assert not out.exists()
+
+
+def test_optuna_search_is_seeded_and_resumes(tiny_recipe, tmp_path):
+    """3 asked trials on one worker; the same seed asks the same points, and a rerun re-runs nothing."""
+    pytest.importorskip("optuna")
+    args = ["--search", "optuna", "--trials", "3", "--workers", "1", "--seed", "7",
+            "--param", "data.calibration.samples=int:8:32", "--param", "stages.quantize.per_channel=choice:true,false",
+            "--objective", "agreement:max", "--objective", "size_mb:min", "--constraint", "agreement>=0.5"]
+    out = tmp_path / "sweep"
+    res = _sweep(tiny_recipe, out, *args)
+    assert res.returncode == 0, res.stderr
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["search"]["strategy"] == "optuna" and data["search"]["trials"] == 3
+    ids = sorted(t["id"] for t in data["trials"])
+    assert 1 <= len(ids) <= 3 and all(t["status"] == "ok" for t in data["trials"])
+    for t in data["trials"]:  # each trial is an ordinary run with the sampled values
+        lock = (out / t["run_dir"] / "recipe.lock.yaml").read_text()
+        assert f"samples: {t['params']['data.calibration.samples']}" in lock
+        assert 8 <= t["params"]["data.calibration.samples"] <= 32
+    before = {i: (out / "trials" / i / "manifest.json").stat().st_mtime_ns for i in ids}
+    res = CliRunner().invoke(cli, ["sweep", str(tiny_recipe), "--out", str(out), *args], standalone_mode=False)
+    assert res.exception is None and res.return_value == 0
+    assert sorted(t["id"] for t in _trials(out)) == ids  # same seed, same results: the same points
+    assert {i: (out / "trials" / i / "manifest.json").stat().st_mtime_ns for i in ids} == before
+    # a longer search continues this one: the first three asks are the same, one more trial runs
+    more = [a if a != "3" else "4" for a in args]
+    res = CliRunner().invoke(cli, ["sweep", str(tiny_recipe), "--out", str(out), *more], standalone_mode=False)
+    assert res.exception is None and res.return_value == 0
+    assert set(ids) <= {t["id"] for t in _trials(out)} and len(_trials(out)) <= 4
+    assert {i: (out / "trials" / i / "manifest.json").stat().st_mtime_ns for i in ids} == before
+
+
+@pytest.mark.slow
+def test_sweep_shares_the_export_of_trials_that_differ_in_quantize(tiny_recipe, tmp_path):
+    """3 trials on 2 workers: export runs once (the prefix phase), the others copy it from OUT/cache."""
+    out = tmp_path / "sweep"
+    res = _sweep(tiny_recipe, out, "--workers", "2", "--grid", "stages.quantize.calibration=minmax,percentile,entropy")
+    assert res.returncode == 0, res.stderr
+    trials = _trials(out)
+    leaders = [t for t in trials if [p["phase"] for p in t["phases"]] == ["prefix", "build", "time"]]
+    assert len(leaders) == 1 and res.stderr.count("[prefix ") == 1
+    leader = out / leaders[0]["run_dir"]
+    for t in trials:
+        export = json.loads((out / t["run_dir"] / "manifest.json").read_text())["stages"][0]
+        assert export["id"] == "export" and (export["reused"] is None) == (t is leaders[0])
+        if export["reused"]:
+            assert export["reused"]["run_dir"] == str(leader)
+            assert (out / t["run_dir"] / "model_fp32.onnx").read_bytes() == (leader / "model_fp32.onnx").read_bytes()

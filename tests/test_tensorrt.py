@@ -24,13 +24,13 @@ from pipeline.errors import EXIT_STAGE_FAILED, BadInput, StageFailed
 from pipeline.export import tensorrt as trt_export
 from pipeline.export.tensorrt import (
     TensorRTConfig,
-    build_engines,
     layer_precisions,
     onnx_to_fp16,
     precision_mismatches,
     qdq_incompatibility,
 )
 from pipeline.stages.base import Artifact
+from pipeline.stages.tensorrt import TensorRTStage, build_engines
 
 REASON = "no CUDA device"
 
@@ -123,7 +123,7 @@ def test_require_turns_the_skip_into_a_failure(unavailable, tiny_model, tiny_dat
 
 
 def test_stage_wraps_build_engines(unavailable, tiny_model, tiny_data, make_ctx):
-    stage = trt_export.TensorRTStage()
+    stage = TensorRTStage()
     assert stage.name == "tensorrt" and stage.Config is TensorRTConfig
     assert stage.run(make_ctx(tiny_model, tiny_data), TensorRTConfig()).status == "skipped"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,24 @@ def test_accuracy_reports_confident_agreement_and_logits_sqnr():
     same = AccuracyAccumulator()
     same.update(ref, ref, None)
     assert same.result()["sqnr_db"] == 200.0  # identical outputs stay valid JSON
+
+
+def test_torch_session_owns_its_threads_and_closes_with_with():
+    """A session runs with its own thread count inside infer and leaves the process's as it was."""
+    from pipeline.backends import get_backend
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x.flatten(1)
+
+    before = torch.get_num_threads()
+    mine = 1 if before != 1 else 2
+    with get_backend("torch").load(Probe(), threads=mine) as session:
+        assert torch.get_num_threads() == before  # loading changes nothing
+        session.infer(np.zeros((1, 1, 2, 2), np.float32))
+        assert seen == [mine] and torch.get_num_threads() == before
+        assert session.describe()["threads"] == mine
+    assert session.model is None  # released on leaving the block

@@ -179,13 +179,13 @@ def test_stage_unknown_layer_is_bad_input(make_ctx, tiny_model):
 
 
 def test_optional_extras_skip_visibly_or_plot(make_ctx, tiny_model, monkeypatch):
-    import pipeline.visualize.scaling as scaling
+    import pipeline.profiling
 
     def fake_summarize(model, x):  # linear in pixels and batch, as the real formulas are
         px = x.shape[0] * x.shape[-1] * x.shape[-2]
         return {"macs": 100 * px, "params": 10, "liveness_peak_bytes": 4 * px}
 
-    monkeypatch.setattr(scaling, "summarize_fn", lambda: fake_summarize)
+    monkeypatch.setattr(pipeline.profiling, "summarize", fake_summarize)
     ctx = _ctx(make_ctx, tiny_model)
     res = VisualizeStage().run(ctx, VisualizeConfig(images=3, gradcam=False, compare=False, tensorboard=True))
     table = res.metrics["scaling"]

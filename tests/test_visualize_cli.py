@@ -62,6 +62,7 @@ def test_visualize_npz_with_labels(tmp_path: Path):
 @pytest.mark.parametrize("args, message", [
     (["--layers", "conv_x"], "did you mean: conv"),
     (["--images", "/no/such/dir"], "no such file"),
+    (["--images", "builtin:digits"], "holds 1x32x32 digits, but"),
 ])
 def test_visualize_bad_input_exits_2(image_dir: Path, tmp_path: Path, args: list[str], message: str):
     base = {"--images": str(image_dir)}

@@ -1,41 +1,34 @@
-"""Backend registry: name -> module `pipeline.backends.<name>`, imported only when asked for.
+"""Backend registry: name -> `Backend` (pipeline.backends.base), built-ins imported on first use.
 
-A backend whose module or library is missing is not an error here: `available(name)` returns the
-reason as a string, so verify can show it as a visible skip instead of crashing or hiding it.
+A backend whose library is missing is not an error here: `available(name)` returns the reason
+as a string, so verify can show it as a visible skip instead of crashing or hiding it. Adding a
+backend is one file with an `@backend(...)` load function (here or in a plug-in).
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "openvino", "tensorrt")
-
-# Which artifact kinds each backend can load (verify uses this to pair artifacts with backends).
-LOADS: dict[str, tuple[str, ...]] = {
-    "torch": ("torch",),
-    "onnxruntime": ("onnx",),
-    "openvino": ("onnx", "openvino"),
-    "tensorrt": ("tensorrt",),
-}
+from pipeline.backends.base import BACKENDS, Backend
 
 
-def get_backend(name: str) -> ModuleType:
-    """Import and return the backend module (KeyError for an unknown name, ImportError if absent)."""
-    if name not in BACKENDS:
-        raise KeyError(f"unknown backend '{name}' (known: {', '.join(BACKENDS)})")
-    return importlib.import_module(f"pipeline.backends.{name}")
+def get_backend(name: str) -> Backend:
+    """The registered backend (BadInput naming the known ones for an unknown name)."""
+    return BACKENDS.get(name)
+
+
+def backend_names() -> list[str]:
+    return BACKENDS.names()
+
+
+def loads(name: str) -> tuple[str, ...]:
+    """Artifact kinds backend `name` can run (verify pairs artifacts with backends by it)."""
+    return BACKENDS.get(name).loads if name in BACKENDS else ()
 
 
 def available(name: str) -> str | None:
     """None when `name` can run here, else a one-line reason why not."""
+    if name not in BACKENDS:
+        return BACKENDS.unknown(name)
     try:
-        module = get_backend(name)
-    except KeyError as exc:
-        return str(exc.args[0])
-    except ImportError as exc:
-        return f"backend module pipeline.backends.{name} cannot be imported: {exc}"
-    try:
-        return module.available()
+        return BACKENDS.get(name).available()
     except Exception as exc:  # a probe must never crash verify
         return f"{name} availability check failed: {type(exc).__name__}: {exc}"

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import BackendUnavailable
+from pipeline.backends.base import BackendUnavailable, SessionBase, backend
 from pipeline.errors import BadInput
 
 _GPU_PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -26,7 +26,7 @@ def available() -> str | None:
     return None
 
 
-class OrtSession:
+class OrtSession(SessionBase):
     """A loaded ONNX Runtime session that runs NCHW float32 batches."""
 
     backend = "onnxruntime"
@@ -57,6 +57,7 @@ class OrtSession:
         self._session = None
 
 
+@backend("onnxruntime", loads=("onnx",), available=available, libraries=("onnxruntime",))
 def load(path: str | Path, threads: int, precision_hint: str | None = None, **opts: Any) -> OrtSession:
     """Build a session. opts: `providers` (list of "cpu"/"cuda"/"tensorrt"), `optimization` ("all"/"basic"/"none")."""
     reason = available()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import BackendUnavailable
+from pipeline.backends.base import BackendUnavailable, SessionBase, backend
 from pipeline.errors import BadInput
 
 _COMPUTE_LAYERS = {"Convolution", "FullyConnected", "MatMul", "Deconvolution", "GroupConvolution"}
@@ -34,7 +34,7 @@ def available() -> str | None:
     return None
 
 
-class OpenVinoSession:
+class OpenVinoSession(SessionBase):
     """A compiled OpenVINO model that runs NCHW float32 batches."""
 
     backend = "openvino"
@@ -85,6 +85,7 @@ class OpenVinoSession:
         self._compiled = None
 
 
+@backend("openvino", loads=("onnx", "openvino"), available=available, libraries=("openvino",))
 def load(path: str | Path, threads: int, precision_hint: str | None = None, **opts: Any) -> OpenVinoSession:
     """Compile `path` for `opts.get("device", "CPU")`.
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import BackendUnavailable
+from pipeline.backends.base import BackendUnavailable, SessionBase, backend
 
 INSTALL_HINT = "pip install fmap[tensorrt]"
 # onnxruntime's own GPU providers, reported beside TensorRT as a comparison point.
@@ -51,6 +51,7 @@ def ort_gpu_providers() -> dict[str, bool]:
     return {name: name in have for name in ORT_GPU_PROVIDERS}
 
 
+@backend("tensorrt", loads=("tensorrt",), available=available, libraries=("tensorrt",))
 def load(path: str | Path, threads: int = 1, precision_hint: str | None = None, **opts: Any) -> TensorRTSession:
     """Deserialize an engine into a ready session; BackendUnavailable when it cannot run here.
 
@@ -82,7 +83,7 @@ def _torch_dtype(trt: Any, dtype: Any) -> Any:
     return table[dtype]
 
 
-class TensorRTSession:
+class TensorRTSession(SessionBase):
     """One engine + execution context; `infer` feeds one NCHW batch, returns the first output.
 
     Batches larger than the engine's optimisation-profile maximum are run in chunks, so verify can

@@ -54,7 +54,7 @@ def profile(model_spec: str, input_shape: str | None, weights: str | None, data:
     shape = default_input_shape(cfg)
     model = build_model(cfg, log=lambda m: console.print(m))
     bundle = DataBundle(calibration=_calibration_split(data, shape) if data else None)
-    ctx = StageContext(recipe=None, run_dir=Path(out_dir), model=model, original_model=model,  # type: ignore[arg-type]
+    ctx = StageContext(run_dir=Path(out_dir), model=model, original_model=model, model_spec=cfg,
                        example_input=torch.randn(shape, generator=torch.Generator().manual_seed(0)),
                        data=bundle, console=console)
     result = ProfileStage().run(ctx, ProfileConfig(plots=plots, max_batches=max_batches))
@@ -67,7 +67,7 @@ def profile(model_spec: str, input_shape: str | None, weights: str | None, data:
 def _render(console: Any, prof: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from pipeline.profiling.summary import human_bytes
+    from pipeline.units import human_bytes
 
     table = Table(title="per-layer profile", show_lines=False)
     for col in ("layer", "type", "output", "params", "MACs", "bytes", "RF", "stride"):

@@ -12,6 +12,13 @@ import click
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--grid", "grids", multiple=True, metavar="KEY=V1,V2,...",
               help="Values of one recipe key (any --set key); several --grid give their product.")
+@click.option("--search", type=click.Choice(["grid", "optuna"]), default="grid", show_default=True,
+              help="grid: the product of --grid; optuna: --trials points asked from Optuna (pip install 'fmap[optuna]').")
+@click.option("--param", "params", multiple=True, metavar="KEY=float:LO:HI|int:LO:HI|choice:A,B",
+              help="A key Optuna searches (repeatable; ':log' after HI for a log scale).")
+@click.option("--trials", "n_trials", type=int, default=None, help="Trials of an Optuna search.")
+@click.option("--seed", "search_seed", type=int, default=0, show_default=True,
+              help="Seed of the Optuna sampler (same seed and results: same trials).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key in every trial.")
 @click.option("--objective", "objectives", multiple=True, metavar="NAME[:max|min]",
               help="Objective read from each run's deployable row (repeatable; default agreement:max "
@@ -29,19 +36,22 @@ import click
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: a pool of processes here; ray: each trial a Ray task (pip install 'fmap[ray]').")
 @click.option("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:PORT (default: start a local one).")
+@click.option("--share-prefixes/--no-share-prefixes", default=True, show_default=True,
+              help="Trials that agree up to a stage compute it once (OUT/cache, keyed by the --resume hash).")
 @click.option("--retry-failed", is_flag=True, help="On resume, run again the trials that failed before.")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json on stdout at the end.")
-def sweep(recipe: Path, grids: tuple[str, ...], overrides: tuple[str, ...], objectives: tuple[str, ...],
+def sweep(recipe: Path, grids: tuple[str, ...], search: str, params: tuple[str, ...], n_trials: int | None,
+          search_seed: int, overrides: tuple[str, ...], objectives: tuple[str, ...],
           constraints: tuple[str, ...], backend: str | None, out: Path, workers: int | None,
           build_threads: int | None, executor: str,
-          address: str | None, retry_failed: bool, as_json: bool) -> int:
-    """Run RECIPE over a grid of overrides; leaderboard and Pareto front in OUT/sweep.{json,md,html}."""
+          address: str | None, share_prefixes: bool, retry_failed: bool, as_json: bool) -> int:
+    """Run RECIPE over a grid of overrides or an Optuna search; leaderboard and Pareto front in OUT/sweep.{json,md,html}."""
     from pipeline.cli import make_console
     from pipeline.sweep.driver import plan_sweep, run_sweep
 
     console = make_console()
     plan = plan_sweep(recipe, out, grids, overrides, objectives, constraints, backend, workers, executor, address,
-                      retry_failed, build_threads)
+                      retry_failed, build_threads, search, params, n_trials, search_seed, share_prefixes)
     try:
         outcome = run_sweep(plan, console)
     finally:

@@ -90,11 +90,16 @@ def _run(spec: str, images_path: Path, layers: list[str], out_dir: Path | None, 
         x, y = digits_splits()["test"]
         x, y = x[:max_images], y[:max_images]
         names = [f"digits[{i}]" for i in range(len(x))]
+        if list(x.shape[1:]) != list(shape[1:]):
+            from pipeline.errors import BadInput
+
+            raise BadInput(f"--images {BUILTIN_IMAGES} holds {'x'.join(map(str, x.shape[1:]))} digits, but '{spec}' "
+                           f"takes {'x'.join(map(str, shape[1:]))} inputs; pass a folder or .npz of its own images")
     else:
         x, y, names = load_images(images_path, shape, mean, std, limit=max_images)
     net = build_model(cfg, log=lambda msg: console.print(msg))
     out = out_dir or Path("runs") / f"visualize-{spec.replace(':', '-').replace('/', '-')}"
-    ctx = StageContext(recipe=None, run_dir=out, model=net, original_model=net,  # type: ignore[arg-type]
+    ctx = StageContext(run_dir=out, model=net, original_model=net, model_spec=cfg,
                        example_input=torch.zeros(shape), data=DataBundle(eval=TensorSplit("images", x, y)),
                        console=console)
     vcfg = VisualizeConfig(layers=layers or None, images=max_images, top_k=top_k, gradcam=gradcam, compare=False)

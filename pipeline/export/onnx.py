@@ -260,10 +260,9 @@ def check_equivalence(onnx_path: str | Path, model: torch.nn.Module, inputs: Ite
     from pipeline.backends import onnxruntime as ort_backend
 
     model = copy.deepcopy(model).cpu().eval()
-    session = ort_backend.load(onnx_path, threads=threads)
     result: Equivalence | None = None
     seen = 0
-    try:
+    with ort_backend.load(onnx_path, threads=threads) as session:
         for x in inputs:
             if max_samples is not None and seen >= max_samples:
                 break
@@ -275,8 +274,6 @@ def check_equivalence(onnx_path: str | Path, model: torch.nn.Module, inputs: Ite
             ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).numpy()
             result = merge(result, compare_outputs(ref, session.infer(x.numpy()), atol, rtol))
             seen += int(x.shape[0])
-    finally:
-        session.close()
     if result is None:
         raise StageFailed("equivalence check got no input batches")
     return result

@@ -8,8 +8,9 @@ TensorRT 11 also removed the FP16/INT8 builder flags ("weak typing"). Where they
 network is built strongly typed instead: the FP16 engine from an FP16 copy of the ONNX model, the
 INT8 engine from the QDQ model as-is. `metrics["tensorrt"]["typing"]` says which path ran.
 
-The export stage calls `build_engines(ctx, cfg, sources)` after its ONNX export; `TensorRTStage`
-runs the same thing as a stage of its own (e.g. after quantize).
+`build_engine_set(cfg, artifacts, work_dir, example_shape, console)` takes plain inputs; the export
+stage calls it after its ONNX export and `pipeline.stages.tensorrt.TensorRTStage` runs it as a stage
+of its own (e.g. after quantize).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
+from rich.console import Console
 from rich.markup import escape
 
 from pipeline.atomic import write_bytes, write_json, write_text
 from pipeline.errors import BadInput, StageFailed
-from pipeline.stages.base import Artifact, Stage, StageConfig, StageContext, StageResult
+from pipeline.contracts import Artifact, StageConfig, StageResult
 
 EnginePrecision = Literal["fp16", "int8"]
 SOURCE_ARTIFACT: dict[str, str] = {"fp16": "onnx_fp32", "int8": "onnx_int8"}
@@ -243,34 +245,30 @@ def _source_for(precision: EnginePrecision, artifacts: Mapping[str, Artifact]) -
     return Path(art.path), None
 
 
-def _skip(ctx: StageContext, cfg: TensorRTConfig, reason: str, **extra: Any) -> StageResult:
+def _skip(console: Console, cfg: TensorRTConfig, reason: str) -> StageResult:
     if cfg.require:
         raise StageFailed(f"tensorrt is required (require: true) but was not built: {reason}")
-    ctx.console.print(f"[yellow]skipped[/] tensorrt: {escape(reason)}")
-    return StageResult.skipped(reason, tensorrt={"status": "skipped", "reason": reason, **extra})
+    console.print(f"[yellow]skipped[/] tensorrt: {escape(reason)}")
+    return StageResult.skipped(reason, tensorrt={"status": "skipped", "reason": reason})
 
 
-def build_engines(ctx: StageContext, cfg: TensorRTConfig, sources: Mapping[str, Artifact] | None = None) -> StageResult:
-    """Build the engines `cfg.precision` asks for from ONNX artifacts; skip visibly where impossible.
+def build_engine_set(cfg: TensorRTConfig, artifacts: Mapping[str, Artifact], work_dir: Path,
+                     example_shape: tuple[int, ...], console: Console) -> StageResult:
+    """Build the engines `cfg.precision` asks for from the ONNX `artifacts` into `work_dir`.
 
-    `sources` overrides/extends `ctx.artifacts` (the export stage passes the ONNX it has just
-    written, before the runner has merged it into ctx). Without a GPU or the tensorrt package the
-    result is status "skipped" with the reason, unless `cfg.require` (then StageFailed, exit 3).
+    Without a GPU or the tensorrt package the result is status "skipped" with the reason, unless
+    `cfg.require` (then StageFailed, exit 3). `example_shape` fills dynamic non-batch dims.
     """
     reason = tensorrt_unavailable_reason()
     if reason:
-        return _skip(ctx, cfg, reason)
-    artifacts: dict[str, Artifact] = {**ctx.artifacts, **(sources or {})}
+        return _skip(console, cfg, reason)
     if not any(name in artifacts for name in SOURCE_ARTIFACT.values()):
         raise BadInput("tensorrt needs an ONNX model: put export with onnx (and/or quantize) before it")
 
     import tensorrt as trt
-    import torch
 
-    out_dir = ctx.run_dir / "tensorrt"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cache_path = out_dir / "timing.cache" if cfg.timing_cache else None
-    strong = _strongly_typed(trt)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cache_path = work_dir / "timing.cache" if cfg.timing_cache else None
     engines: dict[str, Any] = {}
     made: dict[str, Artifact] = {}
     for precision in cfg.engine_precisions():
@@ -278,59 +276,59 @@ def build_engines(ctx: StageContext, cfg: TensorRTConfig, sources: Mapping[str, 
         if src is None:
             if cfg.require:
                 raise StageFailed(f"tensorrt {precision} engine required but not buildable: {why}")
-            ctx.console.print(f"[yellow]skipped[/] tensorrt {precision}: {escape(str(why))}")
+            console.print(f"[yellow]skipped[/] tensorrt {precision}: {escape(str(why))}")
             engines[precision] = {"status": "skipped", "reason": why}
             continue
-        if strong and precision == "fp16":
-            src = onnx_to_fp16(src, out_dir / "model_fp16.onnx")
-        with ctx.console.status(f"building TensorRT {precision} engine from {src.name}"):
-            built = _build_engine(trt, src, precision, cfg, tuple(ctx.example_input.shape), cache_path,
-                                  mixed=cfg.precision == "best")
-        key = f"trt_{precision}"
-        engine_path = write_bytes(out_dir / f"model_{precision}.engine", built["plan"])
-        log_path = write_text(out_dir / f"model_{precision}.build.log", "\n".join(built["log"]) + "\n")
-        layers = layer_precisions(built["engine_info"])
-        layers_path = write_json(out_dir / f"model_{precision}.layers.json",
-                                 {"requested": precision, "layers": layers, "engine": json.loads(built["engine_info"])})
-        if built["timing_cache"] is not None and cache_path is not None:
-            write_bytes(cache_path, built["timing_cache"])
-        mismatched = precision_mismatches(layers, precision)
-        made[key] = Artifact(engine_path, "tensorrt", precision, f"TensorRT {trt.__version__} {precision} engine")
-        made[f"{key}_log"] = Artifact(log_path, "log", None, f"TensorRT {precision} build log")
-        made[f"{key}_layers"] = Artifact(layers_path, "other", None, "per-layer precision (EngineInspector)")
-        engines[precision] = {
-            "status": "ok",
-            "source": SOURCE_ARTIFACT[precision],
-            "build_s": round(built["build_s"], 3),
-            "size_mb": round(engine_path.stat().st_size / 2**20, 3),
-            "batch_range": built["batch_range"],
-            "static_shape": built["static_shape"],
-            "layers": len(layers),
-            "precision_counts": dict(Counter(layer["precision"] for layer in layers)),
-            "mismatched_count": len(mismatched),
-            "mismatched_layers": mismatched[:MAX_LISTED_MISMATCHES],
-        }
-        ctx.console.print(f"tensorrt {precision}: {len(layers)} layers, {len(mismatched)} not in {precision}, "
-                          f"built in {built['build_s']:.1f}s")
+        engines[precision] = _engine(trt, src, precision, cfg, work_dir, example_shape, cache_path, console, made)
     if cache_path is not None and cache_path.exists():
         made["trt_timing_cache"] = Artifact(cache_path, "other", None, "TensorRT timing cache")
+    return _result(trt, engines, made)
+
+
+def _engine(trt: Any, src: Path, precision: EnginePrecision, cfg: TensorRTConfig, work_dir: Path,
+            example_shape: tuple[int, ...], cache_path: Path | None, console: Console,
+            made: dict[str, Artifact]) -> dict[str, Any]:
+    """Build one engine, write it with its log and layer list (added to `made`); its metrics."""
+    if _strongly_typed(trt) and precision == "fp16":
+        src = onnx_to_fp16(src, work_dir / "model_fp16.onnx")
+    with console.status(f"building TensorRT {precision} engine from {src.name}"):
+        built = _build_engine(trt, src, precision, cfg, example_shape, cache_path, mixed=cfg.precision == "best")
+    key = f"trt_{precision}"
+    engine_path = write_bytes(work_dir / f"model_{precision}.engine", built["plan"])
+    log_path = write_text(work_dir / f"model_{precision}.build.log", "\n".join(built["log"]) + "\n")
+    layers = layer_precisions(built["engine_info"])
+    layers_path = write_json(work_dir / f"model_{precision}.layers.json",
+                             {"requested": precision, "layers": layers, "engine": json.loads(built["engine_info"])})
+    if built["timing_cache"] is not None and cache_path is not None:
+        write_bytes(cache_path, built["timing_cache"])
+    mismatched = precision_mismatches(layers, precision)
+    made[key] = Artifact(engine_path, "tensorrt", precision, f"TensorRT {trt.__version__} {precision} engine")
+    made[f"{key}_log"] = Artifact(log_path, "log", None, f"TensorRT {precision} build log")
+    made[f"{key}_layers"] = Artifact(layers_path, "other", None, "per-layer precision (EngineInspector)")
+    console.print(f"tensorrt {precision}: {len(layers)} layers, {len(mismatched)} not in {precision}, "
+                  f"built in {built['build_s']:.1f}s")
+    return {
+        "status": "ok",
+        "source": SOURCE_ARTIFACT[precision],
+        "build_s": round(built["build_s"], 3),
+        "size_mb": round(engine_path.stat().st_size / 2**20, 3),
+        "batch_range": built["batch_range"],
+        "static_shape": built["static_shape"],
+        "layers": len(layers),
+        "precision_counts": dict(Counter(layer["precision"] for layer in layers)),
+        "mismatched_count": len(mismatched),
+        "mismatched_layers": mismatched[:MAX_LISTED_MISMATCHES],
+    }
+
+
+def _result(trt: Any, engines: dict[str, Any], made: dict[str, Artifact]) -> StageResult:
+    import torch
 
     metrics = {"tensorrt": {"status": "ok" if made else "skipped", "version": trt.__version__,
-                            "device": torch.cuda.get_device_name(), "typing": "strong" if strong else "weak",
-                            "engines": engines}}
+                            "device": torch.cuda.get_device_name(),
+                            "typing": "strong" if _strongly_typed(trt) else "weak", "engines": engines}}
     if not any(e["status"] == "ok" for e in engines.values()):
         reasons = "; ".join(f"{p}: {e['reason']}" for p, e in engines.items())
         metrics["tensorrt"]["reason"] = reasons
         return StageResult(metrics=metrics, status="skipped", skip_reason=reasons)
     return StageResult(metrics=metrics, artifacts=made)
-
-
-class TensorRTStage(Stage[TensorRTConfig]):
-    """Standalone engine build, for recipes that quantize after exporting ONNX."""
-
-    name: ClassVar[str] = "tensorrt"
-    Config: ClassVar[type[StageConfig]] = TensorRTConfig
-    description: ClassVar[str] = "build TensorRT engines (fp16 from onnx_fp32, int8 from the QDQ onnx_int8)"
-
-    def run(self, ctx: StageContext, cfg: TensorRTConfig) -> StageResult:
-        return build_engines(ctx, cfg)

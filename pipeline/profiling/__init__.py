@@ -18,6 +18,6 @@ def summarize(model: torch.nn.Module, example_input: torch.Tensor) -> dict[str, 
 
     Lazy wrapper so that importing `pipeline.profiling.stats` does not import torch.fx machinery.
     """
-    from pipeline.profiling.summary import summarize as _summarize
+    from pipeline.profiling.model_profile import summarize as _summarize
 
     return _summarize(model, example_input)

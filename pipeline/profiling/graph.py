@@ -271,67 +271,81 @@ def _trace_fx(model: nn.Module, x: torch.Tensor) -> Graph:
 def _trace_hooks(model: nn.Module, x: torch.Tensor) -> Graph:
     """Leaf-module hooks: tensors made by functional code between modules appear as
     'functional@<consumer>' nodes, allocated just before the module that consumes them."""
-    pkeys, pbytes, total_params, image_hw = _common(model, x)
-    in_keys = {k for k, _ in _storages([x])}
-    nodes: list[Node] = []
-    by_name: dict[str, Node] = {}
-    owner: dict[int, str] = {k: "input" for k in in_keys}  # storage -> latest node that produced/aliased it
-    keep: list[Any] = []
-    counts: dict[str, int] = {}
-    stack: list[str] = []
-    calls: dict[str, int] = {}
+    return _HookTracer(model, x).trace()
 
-    def push(name: str) -> None:
-        calls[name] = calls.get(name, 0) + 1
-        stack.append(f"{name}@{calls[name]}")
 
-    def hook(mod: nn.Module, args: tuple, out: Any, name: str) -> None:
-        keep.append((args, out))
+class _HookTracer:
+    """The state of one hook trace: nodes so far and which node last produced each storage."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        self.model, self.x = model, x
+        self.pkeys, self.pbytes, self.total_params, self.image_hw = _common(model, x)
+        self.in_keys = {k for k, _ in _storages([x])}
+        self.nodes: list[Node] = []
+        self.by_name: dict[str, Node] = {}
+        self.owner: dict[int, str] = {k: "input" for k in self.in_keys}  # storage -> latest producer/aliaser
+        self.keep: list[Any] = []  # tensors stay alive for the whole trace: storage ids are not reused
+        self.counts: dict[str, int] = {}
+        self.stack: list[str] = []
+        self.calls: dict[str, int] = {}
+
+    def push(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.stack.append(f"{name}@{self.calls[name]}")
+
+    def _functional(self, fname: str, key: int, nbytes: int, stack: list[str] | None) -> None:
+        """A tensor made by code no hook sees (torch.flatten, +, ...), as a node of its own."""
+        node = Node(fname, "functional", "function", [], None, "", nbytes, [(key, nbytes)], [], module=None,
+                    stack=stack)
+        self.nodes.append(node)
+        self.by_name[fname] = node
+        self.owner[key] = fname
+
+    def hook(self, mod: nn.Module, args: tuple, out: Any, name: str) -> None:
+        self.keep.append((args, out))
         a, o = _tensors(args), _tensors(out)
         ins_st = _storages(a)
         for key, nbytes in ins_st:
-            if key not in owner and key not in pkeys:  # made by code we cannot see
-                fname = f"functional@{name}"
-                fn = Node(fname, "functional", "function", [], None, "", nbytes, [(key, nbytes)], [], module=None,
-                          stack=stack[:-1])
-                nodes.append(fn)
-                by_name[fname] = fn
-                owner[key] = fname
-        counts[name] = counts.get(name, 0) + 1
-        nname = name if counts[name] == 1 else f"{name}#{counts[name]}"  # a module called twice
+            if key not in self.owner and key not in self.pkeys:
+                self._functional(f"functional@{name}", key, nbytes, self.stack[:-1])
+        self.counts[name] = self.counts.get(name, 0) + 1
+        nname = name if self.counts[name] == 1 else f"{name}#{self.counts[name]}"  # a module called twice
         node = Node(
             name=nname, op=type(mod).__name__, kind="module",
-            inputs=list(dict.fromkeys(owner[k] for k, _ in ins_st if k in owner)),
+            inputs=list(dict.fromkeys(self.owner[k] for k, _ in ins_st if k in self.owner)),
             output_shape=list(o[0].shape) if o else None, dtype=str(o[0].dtype).replace("torch.", "") if o else "",
             bytes=sum(t.numel() * t.element_size() for t in o),
-            out_storages=[s for s in _storages(o) if s[0] not in pkeys],
-            in_storages=[k for k, _ in ins_st], module=mod, stack=list(stack),
+            out_storages=[s for s in _storages(o) if s[0] not in self.pkeys],
+            in_storages=[k for k, _ in ins_st], module=mod, stack=list(self.stack),
         )
-        _finish_node(node, mod, a, o, by_name, image_hw)
-        nodes.append(node)
-        by_name[nname] = node
+        _finish_node(node, mod, a, o, self.by_name, self.image_hw)
+        self.nodes.append(node)
+        self.by_name[nname] = node
         for key, _ in node.out_storages:
-            owner[key] = nname
+            self.owner[key] = nname
 
-    handles = []
-    for n, m in model.named_modules():
-        if not n:
-            continue
-        handles.append(m.register_forward_pre_hook(lambda m, a, n=n: push(n)))
-        if not any(True for _ in m.children()):
-            handles.append(m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)))
-        handles.append(m.register_forward_hook(lambda m, a, o: (stack.pop(), None)[1]))
-    try:
-        result = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    outputs = {k for k, _ in _storages(_tensors(result))}
-    for key, nbytes in _storages(_tensors(result)):
-        if key not in owner and key not in pkeys:
-            nodes.append(Node("functional@output", "functional", "function", [], None, "", nbytes, [(key, nbytes)], []))
-    return Graph(nodes, "hooks", int(x.shape[0]), in_keys, x.numel() * x.element_size(), pbytes, outputs,
-                 total_params)
+    def trace(self) -> Graph:
+        handles = []
+        for n, m in self.model.named_modules():
+            if not n:
+                continue
+            handles.append(m.register_forward_pre_hook(lambda m, a, n=n: self.push(n)))
+            if not any(True for _ in m.children()):
+                handles.append(m.register_forward_hook(lambda m, a, o, n=n: self.hook(m, a, o, n)))
+            handles.append(m.register_forward_hook(lambda m, a, o: (self.stack.pop(), None)[1]))
+        try:
+            result = self.model(self.x)
+        finally:
+            for h in handles:
+                h.remove()
+        outputs = {k for k, _ in _storages(_tensors(result))}
+        for key, nbytes in _storages(_tensors(result)):
+            if key not in self.owner and key not in self.pkeys:
+                self.nodes.append(Node("functional@output", "functional", "function", [], None, "", nbytes,
+                                       [(key, nbytes)], []))
+        x = self.x
+        return Graph(self.nodes, "hooks", int(x.shape[0]), self.in_keys, x.numel() * x.element_size(), self.pbytes,
+                     outputs, self.total_params)
 
 
 def following_activation(model: nn.Module, layers: list[str]) -> dict[str, str]:

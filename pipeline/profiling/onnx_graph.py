@@ -98,79 +98,21 @@ def profile_onnx(path: str | Path, input_shape: list[int], method: str = "onnx")
     """The same JSON-ready dict as `profile_model` (layers, totals, memory, timeline), from the graph."""
     import onnx
 
-    proto = onnx.load(str(path))
-    model = _concrete(proto, input_shape)
+    model = _concrete(onnx.load(str(path)), input_shape)
     shapes = _shapes(model)
     inits = {t.name: list(t.dims) for t in model.graph.initializer}
     init_bytes = {t.name: math.prod(t.dims) * _ELEM_BYTES.get(t.data_type, 4) for t in model.graph.initializer}
     graph_in = model.graph.input[0].name
-    graph_outs = {o.name for o in model.graph.output}
     nodes = [n for n in model.graph.node if n.op_type != "Constant"]
-
-    alias: dict[str, str] = {graph_in: graph_in}  # tensor -> the storage it lives in
-    size: dict[str, int] = {}
-    last: dict[str, int] = {}
-    rf: dict[str, tuple[int, int]] = {graph_in: (1, 1)}  # tensor -> (receptive field, stride)
-    layers, producers = [], {graph_in: "input"}
-    for i, n in enumerate(nodes):
-        for name in n.input:
-            if name in alias:
-                last[alias[name]] = i
-        ins = [x for x in n.input if x in rf]
-        r, s = max((rf[x] for x in ins), default=(1, 1))
-        if n.op_type in ("Conv", *_POOL):
-            k = max(_attr(n, "kernel_shape", [1]) or [1])
-            d = max(_attr(n, "dilations", [1]) or [1])
-            st = max(_attr(n, "strides", [1]) or [1])
-            r, s = r + ((k - 1) * d) * s, s * st
-        elif n.op_type in _GLOBAL_POOL and n.input[0] in shapes and shapes[n.input[0]][0]:
-            spatial = max(shapes[n.input[0]][0][2:] or [1])  # the whole remaining map: its span in the input
-            r, s = r + (spatial - 1) * s, s * spatial
-        out_bytes, params = 0, 0
-        for o in n.output:
-            shape, eb = shapes.get(o, (None, 4))
-            nbytes = math.prod(shape) * eb if shape else 0
-            out_bytes += nbytes
-            rf[o] = (r, s)
-            producers[o] = module_path(n.name) if n.name else f"{n.op_type}_{i}"
-            if n.op_type in _VIEWS and n.input and n.input[0] in alias:
-                alias[o] = alias[n.input[0]]
-                last[alias[o]] = i
-            else:
-                alias[o] = o
-                size[o] = nbytes
-                last[o] = i
-        params = sum(math.prod(inits[x]) for x in n.input if x in inits and len(inits[x]) > 0)
-        shape = shapes.get(n.output[0], (None, 4))[0] if n.output else None
-        name = module_path(n.name) if n.name else f"{n.op_type}_{i}"
-        layers.append({
-            "name": name, "type": n.op_type, "output_shape": shape,
-            "channels": shape[1] if shape and len(shape) >= 2 else None,
-            "volume": math.prod(shape[1:]) if shape and len(shape) >= 2 else None,
-            "bytes": out_bytes, "params": int(params), "macs": int(_macs(n, shapes, inits)),
-            "receptive_field": int(r), "stride": int(s),
-            "inputs": [producers.get(x, "input") for x in n.input if x not in inits],
-            "onnx_node": n.name,
-        })
-    for o in graph_outs:
-        if o in alias:
-            last[alias[o]] = len(nodes)
-    live: dict[str, int] = {}
-    peak, peak_at, alive, timeline = 0, "", [], []
-    for i, (n, row) in enumerate(zip(nodes, layers)):
-        for o in n.output:
-            if alias.get(o) == o:
-                live[o] = size[o]
-        current = sum(live.values())
-        timeline.append([row["name"], int(current)])
-        if current > peak:
-            peak, peak_at, alive = current, row["name"], [producers[k] for k in live]
-        for k in [k for k in live if last.get(k, i) <= i]:
-            live.pop(k)
+    walk = _Walk(graph_in)
+    layers = [walk.layer(i, n, shapes, inits) for i, n in enumerate(nodes)]
+    for o in (o.name for o in model.graph.output):
+        if o in walk.alias:
+            walk.last[walk.alias[o]] = len(nodes)
+    peak, peak_at, alive, timeline = walk.liveness(nodes, layers)
     bs = int(input_shape[0])
     in_shape, in_eb = shapes.get(graph_in, (input_shape, 4))
     macs = sum(r["macs"] for r in layers)
-    param_count = sum(math.prod(d) for d in inits.values())
     memory = {
         "batch_size": bs, "liveness_peak_bytes": int(peak), "liveness_peak_per_sample_bytes": int(peak) // max(bs, 1),
         "peak_at": peak_at, "alive_at_peak": alive, "measured_peak_bytes": None,
@@ -178,9 +120,81 @@ def profile_onnx(path: str | Path, input_shape: list[int], method: str = "onnx")
         "naive_sum_bytes": int(sum(r["bytes"] for r in layers)),
         "input_bytes": int(math.prod(in_shape or input_shape) * in_eb), "param_bytes": int(sum(init_bytes.values())),
     }
-    totals = {"params": int(param_count), "macs": int(macs), "macs_per_sample": int(macs) // max(bs, 1),
-              "nodes": len(layers), "graph_method": method, "fallback_reason": None, "input_shape": list(input_shape)}
+    totals = {"params": int(sum(math.prod(d) for d in inits.values())), "macs": int(macs),
+              "macs_per_sample": int(macs) // max(bs, 1), "nodes": len(layers), "graph_method": method,
+              "fallback_reason": None, "input_shape": list(input_shape)}
     return {"layers": layers, "totals": totals, "memory": memory, "timeline": timeline}
+
+
+class _Walk:
+    """One pass over the nodes in order: per-tensor storage (views alias their input), size, last
+    use, receptive field and producer; then the liveness peak from those."""
+
+    def __init__(self, graph_in: str) -> None:
+        self.alias: dict[str, str] = {graph_in: graph_in}  # tensor -> the storage it lives in
+        self.size: dict[str, int] = {}
+        self.last: dict[str, int] = {}
+        self.rf: dict[str, tuple[int, int]] = {graph_in: (1, 1)}  # tensor -> (receptive field, stride)
+        self.producers: dict[str, str] = {graph_in: "input"}
+
+    def _receptive(self, n: Any, shapes: dict[str, Any]) -> tuple[int, int]:
+        r, s = max((self.rf[x] for x in n.input if x in self.rf), default=(1, 1))
+        if n.op_type in ("Conv", *_POOL):
+            k = max(_attr(n, "kernel_shape", [1]) or [1])
+            d = max(_attr(n, "dilations", [1]) or [1])
+            st = max(_attr(n, "strides", [1]) or [1])
+            return r + ((k - 1) * d) * s, s * st
+        if n.op_type in _GLOBAL_POOL and n.input[0] in shapes and shapes[n.input[0]][0]:
+            spatial = max(shapes[n.input[0]][0][2:] or [1])  # the whole remaining map: its span in the input
+            return r + (spatial - 1) * s, s * spatial
+        return r, s
+
+    def layer(self, i: int, n: Any, shapes: dict[str, Any], inits: dict[str, list[int]]) -> dict[str, Any]:
+        """Record node `i`'s outputs; its row of the per-layer table."""
+        for name in n.input:
+            if name in self.alias:
+                self.last[self.alias[name]] = i
+        r, s = self._receptive(n, shapes)
+        name = module_path(n.name) if n.name else f"{n.op_type}_{i}"
+        out_bytes = 0
+        for o in n.output:
+            oshape, eb = shapes.get(o, (None, 4))
+            nbytes = math.prod(oshape) * eb if oshape else 0
+            out_bytes += nbytes
+            self.rf[o] = (r, s)
+            self.producers[o] = name
+            if n.op_type in _VIEWS and n.input and n.input[0] in self.alias:
+                self.alias[o] = self.alias[n.input[0]]
+                self.last[self.alias[o]] = i
+            else:
+                self.alias[o], self.size[o], self.last[o] = o, nbytes, i
+        params = sum(math.prod(inits[x]) for x in n.input if x in inits and len(inits[x]) > 0)
+        shape = shapes.get(n.output[0], (None, 4))[0] if n.output else None
+        return {
+            "name": name, "type": n.op_type, "output_shape": shape,
+            "channels": shape[1] if shape and len(shape) >= 2 else None,
+            "volume": math.prod(shape[1:]) if shape and len(shape) >= 2 else None,
+            "bytes": out_bytes, "params": int(params), "macs": int(_macs(n, shapes, inits)),
+            "receptive_field": int(r), "stride": int(s),
+            "inputs": [self.producers.get(x, "input") for x in n.input if x not in inits],
+            "onnx_node": n.name,
+        }
+
+    def liveness(self, nodes: list[Any], layers: list[dict[str, Any]]) -> tuple[int, str, list[str], list[Any]]:
+        """(peak bytes, node at the peak, producers alive there, [node, live bytes] timeline)."""
+        live: dict[str, int] = {}
+        peak, peak_at, alive, timeline = 0, "", [], []
+        for i, (n, row) in enumerate(zip(nodes, layers)):
+            for o in n.output:
+                if self.alias.get(o) == o:
+                    live[o] = self.size[o]
+            current = sum(live.values())
+            timeline.append([row["name"], int(current)])
+            if current > peak:
+                peak, peak_at, alive = current, row["name"], [self.producers[k] for k in live]
+            for k in [k for k in live if self.last.get(k, i) <= i]:
+                live.pop(k)
+        return peak, peak_at, alive, timeline
 
 
 def profile_graph_module(model: Any, example_input: Any, batch_size: int | None, view_path: Path) -> dict[str, Any]:

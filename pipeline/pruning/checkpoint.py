@@ -53,8 +53,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, base_source: dict[str
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "history": history,
     }
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # into an open file: torch.save names a path's zip records after the (temp, pid-bearing) file name,
+    # so the same checkpoint got another size and sha256 in every run; a file object's are "archive/"
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
     return Path(path)
 
 

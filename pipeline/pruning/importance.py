@@ -8,17 +8,26 @@ scoring the right channels after earlier steps removed some.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from pydantic import AfterValidator
+
 from pipeline.errors import BadInput
 from pipeline.profiling.stats import ChannelStats, LayerStats
+from pipeline.registry import Registry
 
-CRITERIA = ("activation", "apoz", "l1", "l2", "taylor", "bn_scale")
+# name -> factory(model, stats, correlation_aware) -> a torch-pruning Importance; `@criterion(name)`
+# registers one (here, or in a plug-in file).
+MakeImportance = Callable[[nn.Module, "ChannelStats | None", bool], Any]
+CRITERIA: Registry[MakeImportance] = Registry("prune criterion",
+                                              order=("activation", "apoz", "l1", "l2", "taylor", "bn_scale"))
+NEEDS_STATS: set[str] = set()  # criteria that rank by the profiler's channel statistics
 DEAD_SCORE = -1.0  # below every normalised live score, so dead channels always go first
 REDUNDANT_SCALE = 1e-3  # the weaker channel of a near-duplicate pair ranks just above the dead ones
 HIGH_CORR = 0.95
@@ -89,10 +98,6 @@ class StatsImportance:
         self._fallback = tp.importance.MagnitudeImportance(p=2)
         self._tp = tp
 
-    @property
-    def measured_layers(self) -> list[str]:
-        return list(self._scores)
-
     def _out_entries(self, group) -> Iterable[tuple[str, list[int], list[int]]]:
         fn = self._tp.pruner.function
         for i, (dep, idxs) in enumerate(group):
@@ -138,21 +143,73 @@ class StatsImportance:
             self._scores[name] = _Scores(score=s.score[keep], dead=s.dead[keep])
 
 
-def make_importance(criterion: str, model: nn.Module, stats: ChannelStats | None = None,
-                    correlation_aware: bool = False):
-    """Build the torch-pruning Importance for `criterion` (stats needed for activation/apoz)."""
+def criterion(name: str, needs_stats: bool = False) -> Callable[[MakeImportance], MakeImportance]:
+    """Register the decorated factory `(model, stats, correlation_aware) -> Importance` as `name`."""
+
+    def wrap(make: MakeImportance) -> MakeImportance:
+        CRITERIA.add(name, make)
+        if needs_stats:
+            NEEDS_STATS.add(name)
+        return make
+
+    return wrap
+
+
+def _check_criterion(name: str) -> str:
+    if name not in CRITERIA:
+        raise ValueError(f"expected a registered criterion: {' | '.join(repr(n) for n in CRITERIA.names())}")
+    return name
+
+
+CriterionName = Annotated[str, AfterValidator(_check_criterion)]  # a registered criterion, for configs
+
+
+@criterion("activation", needs_stats=True)
+def _activation(model: nn.Module, stats: ChannelStats | None, correlation_aware: bool) -> StatsImportance:
+    return _stats_importance("activation", model, stats, correlation_aware)
+
+
+@criterion("apoz", needs_stats=True)
+def _apoz(model: nn.Module, stats: ChannelStats | None, correlation_aware: bool) -> StatsImportance:
+    return _stats_importance("apoz", model, stats, correlation_aware)
+
+
+def _stats_importance(name: str, model: nn.Module, stats: ChannelStats | None,
+                      correlation_aware: bool) -> StatsImportance:
+    if stats is None:
+        raise BadInput(f"prune criterion '{name}' needs channel statistics (calibration data)")
+    return StatsImportance(model, stats, name, correlation_aware)
+
+
+@criterion("l1")
+def _l1(model: nn.Module, stats: ChannelStats | None, correlation_aware: bool) -> Any:
     import torch_pruning as tp
 
-    if criterion in ("activation", "apoz"):
-        if stats is None:
-            raise BadInput(f"prune criterion '{criterion}' needs channel statistics (calibration data)")
-        return StatsImportance(model, stats, criterion, correlation_aware)
-    if criterion == "l1":
-        return tp.importance.MagnitudeImportance(p=1)
-    if criterion == "l2":
-        return tp.importance.MagnitudeImportance(p=2)
-    if criterion == "taylor":
-        return tp.importance.TaylorImportance()
-    if criterion == "bn_scale":
-        return tp.importance.BNScaleImportance()
-    raise BadInput(f"unknown prune criterion '{criterion}' (choose one of {', '.join(CRITERIA)})")
+    return tp.importance.MagnitudeImportance(p=1)
+
+
+@criterion("l2")
+def _l2(model: nn.Module, stats: ChannelStats | None, correlation_aware: bool) -> Any:
+    import torch_pruning as tp
+
+    return tp.importance.MagnitudeImportance(p=2)
+
+
+@criterion("taylor")
+def _taylor(model: nn.Module, stats: ChannelStats | None, correlation_aware: bool) -> Any:
+    import torch_pruning as tp
+
+    return tp.importance.TaylorImportance()
+
+
+@criterion("bn_scale")
+def _bn_scale(model: nn.Module, stats: ChannelStats | None, correlation_aware: bool) -> Any:
+    import torch_pruning as tp
+
+    return tp.importance.BNScaleImportance()
+
+
+def make_importance(criterion: str, model: nn.Module, stats: ChannelStats | None = None,
+                    correlation_aware: bool = False) -> Any:
+    """Build the torch-pruning Importance for a registered `criterion` (BadInput when unknown)."""
+    return CRITERIA.get(criterion)(model, stats, correlation_aware)

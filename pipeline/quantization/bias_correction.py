@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.quantization.graph import attr, channel_stats, index, set_initializer
+from dataclasses import dataclass
+from pipeline.quantization.passes import QuantPass, QuantState, register
 
 
 def fake_quant(w: np.ndarray, per_channel: bool = True) -> np.ndarray:
@@ -66,3 +68,25 @@ def correct_biases(src: Path, dst: Path, reader: Any, per_channel: bool = True) 
         set_initializer(graph, node.input[2], b - shift)
     save_onnx(model, dst)
     return dst, len(targets)
+
+
+# -- the pass ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BiasCorrectionConfig:
+    per_channel: bool
+
+
+@register
+class BiasCorrection(QuantPass[BiasCorrectionConfig]):
+    name = "bias_correction"
+    order = 30
+
+    def configure(self, stage_cfg: Any) -> BiasCorrectionConfig | None:
+        if not stage_cfg.bias_correction or stage_cfg.method == "qat":
+            return None
+        return BiasCorrectionConfig(stage_cfg.per_channel)
+
+    def run(self, state: QuantState, config: BiasCorrectionConfig) -> None:
+        assert state.prep is not None
+        state.prep, corrected = correct_biases(state.prep, state.work / "prep_bc.onnx", state.reader, config.per_channel)
+        state.metrics["bias_corrected_layers"] = corrected

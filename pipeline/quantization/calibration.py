@@ -7,12 +7,14 @@ at one batch no matter how many samples the recipe asks for.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import BadInput
 from pipeline.sources.data import DataSplit
+from pipeline.quantization.passes import QuantPass, QuantState, register
 
 try:  # the base class only adds an iterator protocol; fall back to object without onnxruntime
     from onnxruntime.quantization import CalibrationDataReader as _Base
@@ -87,3 +89,32 @@ class StreamingReader(_Base):  # type: ignore[misc,valid-type]
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._gen()
+
+
+# -- the pass ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RangeSettingConfig:
+    calibration: str  # minmax | entropy | percentile | mse (range search over min-max, range_search.py)
+
+
+@register
+class RangeSetting(QuantPass[RangeSettingConfig]):
+    """Pass 50: per-channel activation ranges (for the saturation check and the overflow fix) and the
+    per-tensor calibration every later emission reuses; leaves `state.emitter` ready."""
+
+    name = "range_setting"
+    order = 50
+
+    def configure(self, stage_cfg: Any) -> RangeSettingConfig:
+        return RangeSettingConfig(stage_cfg.calibration)
+
+    def run(self, state: QuantState, config: RangeSettingConfig) -> None:
+        from pipeline.quantization import saturation
+        from pipeline.quantization.emission import Emission, Emitter
+
+        assert state.prep is not None
+        with state.console.status(f"activation ranges per channel ({state.reader.samples_available()} samples)"):
+            state.ranges = saturation.activation_ranges(state.prep, state.reader)
+        state.emitter = Emitter(Emission().configure(state.cfg), state.prep, state.work, state.reader,
+                                state.ranges, state.console)
+        state.calibrated = state.emitter.calibrate(state.exclude)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pipeline.quantization.passes import QuantPass, QuantState, register
 
 _PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "BatchNormalization"}
 
@@ -150,3 +151,30 @@ def nodes_to_keep_float(layer: str, float_path: Path) -> list[str]:
             break
     keep = [n.name for n in chain] + [u.name for u in consumers.get(chain[-1].output[0], [])]
     return list(dict.fromkeys(keep))
+
+
+# -- the pass ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeepFloatConfig:
+    exclude: tuple[str, ...]
+    families: tuple[str, ...]
+
+
+@register
+class KeepFloat(QuantPass[KeepFloatConfig]):
+    name = "keep_float"
+    order = 40
+
+    def configure(self, stage_cfg: Any) -> KeepFloatConfig:
+        return KeepFloatConfig(tuple(stage_cfg.exclude), tuple(stage_cfg.keep_float))
+
+    def run(self, state: QuantState, config: KeepFloatConfig) -> None:
+        from pipeline.quantization import ort_quant
+
+        assert state.prep is not None
+        exclude = ort_quant.resolve_exclude(list(config.exclude), ort_quant.node_names(state.prep))
+        if config.families:
+            kept = ort_quant.keep_float_layers(state.prep, list(config.families))
+            exclude = list(dict.fromkeys(exclude + [n for k in kept for n in nodes_to_keep_float(k, state.prep)]))
+            state.metrics["keep_float_layers"] = len(kept)
+        state.exclude = exclude

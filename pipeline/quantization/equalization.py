@@ -22,10 +22,10 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.quantization.graph import attr, channel_stats, index, set_initializer
+from dataclasses import dataclass
+from pipeline.quantization.passes import QuantPass, QuantState, register
 
 Relu6Policy = Literal["skip", "exact", "relu"]
-RELU6_POLICIES = ("skip", "exact", "relu")
-
 
 def equalize(src: Path, dst: Path, iterations: int = 3, relu6: Relu6Policy = "skip",
              reader: Any = None) -> tuple[Path, int]:
@@ -142,3 +142,23 @@ def _pairs(graph: Any, through_relu6: bool) -> list[tuple[Any, Any | None, Any]]
         if group == 1 or (group == wb.dims[0] and wb.dims[1] == 1):
             pairs.append((a, clip, b))
     return pairs
+
+
+# -- the pass ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EqualizationConfig:
+    relu6: str  # skip | exact | relu: how pairs behind ReLU6 are treated
+
+
+@register
+class Equalization(QuantPass[EqualizationConfig]):
+    name = "equalization"
+    order = 20
+
+    def configure(self, stage_cfg: Any) -> EqualizationConfig | None:
+        return EqualizationConfig(stage_cfg.equalization_relu6) if stage_cfg.equalization else None
+
+    def run(self, state: QuantState, config: EqualizationConfig) -> None:
+        assert state.prep is not None
+        state.prep, pairs = equalize(state.prep, state.work / "prep_cle.onnx", relu6=config.relu6, reader=state.reader)
+        state.metrics["equalized_pairs"] = pairs

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.quantization.debug import TensorError
+from pipeline.quantization.passes import QuantPass, QuantState, register
 
 
 @dataclass
@@ -77,3 +78,40 @@ def _quality(scores: dict[str, Any]) -> tuple[float, float]:
 def _step(step: int, layers: list[str], scores: dict[str, Any], accepted: bool) -> dict[str, Any]:
     return {"step": step, "float_layers": list(layers), "accuracy": scores.get("accuracy"),
             "agreement": scores.get("agreement"), "accepted": accepted}
+
+
+def meets(scores: dict[str, Any], target: Any) -> bool:
+    """The fallback target. Without labels a max_accuracy_drop is read as a minimum agreement of 1 - drop."""
+    ok = True
+    if target.max_accuracy_drop is not None:
+        if scores.get("accuracy") is not None and scores.get("reference_accuracy") is not None:
+            ok &= scores["reference_accuracy"] - scores["accuracy"] <= target.max_accuracy_drop + 1e-12
+        else:
+            ok &= (scores.get("agreement") or 0.0) >= 1 - target.max_accuracy_drop
+    if target.min_agreement is not None:
+        ok &= (scores.get("agreement") or 0.0) >= target.min_agreement
+    return bool(ok)
+
+
+# -- the pass ---------------------------------------------------------------------------------
+@register
+class Fallback(QuantPass[Any]):
+    """Pass 80: keep layers float by ablation until the target is met (config: quantize.fallback)."""
+
+    name = "fallback"
+    order = 80
+
+    def configure(self, stage_cfg: Any) -> Any:
+        return stage_cfg.fallback
+
+    def run(self, state: QuantState, config: Any) -> None:
+        from pipeline.quantization.debug import nodes_to_keep_float, tensor_errors
+
+        assert state.prep is not None and state.first is not None and state.first_scores is not None
+        prep = state.prep
+        state.outcome = run_fallback(
+            expand=lambda layer: nodes_to_keep_float(layer, prep), first=state.first,
+            first_scores=state.first_scores, quantize=state.emitter, evaluate=state.evaluate,
+            meets=lambda s: meets(s, config), errors=lambda p: tensor_errors(prep, p, state.debug_reader),
+            base_exclude=state.exclude, max_float_layers=config.max_float_layers, max_steps=config.max_steps,
+            candidates=config.candidates)

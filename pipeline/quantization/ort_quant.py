@@ -12,6 +12,8 @@ from typing import Any
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import BadInput, StageFailed
+from dataclasses import dataclass
+from pipeline.quantization.passes import QuantPass, QuantState, register
 
 def preprocess(fp32_path: Path, out_path: Path) -> Path:
     """quant_pre_process: symbolic shape inference + ORT basic graph optimisation, as ORT advises."""
@@ -143,3 +145,21 @@ def keep_float_layers(path: Path, presets: list[str]) -> list[str]:
         else:
             raise BadInput(f"quantize.keep_float: unknown preset '{preset}' (use {', '.join(KEEP_FLOAT_PRESETS)})")
     return list(dict.fromkeys(picked))
+
+
+# -- the pass ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PreprocessConfig:
+    pass
+
+
+@register
+class Preprocess(QuantPass[PreprocessConfig]):
+    name = "preprocess"
+    order = 10
+
+    def configure(self, stage_cfg: Any) -> PreprocessConfig:
+        return PreprocessConfig()
+
+    def run(self, state: QuantState, config: PreprocessConfig) -> None:
+        state.prep = preprocess(state.fp32, state.work / "prep.onnx")

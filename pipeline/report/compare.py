@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import BadInput
-from pipeline.report.json import build_report
+from pipeline.report.document import build_report
 
 FINISHED = ("ok", "gate_failed")  # a run that got through verify, whatever its gates said
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.units import human_bytes
+
 
 def pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
@@ -22,13 +24,7 @@ def ratio_ci(v: float | None, ci: list[float] | None) -> str:
 
 
 def size(b: int | float | None) -> str:
-    if b is None:
-        return "n/a"
-    for unit in ("B", "KB", "MB", "GB"):
-        if b < 1024 or unit == "GB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.2f} {unit}"
-        b /= 1024
-    return "n/a"  # pragma: no cover
+    return human_bytes(b)
 
 
 def num(v: Any) -> str:

@@ -3,173 +3,130 @@
 Sections: verdict, artifacts (accuracy/latency/size), gates, not-measured pairs, stages (skipped ones
 with their reason), profile per-layer table + memory timeline + redundancy, pruning per layer,
 quantization error, plot artifacts from the run, environment.
+
+The page is the Jinja2 template `templates/report.html.j2` (autoescaped; CSS from
+`templates/report.css`, inlined); this module only turns report.json into the values it shows.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pipeline.report import fmt, plots
+from pipeline.report import fmt, plots, report_format
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.5em 0;font-size:.9em}th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.pass{color:#176f2c;font-weight:600}.fail{color:#b00020;font-weight:600}.skipped{color:#8a6d00}
-.banner{padding:.6em 1em;border-radius:6px;font-weight:600}.banner.pass{background:#e6f4ea}.banner.fail{background:#fdecea}
-.banner.none{background:#f1f1f1;color:#444}
-#summary td,#gates td:not(:last-child),td.num{white-space:nowrap}.wide{overflow-x:auto}
-img{max-width:100%;border:1px solid #eee}details{margin:.4em 0}.scroll{max-height:480px;overflow:auto}
-"""
-
+CSS = resources.files("pipeline.report").joinpath("templates/report.css").read_text(encoding="utf-8")
 
 # Plot artifacts whose content the stage's section already draws from report.json: inlining the
 # stage's PNG as well would show the same plot twice.
 DRAWN_INLINE = {"profile": {"plot_memory_timeline", "plot_redundancy"}, "prune": {"prune_channels"}}
+GATE_TEXT = {"pass": "pass", "fail": "FAIL", "none": "–"}
 
 
+@lru_cache(maxsize=1)
+def _template() -> Any:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.report", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template("report.html.j2")
+
+
+@report_format("html", "report.html")
 def render_html(report: dict[str, Any], run_dir: Path | None = None) -> str:
     state, verdict = fmt.verdict(report)
-    parts = [f"<h1>fmap report: {_e(report.get('recipe_name') or 'run')}</h1>",
-             f'<p class="banner {state}" id="verdict">{_e(verdict[0].upper() + verdict[1:])}</p>',
-             f"<p>status <b>{_e(report['status'])}</b> · exit code {_e(report.get('exit_code'))} · fmap "
-             f"{_e(report.get('fmap_version'))} · started {_e(report.get('started'))} · finished "
-             f"{_e(report.get('finished'))}</p>"]
-    if (report.get("machine") or {}).get("busy"):
+    machine = report.get("machine") or {}
+    busy = None
+    if machine.get("busy"):
         from pipeline.report.markdown import busy_text
 
-        parts.append(f'<p class="banner fail" id="busy">Busy machine: {_e(busy_text(report["machine"]))}. '
-                     "Latencies and speedups were measured under load and may be biased.</p>")
-    parts += _artifacts(report)
-    parts += _gates(report)
-    parts += _stages(report)
-    for st in report["stages"]:
-        if st["status"] not in ("ok", "resumed"):
-            continue
-        if st["kind"] == "profile":
-            parts += _profile(st)
-        elif st["kind"] == "prune":
-            parts += _prune(st)
-        elif st["kind"] == "quantize":
-            parts += _quantize(st)
-        elif st["kind"] == "export":
-            parts += _generic(st, "Export")
-        elif st["kind"] == "visualize":
-            parts += _generic(st, "Visualize")
-    parts += _plot_artifacts(report, run_dir)
-    env = report.get("environment") or {}
-    parts += ["<h2>Environment</h2>", f"<pre>{_e(json.dumps(env, indent=1, default=str))}</pre>"]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>fmap report: {_e(report.get('recipe_name') or 'run')}</title><style>{CSS}</style></head>"
-            "<body>\n" + "\n".join(parts) + "\n</body></html>\n")
+        busy = busy_text(machine)
+    return _template().render(
+        r=report, css=CSS, title=report.get("recipe_name") or "run", state=state,
+        verdict=verdict[0].upper() + verdict[1:], busy=busy, artifacts=_artifacts(report["artifacts"]),
+        unavailable=report["unavailable"], gates=_gates(report["gates"]), stages=_stages(report["stages"]),
+        sections_=[s for s in map(_section, report["stages"]) if s is not None],
+        plots=_plot_artifacts(report, run_dir),
+        environment=json.dumps(report.get("environment") or {}, indent=1, default=str))
 
 
-def _artifacts(report: dict[str, Any]) -> list[str]:
-    rows = report["artifacts"]
-    out = ["<h2>Artifacts: accuracy, latency, size</h2>"]
+def _artifacts(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if not rows:
-        out.append("<p>No verify measurements in this run.</p>")
-    else:
-        bs = rows[0]["batch_size"]
-        head = ["artifact", "backend", "precision", "top-1", "top-5", "agreement", "max |err|",
-                f"p50 (batch {bs}) [95% CI]", "p99", "throughput", "speedup vs original [95% CI]",
-                "speedup vs same-runtime FP32 [95% CI]", "size", "RSS delta", "gates"]
-        body = []
-        for r in rows:
-            name = r["artifact"] + (" (baseline)" if r["baseline"] else "") + (" (deployable)" if r["deployable"] else "")
-            gate = r["gate_status"]
-            body.append([_e(name), _e(r["backend"]), _e(r.get("precision")), fmt.pct(r["top1"]), fmt.pct(r["top5"]),
-                         fmt.pct(r["agreement"]), fmt.num(r["max_abs_err"]),
-                         _e(fmt.ms_ci(r["p50_ms"], r["p50_ci95_ms"]) if not r.get("error") else f"error: {r['error']}"),
-                         fmt.ms_ci(r["p99_ms"], None),
-                         "n/a" if r["throughput_ips"] is None else f"{r['throughput_ips']:.1f}/s",
-                         fmt.ratio_ci(r["speedup"], r["speedup_ci95"]),
-                         "n/a" if r.get("speedup_fp32") is None else _e(
-                             f"{fmt.ratio_ci(r['speedup_fp32'], r.get('speedup_fp32_ci95'))} vs {r.get('speedup_fp32_vs')}"),
-                         fmt.size(r["size_bytes"]),
-                         "n/a" if r["rss_delta_mb"] is None else f"{r['rss_delta_mb']:.1f} MB",
-                         f'<span class="{gate}">{ {"pass": "pass", "fail": "FAIL", "none": "–"}[gate] }</span>'])
-        out.append(f'<div class="wide">{_table(head, body, raw=True, table_id="summary")}</div>')
-        img = plots.latency(rows)
-        if img:
-            out.append(_img(img, "latency per artifact"))
-    if report["unavailable"]:
-        out.append("<h3>Not measured</h3><ul>" + "".join(
-            f"<li class=\"skipped\">{_e(u.get('artifact') or 'all artifacts')} on {_e(u.get('backend') or '-')}: "
-            f"{_e(u.get('reason'))}</li>" for u in report["unavailable"]) + "</ul>")
-    return out
+        return {"rows": []}
+    head = ["artifact", "backend", "precision", "top-1", "top-5", "agreement", "max |err|",
+            f"p50 (batch {rows[0]['batch_size']}) [95% CI]", "p99", "throughput", "speedup vs original [95% CI]",
+            "speedup vs same-runtime FP32 [95% CI]", "size", "RSS delta", "gates"]
+    return {"head": head, "rows": [_artifact_row(r) for r in rows], "latency_img": plots.latency(rows)}
 
 
-def _gates(report: dict[str, Any]) -> list[str]:
-    if not report["gates"]:
-        return ["<h2>Gates</h2><p>No gates configured.</p>"]
-    body = [[_e(g["name"]), _e(g.get("artifact") or "-"), _e(fmt.gate_value(g)),
-             _e(f"{fmt.gate_op(g['name'])} {g['threshold']}"),
-             f'<span class="{"pass" if g["passed"] else "fail"}">{"pass" if g["passed"] else "FAIL"}</span>',
-             _e(g.get("detail"))] for g in report["gates"]]
-    return ["<h2>Gates</h2>", _table(["gate", "artifact", "value", "threshold", "result", "detail"], body,
-                                     raw=True, table_id="gates")]
+def _artifact_row(r: dict[str, Any]) -> list[Any]:
+    name = r["artifact"] + (" (baseline)" if r["baseline"] else "") + (" (deployable)" if r["deployable"] else "")
+    fp32 = None if r.get("speedup_fp32") is None else (
+        f"{fmt.ratio_ci(r['speedup_fp32'], r.get('speedup_fp32_ci95'))} vs {r.get('speedup_fp32_vs')}")
+    return [name, r["backend"], r.get("precision"), fmt.pct(r["top1"]), fmt.pct(r["top5"]),
+            fmt.pct(r["agreement"]), fmt.num(r["max_abs_err"]),
+            fmt.ms_ci(r["p50_ms"], r["p50_ci95_ms"]) if not r.get("error") else f"error: {r['error']}",
+            fmt.ms_ci(r["p99_ms"], None),
+            "n/a" if r["throughput_ips"] is None else f"{r['throughput_ips']:.1f}/s",
+            fmt.ratio_ci(r["speedup"], r["speedup_ci95"]), fp32 or "n/a", fmt.size(r["size_bytes"]),
+            "n/a" if r["rss_delta_mb"] is None else f"{r['rss_delta_mb']:.1f} MB",
+            {"cls": r["gate_status"], "text": GATE_TEXT[r["gate_status"]]}]
 
 
-def _stages(report: dict[str, Any]) -> list[str]:
-    body = []
-    for st in report["stages"]:
+def _gates(gates: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[g["name"], g.get("artifact") or "-", fmt.gate_value(g), f"{fmt.gate_op(g['name'])} {g['threshold']}",
+             {"cls": "pass" if g["passed"] else "fail", "text": "pass" if g["passed"] else "FAIL"},
+             g.get("detail")] for g in gates]
+
+
+def _stages(stages: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for st in stages:
         note = {"skipped": f"skipped: {st.get('skip_reason') or 'no reason given'}",
                 "failed": f"failed: {st.get('error') or ''}", "pending": "did not run"}.get(st["status"], "")
         cls = "skipped" if st["status"] in ("skipped", "pending") else ("fail" if st["status"] == "failed" else "")
         dur = "n/a" if st.get("duration_s") is None else f"{st['duration_s']:.2f} s"
-        body.append([_e(st["id"]), _e(st["kind"]), f'<span class="{cls}">{_e(st["status"])}</span>', dur,
-                     f'<span class="{cls}">{_e(note)}</span>'])
-    return ["<h2>Stages</h2>", _table(["stage", "kind", "status", "duration", "note"], body, raw=True,
-                                      table_id="stages")]
+        rows.append([st["id"], st["kind"], {"cls": cls, "text": st["status"]}, dur, {"cls": cls, "text": note}])
+    return rows
 
 
-def _profile(st: dict[str, Any]) -> list[str]:
-    m = st["metrics"]
-    out = [f"<h2>Profile ({_e(st['id'])})</h2>"]
-    if m.get("totals"):
-        out.append(_kv(m["totals"]))
+def _section(st: dict[str, Any]) -> dict[str, Any] | None:
+    """The view of a finished stage's own section (None: the stage has none)."""
+    if st["status"] not in ("ok", "resumed"):
+        return None
+    if st["kind"] in ("export", "visualize"):
+        return {"macro": "generic", "id": st["id"], "title": st["kind"].capitalize(),
+                "metrics": json.dumps(st["metrics"], indent=1, default=str)[:20000]}
+    build = {"profile": _profile, "prune": _prune, "quantize": _quantize}.get(st["kind"])
+    return None if build is None else {"macro": st["kind"], "id": st["id"], **build(st["metrics"])}
+
+
+def _profile(m: dict[str, Any]) -> dict[str, Any]:
     cols = ["name", "type", "output_shape", "channels", "volume", "bytes", "params", "macs", "receptive_field", "stride"]
-    out.append("<h3>Per-layer feature maps</h3>" + _dict_table(m.get("layers"), cols, "layers"))
     mem = m.get("memory") or {}
-    if mem:
-        out.append("<h3>Memory</h3>" + _kv({k: v for k, v in mem.items() if not isinstance(v, (list, dict))}))
-    img = plots.memory_timeline(m.get("timeline"), mem.get("peak_at"))
-    if img:
-        out.append(_img(img, "memory timeline"))
     red = m.get("redundancy") or {}
-    if red:
-        out.append("<h3>Redundancy</h3>")
-        img = plots.redundancy(red)
-        if img:
-            out.append(_img(img, "redundancy per layer"))
-        out.append(_dict_table([dict(layer=k, **{a: b for a, b in v.items() if not isinstance(b, (list, dict))})
-                                for k, v in red.items() if isinstance(v, dict)], None, "redundancy"))
-    return out
+    red_rows = [dict(layer=k, **{a: b for a, b in v.items() if not isinstance(b, (list, dict))})
+                for k, v in red.items() if isinstance(v, dict)]
+    return {"totals": _pairs(m.get("totals") or {}), "layers": _dict_table(m.get("layers"), cols, "layers"),
+            "memory": _pairs({k: v for k, v in mem.items() if not isinstance(v, (list, dict))}),
+            "timeline_img": plots.memory_timeline(m.get("timeline"), mem.get("peak_at")),
+            "redundancy": _dict_table(red_rows, None, "redundancy") if red else None,
+            "redundancy_img": plots.redundancy(red) if red else None}
 
 
-def _prune(st: dict[str, Any]) -> list[str]:
-    m = st["metrics"]
-    out = [f"<h2>Pruning ({_e(st['id'])})</h2>"]
+def _prune(m: dict[str, Any]) -> dict[str, Any]:
     before, after = m.get("before") or {}, m.get("after") or {}
     keys = list(dict.fromkeys([*before, *after]))
-    if keys:
-        out.append(_table(["", *keys], [["before", *(fmt.num(before.get(k)) for k in keys)],
-                                        ["after", *(fmt.num(after.get(k)) for k in keys)]]))
-    if m.get("accuracy"):
-        out.append(_kv({k: fmt.pct(v) if isinstance(v, float) else v for k, v in m["accuracy"].items()}))
-    img = plots.pruning(m.get("layers"))
-    if img:
-        out.append(_img(img, "channels per layer"))
-    out.append("<h3>Per layer</h3>" + _dict_table(m.get("layers"), None, "prune-layers"))
-    if m.get("left_alone"):
-        out.append(f"<p>Left alone: {_e(', '.join(_named(x) for x in m['left_alone']))}</p>")
-    return out
+    table = {"head": ["", *keys], "rows": [["before", *(fmt.num(before.get(k)) for k in keys)],
+                                           ["after", *(fmt.num(after.get(k)) for k in keys)]]} if keys else None
+    accuracy = {k: fmt.pct(v) if isinstance(v, float) else v for k, v in (m.get("accuracy") or {}).items()}
+    return {"before_after": table, "accuracy": _pairs(accuracy), "channels_img": plots.pruning(m.get("layers")),
+            "layers": _dict_table(m.get("layers"), None, "prune-layers"),
+            "left_alone": ", ".join(_named(x) for x in m.get("left_alone") or [])}
 
 
 def _named(item: Any) -> str:
@@ -197,70 +154,59 @@ def _with_module(rows: Any) -> Any:
     return out
 
 
-def _quantize(st: dict[str, Any]) -> list[str]:
-    m = st["metrics"]
-    out = [f"<h2>Quantization ({_e(st['id'])})</h2>"]
-    tgt = m.get("target") or {}
-    if tgt:
-        sat = tgt.get("saturation") or {}
-        out.append(_kv({"target": f"{tgt.get('resolved')} (asked: {tgt.get('requested')})",
-                        "this machine": f"{(tgt.get('host') or {}).get('target')}, {(tgt.get('host') or {}).get('model')}",
-                        "accuracy measured on target kernels": "yes" if tgt.get("measured_on_target") else
-                        "no: not measured here",
-                        "exact on": ", ".join(tgt.get("safe_on") or []),
-                        "layers that can saturate int16 without VNNI": ", ".join(sat.get("layers_at_risk") or [])
-                        or "none",
-                        "overflow fix: widened weight scales": ", ".join(
-                            f"{k} ({v.get('channels')}/{v.get('of')} channels, up to {v.get('max_factor')}x)"
-                            for k, v in (tgt.get("widened_channels") or {}).items()) or "none",
-                        "overflow fix: 7-bit weights": ", ".join(tgt.get("seven_bit_weights") or []) or "none"}))
+def _quantize(m: dict[str, Any]) -> dict[str, Any]:
     fb = m.get("fallback") or {}
-    if fb:
-        out.append(_kv({"fallback steps": len(fb.get("steps") or []),
-                        "layers kept float": ", ".join(map(str, fb.get("float_layers") or [])) or "none"}))
-        steps = [{"step": s.get("step"), "float layers": ", ".join(s.get("float_layers") or []) or "none",
-                  "accuracy": fmt.pct(s.get("accuracy")), "agreement": fmt.pct(s.get("agreement")),
-                  "kept": "yes" if s.get("accepted", True) else "undone"} for s in fb.get("steps") or []]
-        out.append("<h3>Fallback steps</h3>" + _dict_table(steps, None, "fallback-steps"))
-    img = plots.layer_errors(m.get("layer_errors"))
-    if img:
-        out.append(_img(img, "quantization error per layer"))
-    out.append("<h3>Per-layer error</h3>" + _dict_table(_with_module(m.get("layer_errors")), None, "quant-errors"))
+    steps = [{"step": s.get("step"), "float layers": ", ".join(s.get("float_layers") or []) or "none",
+              "accuracy": fmt.pct(s.get("accuracy")), "agreement": fmt.pct(s.get("agreement")),
+              "kept": "yes" if s.get("accepted", True) else "undone"} for s in fb.get("steps") or []]
+    fallback = {"fallback steps": len(fb.get("steps") or []),
+                "layers kept float": ", ".join(map(str, fb.get("float_layers") or [])) or "none"}
+    return {"target": _pairs(_target(m.get("target") or {})), "fallback": _pairs(fallback) if fb else None,
+            "fallback_steps": _dict_table(steps, None, "fallback-steps"),
+            "errors_img": plots.layer_errors(m.get("layer_errors")),
+            "errors": _dict_table(_with_module(m.get("layer_errors")), None, "quant-errors")}
+
+
+def _target(tgt: dict[str, Any]) -> dict[str, Any]:
+    """The quantize target block: what ran where, and what the overflow fix changed."""
+    if not tgt:
+        return {}
+    sat = tgt.get("saturation") or {}
+    host = tgt.get("host") or {}
+    widened = ", ".join(f"{k} ({v.get('channels')}/{v.get('of')} channels, up to {v.get('max_factor')}x)"
+                        for k, v in (tgt.get("widened_channels") or {}).items())
+    return {"target": f"{tgt.get('resolved')} (asked: {tgt.get('requested')})",
+            "this machine": f"{host.get('target')}, {host.get('model')}",
+            "accuracy measured on target kernels": "yes" if tgt.get("measured_on_target") else "no: not measured here",
+            "exact on": ", ".join(tgt.get("safe_on") or []),
+            "layers that can saturate int16 without VNNI": ", ".join(sat.get("layers_at_risk") or []) or "none",
+            "overflow fix: widened weight scales": widened or "none",
+            "overflow fix: 7-bit weights": ", ".join(tgt.get("seven_bit_weights") or []) or "none"}
+
+
+def _plot_artifacts(report: dict[str, Any], run_dir: Path | None) -> list[dict[str, Any]]:
+    """PNG plot artifacts that stages wrote into the run directory, inlined."""
+    out = []
+    for st in report["stages"] if run_dir is not None else []:
+        for name, a in (st.get("artifacts") or {}).items():
+            if not isinstance(a, dict) or a.get("kind") != "plot" or name in DRAWN_INLINE.get(st["kind"], ()):
+                continue  # not a plot, or already drawn in the stage's own section
+            path = Path(run_dir) / str(a.get("path"))
+            found = path.suffix.lower() == ".png" and path.is_file()
+            out.append({"stage": st["id"], "name": name, "description": a.get("description"), "path": a.get("path"),
+                        "b64": base64.b64encode(path.read_bytes()).decode("ascii") if found else None})
     return out
 
 
-def _generic(st: dict[str, Any], title: str) -> list[str]:
-    return [f"<h2>{title} ({_e(st['id'])})</h2>",
-            f"<details><summary>metrics</summary><pre>{_e(json.dumps(st['metrics'], indent=1, default=str)[:20000])}"
-            "</pre></details>"]
-
-
-def _plot_artifacts(report: dict[str, Any], run_dir: Path | None) -> list[str]:
-    """PNG plot artifacts that stages wrote into the run directory, inlined."""
-    out = []
-    for st in report["stages"]:
-        for name, a in (st.get("artifacts") or {}).items():
-            if not isinstance(a, dict) or a.get("kind") != "plot" or run_dir is None:
-                continue
-            if name in DRAWN_INLINE.get(st["kind"], ()):  # already drawn in the stage's own section
-                continue
-            path = Path(run_dir) / str(a.get("path"))
-            if path.suffix.lower() == ".png" and path.is_file():
-                out.append(f"<h3>{_e(st['id'])}: {_e(name)}</h3><p>{_e(a.get('description'))}</p>"
-                           + _img(base64.b64encode(path.read_bytes()).decode("ascii"), name))
-            else:
-                out.append(f"<p class=\"skipped\">plot {_e(name)} not found at {_e(a.get('path'))}</p>")
-    return ["<h2>Plots from the run</h2>", *out] if out else []
-
-
-def _dict_table(rows: Any, cols: list[str] | None, table_id: str, limit: int = 1000) -> str:
-    if not isinstance(rows, list) or not rows:
-        return "<p>none</p>"
-    rows = [r for r in rows if isinstance(r, dict)]
+def _dict_table(rows: Any, cols: list[str] | None, table_id: str, limit: int = 1000) -> dict[str, Any]:
+    rows = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
     cols = cols or list(dict.fromkeys(k for r in rows for k in r))
-    body = [[_e(_cell(r.get(c))) for c in cols] for r in rows[:limit]]
-    more = f"<p>{len(rows) - limit} more rows in report.json</p>" if len(rows) > limit else ""
-    return f'<div class="scroll">{_table(cols, body, raw=True, table_id=table_id)}</div>{more}'
+    return {"id": table_id, "cols": cols, "rows": [[_cell(r.get(c)) for c in cols] for r in rows[:limit]],
+            "more": max(0, len(rows) - limit)}
+
+
+def _pairs(d: dict[str, Any]) -> list[list[str]]:
+    return [[k, _cell(v)] for k, v in d.items()]
 
 
 def _cell(v: Any) -> str:
@@ -269,22 +215,3 @@ def _cell(v: Any) -> str:
     if isinstance(v, dict):
         return json.dumps(v, default=str)
     return fmt.num(v)
-
-
-def _kv(d: dict[str, Any]) -> str:
-    return _table(["key", "value"], [[_e(k), _e(_cell(v))] for k, v in d.items()], raw=True)
-
-
-def _table(head: list[str], body: list[list[Any]], raw: bool = False, table_id: str | None = None) -> str:
-    hid = f' id="{table_id}"' if table_id else ""
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    trs = "".join("<tr>" + "".join(f"<td>{c if raw else _e(c)}</td>" for c in row) + "</tr>" for row in body)
-    return f"<table{hid}><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-
-
-def _img(b64: str, alt: str) -> str:
-    return f'<p><img alt="{_e(alt)}" src="data:image/png;base64,{b64}"></p>'
-
-
-def _e(v: Any) -> str:
-    return html.escape("" if v is None else str(v))

@@ -9,12 +9,14 @@ next to the number.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
-from pipeline.report import fmt
+from pipeline.report import fmt, report_format
 
 
-def render_junit(report: dict[str, Any]) -> str:
+@report_format("junit", "junit.xml")
+def render_junit(report: dict[str, Any], run_dir: Path | None = None) -> str:
     suite_name = f"fmap.{report.get('recipe_name') or 'run'}"
     suites = ET.Element("testsuites", name="fmap")
     suite = ET.SubElement(suites, "testsuite", name=suite_name)

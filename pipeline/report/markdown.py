@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
-from pipeline.report import fmt
+from pipeline.report import fmt, report_format
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+@report_format("md", "report.md")
+def render_markdown(report: dict[str, Any], run_dir: Path | None = None) -> str:
     s = report["summary"]
     state, text = fmt.verdict(report)
     verdict = {"pass": "✅ ", "fail": "❌ ", "none": "➖ "}[state] + text
@@ -16,40 +18,12 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"Status `{report['status']}` · exit code {report.get('exit_code')} · "
              f"fmap {report.get('fmap_version')} · {s['stages']} stages "
              f"({s['stages_skipped']} skipped, {s['stages_failed']} failed)", ""]
-    rows = report["artifacts"]
     machine = report.get("machine") or {}
     if machine.get("busy"):
         lines += [f"> ⚠️ **busy machine**: {busy_text(machine)}. Latencies and speedups below were measured "
                   "under load and may be biased.", ""]
-    if rows:
-        bs = rows[0]["batch_size"]
-        lines += [f"| artifact | backend | top-1 | agreement | p50 latency (batch {bs}) [95% CI] | "
-                  "speedup vs original [95% CI] | speedup vs same-runtime FP32 [95% CI] | size | gates |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            name = f"**{r['artifact']}**" if r["deployable"] else r["artifact"]
-            name += " (baseline)" if r["baseline"] else ""
-            lat = fmt.ms_ci(r["p50_ms"], r["p50_ci95_ms"]) if not r.get("error") else f"error: {r['error'][:60]}"
-            lat += " ⚠️busy" if r.get("busy") else ""
-            fp32 = (f"{fmt.ratio_ci(r['speedup_fp32'], r.get('speedup_fp32_ci95'))} vs {r.get('speedup_fp32_vs')}"
-                    if r.get("speedup_fp32") is not None else "n/a")
-            lines.append(f"| {name} | {r['backend']} | {fmt.pct(r['top1'])} | {fmt.pct(r['agreement'])} | {lat} | "
-                         f"{fmt.ratio_ci(r['speedup'], r['speedup_ci95'])} | {fp32} | {fmt.size(r['size_bytes'])} | "
-                         f"{fmt.STATUS_ICON[r['gate_status']]} |")
-        lines.append("")
-    else:
-        lines += ["_No verify measurements in this run._", ""]
-    for u in report["unavailable"]:
-        lines.append(f"- ⚠️ not measured: `{u.get('artifact') or 'all artifacts'}` on `{u.get('backend') or '-'}`: "
-                     f"{u.get('reason')}")
-    for st in report["stages"]:
-        if st["status"] == "skipped":
-            lines.append(f"- ⏭️ stage `{st['id']}` skipped: {st.get('skip_reason') or 'no reason given'}")
-        elif st["status"] == "failed":
-            lines.append(f"- 💥 stage `{st['id']}` failed: {st.get('error') or 'no error recorded'}")
-        elif st["status"] == "pending":
-            lines.append(f"- ⏸️ stage `{st['id']}` did not run (pending)")
-    lines.append("")
+    lines += _artifact_table(report["artifacts"])
+    lines += _not_measured(report)
     if report["gates"]:
         lines += ["<details><summary>Gates</summary>", "", "| gate | artifact | value | threshold | result | detail |",
                   "|---|---|---|---|---|---|"]
@@ -69,6 +43,40 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["<details><summary>Environment</summary>", "", "```json",
                   json.dumps(env, indent=1, default=str), "```", "", "</details>", ""]
     return "\n".join(lines)
+
+
+def _artifact_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The summary table: one row per artifact x backend, the deployable one in bold."""
+    if not rows:
+        return ["_No verify measurements in this run._", ""]
+    lines = [f"| artifact | backend | top-1 | agreement | p50 latency (batch {rows[0]['batch_size']}) [95% CI] | "
+             "speedup vs original [95% CI] | speedup vs same-runtime FP32 [95% CI] | size | gates |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r['artifact']}**" if r["deployable"] else r["artifact"]
+        name += " (baseline)" if r["baseline"] else ""
+        lat = fmt.ms_ci(r["p50_ms"], r["p50_ci95_ms"]) if not r.get("error") else f"error: {r['error'][:60]}"
+        lat += " ⚠️busy" if r.get("busy") else ""
+        fp32 = (f"{fmt.ratio_ci(r['speedup_fp32'], r.get('speedup_fp32_ci95'))} vs {r.get('speedup_fp32_vs')}"
+                if r.get("speedup_fp32") is not None else "n/a")
+        lines.append(f"| {name} | {r['backend']} | {fmt.pct(r['top1'])} | {fmt.pct(r['agreement'])} | {lat} | "
+                     f"{fmt.ratio_ci(r['speedup'], r['speedup_ci95'])} | {fp32} | {fmt.size(r['size_bytes'])} | "
+                     f"{fmt.STATUS_ICON[r['gate_status']]} |")
+    return lines + [""]
+
+
+def _not_measured(report: dict[str, Any]) -> list[str]:
+    """Pairs that could not run and stages that did not finish, each with its reason."""
+    lines = [f"- ⚠️ not measured: `{u.get('artifact') or 'all artifacts'}` on `{u.get('backend') or '-'}`: "
+             f"{u.get('reason')}" for u in report["unavailable"]]
+    for st in report["stages"]:
+        if st["status"] == "skipped":
+            lines.append(f"- ⏭️ stage `{st['id']}` skipped: {st.get('skip_reason') or 'no reason given'}")
+        elif st["status"] == "failed":
+            lines.append(f"- 💥 stage `{st['id']}` failed: {st.get('error') or 'no error recorded'}")
+        elif st["status"] == "pending":
+            lines.append(f"- ⏸️ stage `{st['id']}` did not run (pending)")
+    return lines + [""]
 
 
 def busy_text(machine: dict[str, Any]) -> str:

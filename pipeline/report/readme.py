@@ -17,7 +17,7 @@ START, END = "<!-- quickstart-summary:start -->", "<!-- quickstart-summary:end -
 
 def summary_block(run_dir: Path) -> str:
     from pipeline.report import load_manifest
-    from pipeline.report.json import build_report
+    from pipeline.report.document import build_report
     from pipeline.report.markdown import render_markdown
 
     report = build_report(load_manifest(run_dir))

@@ -1,8 +1,8 @@
 """Which stages a model can go through, checked before the first stage runs (and by `validate --build`).
 
-Prune edits torch modules (torch-pruning's dependency graph) and visualize hooks them (feature
-maps, Grad-CAM); a TorchScript, torch.export or ONNX graph has no such modules. Refusing up front
-beats failing after minutes of earlier stages.
+Prune edits torch modules (torch-pruning's dependency graph); a TorchScript, torch.export or ONNX
+graph has no such modules. Refusing up front beats failing after minutes of earlier stages.
+(Visualize works on graphs: feature maps from the ONNX graph's Conv outputs, no Grad-CAM.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pipeline.sources.registry import get_source, is_editable
 
 NEEDS_MODULES = {
     "prune": "prune edits the model's nn.Conv2d/nn.Linear modules with torch-pruning",
-    "visualize": "visualize hooks the model's layers for feature maps and Grad-CAM",
 }
 
 

@@ -33,6 +33,17 @@ class DataSplit:
     def first_batch(self, batch_size: int | None = None) -> Batch:
         return next(iter(self.batches(batch_size)))
 
+    def take(self, n: int | None, batch_size: int | None = None) -> Iterator[Batch]:
+        """The batches of the first `n` samples (the last one cut short); all of them for None."""
+        seen = 0
+        for x, y in self.batches(batch_size):
+            if n is not None:
+                if seen >= n:
+                    return
+                x, y = x[: n - seen], None if y is None else y[: n - seen]
+            seen += len(x)
+            yield x, y
+
 
 class TensorSplit(DataSplit):
     """A split held as tensors (builtin and .npz data, which are small by construction)."""

@@ -1,14 +1,12 @@
 """The registry of model sources: `prefix:rest` strings in a recipe's `model.source` -> nn.Module.
 
 Each source lives in its own `from_<prefix>.py` module and registers itself with `@model_source`;
-adding a source is adding one file. Modules import their heavy libraries (torch, onnx, timm) inside
+adding a source is adding one file (in this package, or a plug-in file: pipeline.plugins). Modules import their heavy libraries (torch, onnx, timm) inside
 the functions, so the registry loads fast enough for `fmap validate` and schema checks.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import BadInput
+from pipeline.registry import Registry
 
 # Shown in error messages in this order; sources not listed here follow alphabetically.
 _ORDER = ("torchvision", "builtin", "python", "timm", "onnx", "torchscript", "exported")
@@ -58,7 +57,8 @@ class ModelSource:
     kind: str = "torch module"
 
 
-SOURCES: dict[str, ModelSource] = {}
+SOURCES: Registry[ModelSource] = Registry("model source", "pipeline.sources",
+                                          include=lambda m: m.startswith("from_"), order=_ORDER)
 
 
 def model_source(prefix: str, syntax: str, *, check: Callable[[str], str | None] | None = None,
@@ -67,31 +67,14 @@ def model_source(prefix: str, syntax: str, *, check: Callable[[str], str | None]
     """Register the decorated `build(rest, kwargs, ctx) -> nn.Module` under `prefix`."""
 
     def wrap(build: Callable[..., Any]) -> Callable[..., Any]:
-        SOURCES[prefix] = ModelSource(prefix, syntax, build, check, input_shape, editable, kind)
+        SOURCES.add(prefix, ModelSource(prefix, syntax, build, check, input_shape, editable, kind))
         return build
 
     return wrap
 
 
-_loaded = False
-
-
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    import pipeline.sources as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("from_"):
-            importlib.import_module(f"pipeline.sources.{info.name}")
-    _loaded = True
-
-
 def all_sources() -> list[ModelSource]:
-    _load_all()
-    rank = {p: i for i, p in enumerate(_ORDER)}
-    return sorted(SOURCES.values(), key=lambda s: (rank.get(s.prefix, len(rank)), s.prefix))
+    return [source for _, source in SOURCES.items()]
 
 
 def expected_syntax() -> str:
@@ -101,11 +84,10 @@ def expected_syntax() -> str:
 
 def check_spec(spec: str) -> str | None:
     """A one-line problem with `spec` (no imports of heavy libraries), or None when it is well formed."""
-    _load_all()
     prefix, sep, rest = spec.partition(":")
-    source = SOURCES.get(prefix)
-    if not sep or source is None or not rest:
+    if not sep or prefix not in SOURCES or not rest:
         return expected_syntax()
+    source = SOURCES.get(prefix)
     return source.check(rest) if source.check is not None else None
 
 
@@ -115,12 +97,17 @@ def get_source(spec: str) -> tuple[ModelSource, str]:
     if problem:
         raise BadInput(f"model '{spec}': {problem}")
     prefix, _, rest = spec.partition(":")
-    return SOURCES[prefix], rest
+    return SOURCES.get(prefix), rest
 
 
 def is_editable(model: Any) -> bool:
-    """False for a graph fmap cannot hook or prune (set by the non-editable sources on the module)."""
-    return not getattr(model, "fmap_graph_only", False)
+    """False for a graph fmap cannot hook or prune (set by the non-editable sources on the module).
+    A TorchScript module counts as one by its type too: `copy.deepcopy` (the runner's original
+    model) drops Python attributes set on a ScriptModule."""
+    if getattr(model, "fmap_graph_only", False):
+        return False
+    torch = sys.modules.get("torch")
+    return not (torch is not None and isinstance(model, torch.jit.ScriptModule))
 
 
 # A bare path is read as the source its extension names: `fmap profile tiny.onnx`.

@@ -11,7 +11,7 @@ STAGES: dict[str, str] = {
     "prune": "pipeline.stages.prune:PruneStage",
     "export": "pipeline.stages.export:ExportStage",
     "quantize": "pipeline.stages.quantize:QuantizeStage",
-    "tensorrt": "pipeline.export.tensorrt:TensorRTStage",
+    "tensorrt": "pipeline.stages.tensorrt:TensorRTStage",
     "verify": "pipeline.stages.verify:VerifyStage",
     "visualize": "pipeline.stages.visualize:VisualizeStage",
 }

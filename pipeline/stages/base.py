@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from rich.console import Console
 
-    from pipeline.recipe import Recipe
+    from pipeline.recipe_models import ModelConfig
     from pipeline.sources.data import DataBundle
 
 
@@ -29,13 +29,15 @@ if TYPE_CHECKING:  # pragma: no cover
 class StageContext:
     """Everything a stage may use. Built by the runner; stages mutate only `model` and `artifacts`."""
 
-    recipe: Recipe
     run_dir: Path
     model: torch.nn.Module  # the current model; prune replaces it
     original_model: torch.nn.Module  # the FP32 model as loaded, never mutated: the reference
     example_input: torch.Tensor  # a batch of the recipe's input_shape
     data: DataBundle
     console: Console
+    # the recipe's model config: how a fresh process rebuilds the model (prune records it in its
+    # checkpoint, isolated timing rebuilds the original); None for a model given as an object
+    model_spec: ModelConfig | None = None
     threads: int = 2
     seed: int = 0
     results: dict[str, StageResult] = field(default_factory=dict)  # by stage id, in run order
@@ -64,6 +66,16 @@ class Stage(Generic[ConfigT]):
 
     def run(self, ctx: StageContext, cfg: ConfigT) -> StageResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def requires(self, cfg: ConfigT) -> tuple[str, ...]:
+        """Artifacts an earlier stage must produce: `fmap validate` checks the order from these, so a
+        recipe never reaches a stage that would have to make its own inputs."""
+        return ()
+
+    def produces(self, cfg: ConfigT) -> tuple[str, ...]:
+        """Artifacts `run` returns in its StageResult. The runner, and only the runner, records them
+        in the run (manifest and `ctx.artifacts`), and fails a stage that does not deliver them."""
+        return ()
 
     def restore(self, ctx: StageContext, cfg: ConfigT, result: StageResult) -> None:
         """Called instead of `run` when --resume skips this stage: rebuild what `run` left in ctx.

@@ -44,9 +44,10 @@ class ExportConfig(StageConfig):
 
 
 def check_inputs(ctx: StageContext, samples: int) -> Iterator[torch.Tensor]:
-    """Calibration batches when the recipe has them, else the example input."""
+    """Calibration batches when the recipe has them, else the example input (an empty calibration
+    split is quantize's error to report, not a reason for export to fail)."""
     split = ctx.data.calibration if ctx.data is not None else None
-    if split is None:
+    if split is None or len(split) == 0:
         yield ctx.example_input
         return
     seen = 0
@@ -100,14 +101,17 @@ class ExportStage(Stage[ExportConfig]):
     Config: ClassVar[type[StageConfig]] = ExportConfig
     description = "Export the current model to ONNX, check it against torch, optionally build TensorRT engines"
 
+    def produces(self, cfg: ExportConfig) -> tuple[str, ...]:
+        return (FP32_NAME,)
+
     def run(self, ctx: StageContext, cfg: ExportConfig) -> StageResult:
         art, metrics = export_fp32(ctx, cfg)
         result = StageResult(metrics={"onnx": metrics}, artifacts={FP32_NAME: art})
-        ctx.artifacts[FP32_NAME] = art  # quantize/tensorrt in this same run can pick it up
         if cfg.tensorrt is not None:
-            from pipeline.export.tensorrt import build_engines
+            from pipeline.export.tensorrt import build_engine_set
 
-            trt = build_engines(ctx, cfg.tensorrt, sources={FP32_NAME: art})
+            trt = build_engine_set(cfg.tensorrt, {**ctx.artifacts, FP32_NAME: art}, ctx.run_dir / "tensorrt",
+                                   tuple(ctx.example_input.shape), ctx.console)
             result.metrics.update(trt.metrics)
             result.artifacts.update(trt.artifacts)
         return result

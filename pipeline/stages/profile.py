@@ -26,8 +26,11 @@ class ProfileStage(Stage[ProfileConfig]):
     Config = ProfileConfig
     description = "Per-layer shapes, params, MACs, liveness peak memory and channel redundancy."
 
+    def produces(self, cfg: ProfileConfig) -> tuple[str, ...]:
+        return ("profile_json", "profile_md")
+
     def run(self, ctx: StageContext, cfg: ProfileConfig) -> StageResult:
-        from pipeline.profiling.summary import profile_model, to_markdown
+        from pipeline.profiling.model_profile import profile_model, to_markdown
         from pipeline.sources.registry import is_editable
 
         ctx.console.print("[bold]profile[/]: tracing shapes and activation memory")

@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from pipeline.errors import BadInput, StageFailed
 from pipeline.pruning.augment import AugmentConfig
+from pipeline.pruning.importance import NEEDS_STATS, CriterionName
 from pipeline.stages.base import Artifact, Stage, StageConfig, StageContext, StageResult
 
 Target = Literal["ratio", "macs", "params", "peak_memory"]
@@ -63,7 +64,7 @@ class PruneConfig(StageConfig):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    criterion: Literal["activation", "apoz", "l1", "l2", "taylor", "bn_scale"] = "activation"
+    criterion: CriterionName = "activation"  # a registered criterion (pipeline.pruning.importance)
     target: Target = "macs"
     amount: float = Field(0.5, gt=0, lt=1)
     global_pruning: bool = Field(False, alias="global")
@@ -109,6 +110,9 @@ class PruneStage(Stage[PruneConfig]):
     Config = PruneConfig
     description = "structured channel pruning (torch-pruning DepGraph) to a MACs/params/memory target"
 
+    def produces(self, cfg: PruneConfig) -> tuple[str, ...]:
+        return ("pruned_checkpoint",)
+
     def run(self, ctx: StageContext, cfg: PruneConfig) -> StageResult:
         from pipeline.pruning.checkpoint import save_checkpoint
         from pipeline.pruning.finetune import accuracy
@@ -151,7 +155,7 @@ class PruneStage(Stage[PruneConfig]):
             "allocation_comparison": rounds[0]["allocation_comparison"], "stats_source": rounds[0]["stats_source"],
         }
         history = {k: metrics[k] for k in ("criterion", "target", "amount", "ratio", "before", "after")}
-        base = ctx.recipe.model.model_dump() if ctx.recipe is not None else {}
+        base = ctx.model_spec.model_dump() if ctx.model_spec is not None else {}
         ckpt = save_checkpoint(ctx.path("pruned.pt"), pruned, base_source=base, history=history)
         plot = plot_channels(layers, ctx.path("prune_channels.png"))
         ctx.model = pruned
@@ -197,7 +201,7 @@ def _prune_model(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, am
     ignored = resolve_ignored(model, cfg.ignore)
     protect = default_protection(model, example, ignored)
     stats, stats_source = ((_channel_stats(ctx, model) if first else _fresh_stats(ctx, model))
-                           if cfg.criterion in ("activation", "apoz") else (None, None))
+                           if cfg.criterion in NEEDS_STATS else (None, None))
     grads = None
     if cfg.criterion == "taylor":
         cal = ctx.data.require("calibration", "prune")
@@ -399,6 +403,7 @@ def _reestimate_bn(ctx: StageContext, pruned: torch.nn.Module, max_batches: int 
 
 def _finetune(ctx: StageContext, f: FinetuneConfig, teacher: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
     """Fine-tune on data.train with a held-out part of it (or data.calibration) for model selection."""
+    from pipeline.pruning import distributed
     from pipeline.pruning.finetune import FinetuneSettings, finetune
     from pipeline.pruning.validation import Reference, split_holdout
 
@@ -425,7 +430,8 @@ def _finetune(ctx: StageContext, f: FinetuneConfig, teacher: torch.nn.Module, pr
         warmup=f.warmup, distill=f.distill, temperature=f.temperature, alpha=f.alpha, patience=f.patience,
         eval_every=f.eval_every, augment=f.augment, feature_layers=tuple(f.feature_layers),
         feature_weight=f.feature_weight, seed=ctx.seed, freeze_bn=f.freeze_bn)
-    return finetune(pruned, teacher, train, ref, settings, console=ctx.console)
+    # data-parallel under `fmap run --nproc N` / torchrun, else a plain call (pruning/distributed.py)
+    return distributed.train(finetune, pruned, teacher, train, ref, settings, console=ctx.console)
 
 
 def _check_forward(original: torch.nn.Module, pruned: torch.nn.Module, example: torch.Tensor) -> None:

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import BadInput
+from pipeline.quantization.qat import QatConfig
 from pipeline.quantization.targets import Target
 from pipeline.stages.base import Artifact, Stage, StageConfig, StageContext, StageResult
-from pipeline.stages.export import FP32_NAME, ExportConfig, export_fp32
-
-Backend = Literal["onnxruntime", "openvino"]
+from pipeline.stages.export import FP32_NAME
 
 
 class FallbackConfig(StageConfig):
@@ -31,6 +30,10 @@ class FallbackConfig(StageConfig):
 
 class QuantizeConfig(StageConfig):
     mode: Literal["static", "dynamic", "fp16"] = "static"
+    # ptq: post-training (calibrate, round); qat: then fine-tune the torch model through the same
+    # rounding by distillation on unlabelled images (quantization/qat.py; budget in `qat`)
+    method: Literal["ptq", "qat"] = "ptq"
+    qat: QatConfig = QatConfig()
     # the CPU/runtime the artifact is for; auto = this machine. x86-avx2 = safe on every x86-64 CPU
     target: Target = "auto"
     # nearest, or gptq: error-compensating rounding from calibration data (gptq.py), static mode only
@@ -48,10 +51,37 @@ class QuantizeConfig(StageConfig):
     exclude: list[str] = Field(default_factory=list)  # ONNX node names or torch module paths kept float
     # layer families kept float from the start (with their fused activation and consumers)
     keep_float: list[Literal["first_conv", "last_conv", "classifier", "depthwise"]] = Field(default_factory=list)
-    backends: list[Backend] = Field(default_factory=lambda: ["onnxruntime", "openvino"])
+    backends: list[str] = Field(default_factory=lambda: ["onnxruntime", "openvino"])  # any registered backend
     eval_samples: int = Field(256, gt=0)
     debug_samples: int = Field(8, gt=0)  # samples for the per-tensor error analysis (holds activations)
     latency_iterations: int = Field(20, ge=1)
+
+    @field_validator("backends")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        """Built-in or plug-in backends (pipeline.backends registry) time the stage's own files."""
+        from pipeline.backends import backend_names
+
+        names = backend_names()
+        unknown = [b for b in v if b not in names]
+        if unknown:
+            raise ValueError(f"unknown backend '{unknown[0]}' (expected {' | '.join(repr(n) for n in names)})")
+        return v
+
+    @model_validator(mode="after")
+    def _qat_combines(self) -> QuantizeConfig:
+        """QAT learns the weights the file rounds: it needs static mode, and the PTQ-only weight
+        transforms (equalization rescales them, GPTQ re-rounds them) would be undone or fought."""
+        if self.method == "qat":
+            if self.mode != "static":
+                raise ValueError("method: qat needs mode: static")
+            if self.equalization:
+                raise ValueError("method: qat does not combine with equalization: true (QAT trains the weights "
+                                 "equalization would rescale); set equalization: false")
+            if self.weight_rounding == "gptq":
+                raise ValueError("method: qat does not combine with weight_rounding: gptq (QAT trains weights for "
+                                 "nearest rounding); set weight_rounding: nearest")
+        return self
 
     @model_validator(mode="after")
     def _fallback_can_be_judged(self) -> QuantizeConfig:
@@ -71,20 +101,22 @@ class QuantizeStage(Stage[QuantizeConfig]):
     Config: ClassVar[type[StageConfig]] = QuantizeConfig
     description = "Quantize the ONNX model (static QDQ INT8, dynamic INT8 or FP16) with accuracy-aware fallback"
 
+    def requires(self, cfg: QuantizeConfig) -> tuple[str, ...]:
+        return (FP32_NAME,)
+
+    def produces(self, cfg: QuantizeConfig) -> tuple[str, ...]:
+        return ("onnx_fp16",) if cfg.mode == "fp16" else ("onnx_int8",)
+
     def run(self, ctx: StageContext, cfg: QuantizeConfig) -> StageResult:
         result = StageResult(metrics={"mode": cfg.mode, "calibration": cfg.calibration if cfg.mode == "static" else None})
         if cfg.mode == "static" and len(ctx.data.require("calibration", "quantize")) == 0:
             raise BadInput("data.calibration: the split is empty; static INT8 needs calibration samples")
         fp32 = ctx.artifacts.get(FP32_NAME)
-        if fp32 is not None:
-            from pipeline.export.onnx import load_onnx
+        if fp32 is None:  # validate refuses such recipes; this guards direct calls
+            raise BadInput(f"quantize needs the {FP32_NAME} artifact: put an export stage before it")
+        from pipeline.export.onnx import load_onnx
 
-            load_onnx(fp32.path)  # a missing or corrupt file is BadInput naming the path
-        else:
-            fp32, export_metrics = export_fp32(ctx, ExportConfig())
-            ctx.artifacts[FP32_NAME] = fp32
-            result.artifacts[FP32_NAME] = fp32
-            result.metrics["export"] = export_metrics
+        load_onnx(fp32.path)  # a missing or corrupt file is BadInput naming the path
         fp32_path = Path(fp32.path)
         work = ctx.path("quantize/.keep").parent
         if cfg.mode == "fp16":
@@ -94,7 +126,6 @@ class QuantizeStage(Stage[QuantizeConfig]):
         else:
             name, art = "onnx_int8", self._static(ctx, cfg, fp32_path, work, result.metrics)
         result.artifacts[name] = art
-        ctx.artifacts[name] = art
         if cfg.mode != "static":
             result.metrics["fallback"] = {"steps": [], "float_layers": [], "note": "fallback applies to mode: static"}
             result.metrics["layer_errors"] = []
@@ -119,86 +150,55 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
     def _static(self, ctx: StageContext, cfg: QuantizeConfig, fp32_path: Path, work: Path,
                 metrics: dict[str, Any]) -> Artifact:
+        """The pass chain (pipeline.quantization.passes), then the chosen file and what it means."""
         from pipeline.backends import onnxruntime as ort_backend
         from pipeline.export.onnx import INPUT_NAME
         from pipeline.quantization import saturation
         from pipeline.quantization.calibration import StreamingReader
-        from pipeline.quantization.debug import nodes_to_keep_float, tensor_errors
+        from pipeline.quantization.debug import tensor_errors
         from pipeline.quantization.evaluate import score
-        from pipeline.quantization.fallback import run_fallback
+        from pipeline.quantization.passes import QuantState, run_chain
 
         calib = ctx.data.require("calibration", "quantize")
-        target = _target_plan(cfg)
-        reader = StreamingReader(calib, INPUT_NAME, cfg.samples, uniform=cfg.calibration in ("entropy", "percentile"))
-        prep, exclude = self._prepare(ctx, cfg, fp32_path, work, reader, metrics)
-        with ctx.console.status(f"activation ranges per channel ({reader.samples_available()} samples)"):
-            ranges = saturation.activation_ranges(prep, reader)
-        quantize = _Quantizer(ctx, cfg, prep, work, reader, ranges, fix=target["overflow_fix"])
         eval_split = ctx.data.eval or calib
-        reference = ort_backend.load(fp32_path, threads=ctx.threads)
+        with ort_backend.load(fp32_path, threads=ctx.threads) as reference:
 
-        def evaluate(path: Path) -> dict[str, Any]:
-            sess = ort_backend.load(path, threads=ctx.threads)
+            def evaluate(path: Path) -> dict[str, Any]:
+                with ort_backend.load(path, threads=ctx.threads) as sess:
+                    return score(sess, reference, eval_split, cfg.eval_samples)
+
+            state = QuantState(
+                cfg=cfg, fp32=fp32_path, work=work, console=ctx.console, evaluate=evaluate, metrics=metrics,
+                reader=StreamingReader(calib, INPUT_NAME, cfg.samples,
+                                       uniform=cfg.calibration in ("entropy", "percentile")),
+                debug_reader=StreamingReader(calib, INPUT_NAME, cfg.debug_samples, batch_size=cfg.debug_samples),
+                model=ctx.model if cfg.method == "qat" else None, train=ctx.data.train or calib, seed=ctx.seed)
             try:
-                return score(sess, reference, eval_split, cfg.eval_samples)
+                run_chain(state)
             finally:
-                sess.close()
-
-        debug_reader = StreamingReader(calib, INPUT_NAME, cfg.debug_samples, batch_size=cfg.debug_samples)
-        fb = cfg.fallback
-        try:
-            first = quantize(exclude, "0")
-            outcome = run_fallback(
-                expand=lambda layer: nodes_to_keep_float(layer, prep), first=first, first_scores=evaluate(first),
-                quantize=quantize, evaluate=evaluate, meets=lambda s: _meets(s, fb),
-                errors=lambda p: tensor_errors(prep, p, debug_reader), base_exclude=exclude,
-                max_float_layers=fb.max_float_layers, max_steps=fb.max_steps, candidates=fb.candidates)
-        finally:
-            reference.close()
-            quantize.cache.unlink(missing_ok=True)  # the calibration cache serves this stage run only
+                if state.emitter is not None:
+                    state.emitter.cache.unlink(missing_ok=True)  # the calibration cache serves this stage run only
+        outcome, emitter = state.outcome, state.emitter
+        assert state.prep is not None and outcome is not None
         final = ctx.path("model_int8.onnx")
         with atomic_path(final) as tmp:
             shutil.copyfile(outcome.path, tmp)
+        fb = cfg.fallback
         metrics["fallback"] = {"target": fb.model_dump(), "met": outcome.met, "steps": outcome.steps,
                                "chosen_step": outcome.chosen_step,
                                "float_layers": outcome.float_layers, "excluded_nodes": outcome.excluded_nodes}
-        metrics["layer_errors"] = [t.to_dict() for t in tensor_errors(prep, final, debug_reader)[:10]]
-        if quantize.range_search is not None:
-            metrics["range_search"] = quantize.range_search
-        if quantize.gptq is not None:
-            metrics["gptq"] = quantize.gptq
-        metrics["target"] = _report_target(ctx, target, saturation.check(final, ranges), quantize.seven_bit,
-                                           quantize.widened.get(outcome.path, {}))
+        metrics["layer_errors"] = [t.to_dict() for t in tensor_errors(state.prep, final, state.debug_reader)[:10]]
+        if emitter.range_search is not None:
+            metrics["range_search"] = emitter.range_search
+        if emitter.gptq is not None:
+            metrics["gptq"] = emitter.gptq
+        metrics["target"] = _report_target(ctx, _target_plan(cfg), saturation.check(final, state.ranges),
+                                           emitter.seven_bit, emitter.widened.get(outcome.path, {}))
         if not outcome.met:
             ctx.console.print(f"[yellow]quantize: fallback target not met after {len(outcome.steps) - 1} steps; "
                               f"keeping step {outcome.chosen_step} ({len(outcome.float_layers)} layers in float)[/]")
-        return Artifact(final, "onnx", "int8", f"static QDQ INT8 ({cfg.calibration}, "
+        return Artifact(final, "onnx", "int8", f"static QDQ INT8 ({'QAT, ' if cfg.method == 'qat' else ''}{cfg.calibration}, "
                         f"{'per-channel' if cfg.per_channel else 'per-tensor'}), {len(outcome.excluded_nodes)} nodes float")
-
-    def _prepare(self, ctx: StageContext, cfg: QuantizeConfig, fp32_path: Path, work: Path, reader: Any,
-                 metrics: dict[str, Any]) -> tuple[Path, list[str]]:
-        """Pre-process, the optional float-model passes, and the nodes kept float from the start."""
-        from pipeline.quantization import ort_quant
-
-        prep = ort_quant.preprocess(fp32_path, work / "prep.onnx")
-        if cfg.equalization:
-            from pipeline.quantization.equalization import equalize
-
-            prep, pairs = equalize(prep, work / "prep_cle.onnx", relu6=cfg.equalization_relu6, reader=reader)
-            metrics["equalized_pairs"] = pairs
-        if cfg.bias_correction:
-            from pipeline.quantization.bias_correction import correct_biases
-
-            prep, corrected = correct_biases(prep, work / "prep_bc.onnx", reader, cfg.per_channel)
-            metrics["bias_corrected_layers"] = corrected
-        exclude = ort_quant.resolve_exclude(cfg.exclude, ort_quant.node_names(prep))
-        if cfg.keep_float:
-            from pipeline.quantization.debug import nodes_to_keep_float
-
-            kept = ort_quant.keep_float_layers(prep, list(cfg.keep_float))
-            exclude = list(dict.fromkeys(exclude + [n for k in kept for n in nodes_to_keep_float(k, prep)]))
-            metrics["keep_float_layers"] = len(kept)
-        return prep, exclude
 
     # -- measurements ------------------------------------------------------------------------
     def _measure(self, ctx: StageContext, cfg: QuantizeConfig, fp32_path: Path, made: dict[str, Artifact],
@@ -208,103 +208,24 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
         split = ctx.data.eval or ctx.data.calibration
         x1 = np.ascontiguousarray(ctx.example_input[:1].detach().cpu().numpy(), dtype=np.float32)
-        reference = ort_backend.load(fp32_path, threads=ctx.threads)
         entries: dict[str, Any] = {}
-        try:
+        with ort_backend.load(fp32_path, threads=ctx.threads) as reference:
             for name, art in {"fp32": Artifact(fp32_path, "onnx", "fp32"), **made}.items():
                 entry: dict[str, Any] = {"path": str(art.path), "size_bytes": Path(art.path).stat().st_size}
                 if split is not None:
-                    sess = ort_backend.load(art.path, threads=ctx.threads)
-                    try:
+                    with ort_backend.load(art.path, threads=ctx.threads) as sess:
                         s = score(sess, reference, split, cfg.eval_samples)
-                    finally:
-                        sess.close()
                     entry.update(accuracy=s["accuracy"], agreement=s["agreement"], max_abs_err=s["max_abs_err"],
-                                 eval_samples=s["samples"])
+                                 sqnr_db=s["sqnr_db"], eval_samples=s["samples"])
                 entry["latency_ms"], entry["backends"] = backend_latencies(
                     art.path, art.precision or "fp32", x1, list(cfg.backends), ctx.threads, cfg.latency_iterations)
                 entries[name] = entry
-        finally:
-            reference.close()
         metrics["fp32"] = entries.pop("fp32")
         metrics["artifacts"] = entries
         for name, e in entries.items():
             lat = ", ".join(f"{b} {v:.2f} ms" for b, v in e["latency_ms"].items() if v is not None)
             agree = e.get("agreement")
             ctx.console.print(f"{name}: agreement {agree:.3f}, {lat}" if agree is not None else f"{name}: {lat}")
-
-
-def _meets(scores: dict[str, Any], fb: FallbackConfig) -> bool:
-    """Target check. Without labels a max_accuracy_drop is read as a minimum agreement of 1 - drop."""
-    ok = True
-    if fb.max_accuracy_drop is not None:
-        if scores.get("accuracy") is not None and scores.get("reference_accuracy") is not None:
-            ok &= scores["reference_accuracy"] - scores["accuracy"] <= fb.max_accuracy_drop + 1e-12
-        else:
-            ok &= (scores.get("agreement") or 0.0) >= 1 - fb.max_accuracy_drop
-    if fb.min_agreement is not None:
-        ok &= (scores.get("agreement") or 0.0) >= fb.min_agreement
-    return bool(ok)
-
-
-class _Quantizer:
-    """`quantize(exclude, tag)` for the fallback: calibrates once (a cache file), and on targets whose
-    kernels saturate int16 pairs widens the weight scales of the channels at risk (overflow_fix),
-    so the artifact computes the same on every x86 CPU. Should widening not converge, those layers
-    get 7-bit weights, which are safe by construction."""
-
-    def __init__(self, ctx: StageContext, cfg: QuantizeConfig, prep: Path, work: Path, reader: Any,
-                 ranges: dict[str, Any], fix: bool) -> None:
-        import os
-
-        self.ctx, self.cfg, self.prep, self.work, self.reader, self.ranges, self.fix = (
-            ctx, cfg, prep, work, reader, ranges, fix)
-        self.cache = work / f".calibration.{os.getpid()}.json"
-        self.cache.unlink(missing_ok=True)
-        self.seven_bit: dict[str, int] = {}  # float weight name -> channel axis
-        self.widened: dict[Path, dict[str, Any]] = {}  # artifact -> {layer: channels widened}
-        self.range_search: dict[str, Any] | None = None  # calibration: mse, what the search changed
-        self.gptq: dict[str, Any] | None = None  # weight_rounding: gptq, output MSE per layer
-        self._rounding_cache: dict[str, Any] = {}
-
-    def __call__(self, nodes: list[str], tag: str) -> Path:
-        from pipeline.quantization.overflow_fix import widen_scales
-
-        path = self.work / f"int8_step{tag}.onnx"
-        self._quantize(nodes, path)
-        if self.cfg.weight_rounding == "gptq":
-            from pipeline.quantization import gptq
-
-            with self.ctx.console.status("error-compensating weight rounding (GPTQ)"):
-                self.gptq = gptq.apply(path, self.prep, self.reader, self._rounding_cache,
-                                       reference="nearest" if self.cfg.bias_correction else "float")
-        if self.fix:
-            self.widened[path], risky = widen_scales(path, self.prep, self.ranges)
-            if risky:  # widening did not converge: 7-bit weights are safe by construction
-                self.seven_bit.update({r.weight: r.weight_axis for r in risky})
-                self._quantize(nodes, path)
-        return path
-
-    def _quantize(self, nodes: list[str], path: Path) -> None:
-        from contextlib import nullcontext
-
-        from pipeline.quantization import ort_quant
-
-        cfg = self.cfg
-        first = not self.cache.exists()
-        status = (self.ctx.console.status(f"calibrating ({cfg.calibration}, {self.reader.samples_available()} samples)")
-                  if first else nullcontext())
-        with status:
-            self.reader.rewind()
-            ort_quant.quantize_static_qdq(
-                self.prep, path, self.reader, calibration="minmax" if cfg.calibration == "mse" else cfg.calibration,
-                per_channel=cfg.per_channel, exclude=nodes, activation_type=cfg.activation_type,
-                seven_bit_weights=dict(self.seven_bit), calibration_cache=self.cache)
-            if first and cfg.calibration == "mse":  # min-max wrote the cache: search ranges, then re-quantize
-                from pipeline.quantization.range_search import refine_cache
-
-                self.range_search = refine_cache(self.cache, self.prep, self.reader)
-                self._quantize(nodes, path)
 
 
 def _target_plan(cfg: QuantizeConfig) -> dict[str, Any]:

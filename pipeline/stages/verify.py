@@ -7,25 +7,29 @@ with its reason, and a gate on something unmeasured fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from pipeline.backends import BACKENDS, LOADS, available, get_backend
+from pipeline.backends import available, backend_names, get_backend, loads
 from pipeline.backends.base import BackendUnavailable
+from pipeline.backends.torch import torch_threads
 from pipeline.errors import BadInput, StageFailed
+from pipeline.plugins import loaded_plugins
+from pipeline.contracts import run_relative
 from pipeline.stages.base import Stage, StageConfig, StageContext, StageResult
 from pipeline.verify.accuracy import AccuracyAccumulator
 from pipeline.verify.gates import GatesConfig, evaluate_gates, gate_targets
 from pipeline.verify.latency import RssProbe, measure, speedup_ci, summarize
 from pipeline.verify.machine import conditions, cpu_info, load_average
 from pipeline.verify.threads import thread_env
-
-BackendName = Literal["torch", "onnxruntime", "openvino", "tensorrt"]
+from pipeline.visualize.compare import same_weights
 
 
 class LatencyConfig(StageConfig):
@@ -45,11 +49,21 @@ class LatencyConfig(StageConfig):
 
 
 class VerifyConfig(StageConfig):
-    backends: list[BackendName] = Field(default_factory=lambda: ["torch", "onnxruntime"], min_length=1)
+    backends: list[str] = Field(default_factory=lambda: ["torch", "onnxruntime"], min_length=1)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     baseline: Literal["original"] = "original"
     eval_samples: int | None = Field(default=None, gt=0)  # cap on eval samples (None: the whole split)
+
+    @field_validator("backends")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        """Any registered backend (built-in or plug-in) is accepted; the message names them."""
+        names = backend_names()
+        unknown = [b for b in v if b not in names]
+        if unknown:
+            raise ValueError(f"unknown backend '{unknown[0]}' (expected {' | '.join(repr(n) for n in names)})")
+        return v
 
 
 @dataclass
@@ -80,81 +94,30 @@ class VerifyStage(Stage[VerifyConfig]):
 
     def run(self, ctx: StageContext, cfg: VerifyConfig) -> StageResult:
         threads = cfg.latency.threads or ctx.threads
-        prev_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return self._run(ctx, cfg, threads)
-        finally:
-            torch.set_num_threads(prev_threads)
+        # sessions set torch's thread count only inside their calls; holding it at `threads` for the
+        # stage keeps timing loops from switching it back and forth, and restores it on the way out
+        with torch_threads(threads):
+            return self._verify(ctx, cfg, threads)
 
-    def _run(self, ctx: StageContext, cfg: VerifyConfig, threads: int) -> StageResult:
+    def _verify(self, ctx: StageContext, cfg: VerifyConfig, threads: int) -> StageResult:
         split = ctx.data.eval or ctx.data.calibration
         if (cfg.gates.max_accuracy_drop is not None) and (split is None or not split.has_labels):
             raise BadInput("verify.gates.max_accuracy_drop needs labelled data.eval in the recipe "
                            "(use gates.min_agreement for unlabelled data)")
-        unavailable: list[dict[str, Any]] = []
-        usable: list[str] = []
-        for b in dict.fromkeys(["torch", *cfg.backends]):
-            reason = available(b)
-            if reason:
-                unavailable.append({"artifact": None, "backend": b, "reason": reason})
-            elif b in cfg.backends or b == "torch":
-                usable.append(b)
-
+        unavailable, usable = _probe_backends(cfg)
         cands = _candidates(ctx)
-        runs: list[_Run] = []
-        example = _batch(ctx, split, 1)
-        try:
-            for cand in cands:
-                backends = ["torch"] if cand.name == cfg.baseline else [
-                    b for b in cfg.backends if cand.kind in LOADS[b]]
-                if not backends:
-                    unavailable.append({"artifact": cand.name, "backend": None, "reason":
-                                        f"no requested backend loads {cand.kind} artifacts "
-                                        f"(requested: {', '.join(cfg.backends)})"})
-                for b in backends:
-                    if b not in usable:
-                        if not any(u["backend"] == b and u["artifact"] is None for u in unavailable):
-                            unavailable.append({"artifact": cand.name, "backend": b, "reason": "backend unavailable"})
-                        continue
-                    run = _load(cand, b, threads, example, unavailable, ctx.original_model)
-                    if run is not None:
-                        runs.append(run)
-                        ctx.console.print(f"verify: loaded {cand.name} on {b}")
+        with contextlib.ExitStack() as sessions:  # every loaded session closes, last opened first
+            runs = _load_all(ctx, cfg, cands, usable, threads, _batch(ctx, split, 1), unavailable, sessions)
             base = next(r for r in runs if r.cand.name == cfg.baseline and r.backend == "torch")
             with ctx.console.status(f"verify: accuracy and agreement, {len(runs)} sessions on "
                                     f"{len(split) if split is not None else 1} samples"):
                 accuracy = _accuracy(ctx, cfg, split, base, runs)
             latency, speedup, speedup_fp32, speedup_vs, machine = _latency(ctx, cfg, split, base, runs)
-        finally:
-            for r in runs:
-                try:
-                    r.session.close()
-                except Exception:  # closing must not mask the real outcome
-                    pass
-
-        results = []
-        for r in runs:
-            key = (r.cand.name, r.backend)
-            results.append({
-                "artifact": r.cand.name, "backend": r.backend, "kind": r.cand.kind,
-                "precision": r.cand.precision, "path": r.cand.path, "size_bytes": r.cand.size_bytes,
-                "size_method": r.cand.size_method, "accuracy": accuracy[key], "latency": latency[key],
-                "speedup": speedup[key], "speedup_fp32": speedup_fp32[key], "speedup_vs": speedup_vs[key],
-                "memory": r.memory, "session": r.description,
-                "baseline": r.cand.name == cfg.baseline and r.backend == "torch",
-            })
+        results = [_result_row(r, cfg, accuracy, latency, speedup, speedup_fp32, speedup_vs) for r in runs]
         deployable = _deployable(ctx, cands)
-        measured = [r["artifact"] for r in results]
-        not_run = {u["artifact"]: u["reason"] for u in unavailable if u["artifact"]}
-        for u in unavailable:
-            if u["artifact"] is None:
-                for c in cands:
-                    if u["backend"] in cfg.backends and c.kind in LOADS.get(u["backend"], ()):
-                        not_run.setdefault(c.name, f"{u['backend']}: {u['reason']}")
-        targets = gate_targets(cfg.gates, deployable, measured, cfg.baseline)
-        gates = evaluate_gates(cfg.gates, results, targets, cfg.baseline,
-                               batch_size=cfg.latency.batch_sizes[0], unmeasured=not_run)
+        targets = gate_targets(cfg.gates, deployable, [r["artifact"] for r in results], cfg.baseline)
+        gates = evaluate_gates(cfg.gates, results, targets, cfg.baseline, batch_size=cfg.latency.batch_sizes[0],
+                               unmeasured=_not_run(cfg, cands, unavailable))
         metrics = {
             "baseline": cfg.baseline, "deployable": deployable, "gate_targets": targets,
             "gate_batch_size": cfg.latency.batch_sizes[0], "threads": threads,
@@ -169,24 +132,87 @@ class VerifyStage(Stage[VerifyConfig]):
         return StageResult(metrics=metrics, gates=gates)
 
 
+def _probe_backends(cfg: VerifyConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """(backends that cannot run here, with reasons; those that can). torch always: the baseline."""
+    unavailable: list[dict[str, Any]] = []
+    usable: list[str] = []
+    for b in dict.fromkeys(["torch", *cfg.backends]):
+        reason = available(b)
+        if reason:
+            unavailable.append({"artifact": None, "backend": b, "reason": reason})
+        elif b in cfg.backends or b == "torch":
+            usable.append(b)
+    return unavailable, usable
+
+
+def _load_all(ctx: StageContext, cfg: VerifyConfig, cands: list[_Candidate], usable: list[str], threads: int,
+              example: np.ndarray, unavailable: list[dict[str, Any]], sessions: contextlib.ExitStack) -> list[_Run]:
+    """Load every candidate on every requested backend that loads its kind; `sessions` closes them."""
+    runs: list[_Run] = []
+    for cand in cands:
+        backends = ["torch"] if cand.name == cfg.baseline else [b for b in cfg.backends if cand.kind in loads(b)]
+        if not backends:
+            unavailable.append({"artifact": cand.name, "backend": None, "reason":
+                                f"no requested backend loads {cand.kind} artifacts "
+                                f"(requested: {', '.join(cfg.backends)})"})
+        for b in backends:
+            if b not in usable:
+                if not any(u["backend"] == b and u["artifact"] is None for u in unavailable):
+                    unavailable.append({"artifact": cand.name, "backend": b, "reason": "backend unavailable"})
+                continue
+            run = _load(cand, b, threads, example, unavailable, ctx.original_model)
+            if run is not None:
+                sessions.enter_context(run.session)
+                runs.append(run)
+                ctx.console.print(f"verify: loaded {cand.name} on {b}")
+    return runs
+
+
+Measured = dict[tuple[str, str], dict[str, Any]]  # by (artifact, backend)
+
+
+def _result_row(r: _Run, cfg: VerifyConfig, accuracy: Measured, latency: Measured, speedup: Measured,
+                speedup_fp32: Measured, speedup_vs: Measured) -> dict[str, Any]:
+    key = (r.cand.name, r.backend)
+    return {
+        "artifact": r.cand.name, "backend": r.backend, "kind": r.cand.kind,
+        "precision": r.cand.precision, "path": r.cand.path, "size_bytes": r.cand.size_bytes,
+        "size_method": r.cand.size_method, "accuracy": accuracy[key], "latency": latency[key],
+        "speedup": speedup[key], "speedup_fp32": speedup_fp32[key], "speedup_vs": speedup_vs[key],
+        "memory": r.memory, "session": r.description,
+        "baseline": r.cand.name == cfg.baseline and r.backend == "torch",
+    }
+
+
+def _not_run(cfg: VerifyConfig, cands: list[_Candidate], unavailable: list[dict[str, Any]]) -> dict[str, str]:
+    """Artifact -> why it was not measured (gates on it fail as unmeasured, with this reason)."""
+    not_run = {u["artifact"]: u["reason"] for u in unavailable if u["artifact"]}
+    for u in unavailable:
+        if u["artifact"] is None:
+            for c in cands:
+                if u["backend"] in cfg.backends and c.kind in loads(u["backend"]):
+                    not_run.setdefault(c.name, f"{u['backend']}: {u['reason']}")
+    return not_run
+
+
 def _candidates(ctx: StageContext) -> list[_Candidate]:
     """original, the current model if it differs (pruned), then every model artifact in run order."""
     out = [_Candidate("original", "torch", "fp32", ctx.original_model, None,
                       _state_bytes(ctx.original_model), "state_dict")]
     torch_arts = [(n, a) for n, a in ctx.model_artifacts().items() if a.kind == "torch"]
-    current_differs = not _same_weights(ctx.model, ctx.original_model)
+    current_differs = ctx.model is not ctx.original_model and not same_weights(ctx.model, ctx.original_model)
     if current_differs:
         if torch_arts:  # the last torch artifact is the checkpoint of the current model
             name, art = torch_arts.pop()
             out.append(_Candidate(name, "torch", art.precision or "fp32", ctx.model,
-                                  _rel(ctx, art.path), _file_bytes(art.path), "file"))
+                                  run_relative(art.path, ctx.run_dir), _file_bytes(art.path), "file"))
         else:
             out.append(_Candidate("pruned", "torch", "fp32", ctx.model, None, _state_bytes(ctx.model), "state_dict"))
     done = {c.name for c in out}
     for name, art in ctx.model_artifacts().items():
         if name in done:
             continue
-        out.append(_Candidate(name, art.kind, art.precision, art.path, _rel(ctx, art.path),
+        out.append(_Candidate(name, art.kind, art.precision, art.path, run_relative(art.path, ctx.run_dir),
                               _file_bytes(art.path), "file"))
     return out
 
@@ -199,10 +225,9 @@ def _deployable(ctx: StageContext, cands: list[_Candidate]) -> str:
 def _load(cand: _Candidate, backend: str, threads: int, example: np.ndarray,
           unavailable: list[dict[str, Any]], base_model: torch.nn.Module) -> _Run | None:
     module = get_backend(backend)
-    opts = {"base_model": base_model} if backend == "torch" else {}
     try:
-        with RssProbe() as probe:
-            session = module.load(cand.source, threads=threads, precision_hint=cand.precision, **opts)
+        with RssProbe() as probe:  # base_model: what a torch checkpoint applies to; others ignore it
+            session = module.load(cand.source, threads=threads, precision_hint=cand.precision, base_model=base_model)
             session.infer(example)
     except BackendUnavailable as exc:
         unavailable.append({"artifact": cand.name, "backend": backend, "reason": str(exc)})
@@ -230,14 +255,8 @@ def _accuracy(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run,
               runs: list[_Run]) -> dict[tuple[str, str], dict[str, Any]]:
     accs = {(r.cand.name, r.backend): AccuracyAccumulator() for r in runs}
     errors: dict[tuple[str, str], str] = {}
-    batches = split.batches() if split is not None else [(torch.from_numpy(_batch(ctx, None, 1)), None)]
-    seen = 0
+    batches = split.take(cfg.eval_samples) if split is not None else [(torch.from_numpy(_batch(ctx, None, 1)), None)]
     for x, y in batches:
-        if cfg.eval_samples is not None and seen >= cfg.eval_samples:
-            break
-        if cfg.eval_samples is not None:
-            x, y = x[: cfg.eval_samples - seen], None if y is None else y[: cfg.eval_samples - seen]
-        seen += len(x)
         xn = x.numpy().astype(np.float32)
         ref = _infer(base, xn)
         labels = None if y is None else y.numpy()
@@ -342,8 +361,6 @@ def _isolated_times(ctx: StageContext, runs: list[_Run], runners: dict[Any, Any]
                     lc: LatencyConfig, threads: int, latency: dict[tuple[str, str], dict[str, Any]],
                     bs: int) -> dict[tuple[str, str], list[float]]:
     """Time each runnable artifact x backend in a fresh process, one after the other."""
-    from pathlib import Path
-
     from pipeline.verify.isolated import time_in_subprocess
 
     times: dict[tuple[str, str], list[float]] = {}
@@ -352,9 +369,14 @@ def _isolated_times(ctx: StageContext, runs: list[_Run], runners: dict[Any, Any]
         if key not in runners:
             continue
         spec: dict[str, Any] = {"backend": r.backend, "threads": threads, "warmup": lc.warmup,
-                                "iterations": lc.iterations, "precision": r.cand.precision}
+                                "iterations": lc.iterations, "precision": r.cand.precision,
+                                "plugins": loaded_plugins()}
         if r.backend == "torch":
-            spec["model"] = ctx.recipe.model.model_dump(mode="json")
+            if ctx.model_spec is None:
+                latency[key][str(bs)] = {"batch_size": bs, "error": "cannot be timed in its own process: "
+                                         "the model was given as an object, not a model source"}
+                continue
+            spec["model"] = ctx.model_spec.model_dump(mode="json")
             if r.cand.name != "original":
                 if not r.cand.path:
                     latency[key][str(bs)] = {"batch_size": bs, "error": "cannot be timed in its own process: "
@@ -377,22 +399,12 @@ def _batch(ctx: StageContext, split: Any, bs: int) -> np.ndarray:
     return np.ascontiguousarray(torch.cat([x] * reps)[:bs].numpy().astype(np.float32))
 
 
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    if a is b:
-        return True
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def _state_bytes(m: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in m.state_dict().values())
 
 
 def _file_bytes(p: Any) -> int | None:
     try:
-        from pathlib import Path
-
         p = Path(p)
         if p.is_dir():
             return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
@@ -401,15 +413,6 @@ def _file_bytes(p: Any) -> int | None:
         return size + (data.stat().st_size if data.exists() else 0)
     except OSError:
         return None
-
-
-def _rel(ctx: StageContext, p: Any) -> str:
-    from pathlib import Path
-
-    try:
-        return str(Path(p).resolve().relative_to(ctx.run_dir.resolve()))
-    except ValueError:
-        return str(p)
 
 
 def _describe(session: Any) -> dict[str, Any]:
@@ -423,4 +426,4 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-__all__ = ["VerifyStage", "VerifyConfig", "LatencyConfig", "GatesConfig", "BACKENDS", "StageFailed"]
+__all__ = ["VerifyStage", "VerifyConfig", "LatencyConfig", "GatesConfig", "StageFailed"]

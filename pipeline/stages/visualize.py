@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from pipeline.contracts import run_relative
 from pipeline.errors import StageFailed
 from pipeline.stages.base import Artifact, GateResult, Stage, StageConfig, StageContext, StageResult
 
 if TYPE_CHECKING:  # torch is imported inside functions so that `fmap validate` stays fast
     import torch
     from torch import nn
+
+    from pipeline.sources.data import DataSplit
 
 SHOWN_IMAGES = 4  # rows in the per-layer and worst-image figures
 OUT = "visualize"
@@ -40,22 +43,19 @@ class VisualizeStage(Stage[VisualizeConfig]):
     description = "Feature maps, Grad-CAM, compressed-vs-original attention similarity, qa.html gallery"
 
     def run(self, ctx: StageContext, cfg: VisualizeConfig) -> StageResult:
-        x, y = take(ctx.data.require("eval", self.name).batches(), cfg.images)
+        x, y = _first(ctx.data.require("eval", self.name), cfg.images)
         return visualize_batch(ctx, cfg, x, y)
 
 
-def take(batches: Any, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first n samples of a stream of (x, y) batches."""
+def _first(split: DataSplit, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first n samples of a split as one batch."""
     import torch
 
-    xs, ys, got = [], [], 0
-    for bx, by in batches:
-        xs.append(bx[: n - got])
+    xs, ys = [], []
+    for bx, by in split.take(n):
+        xs.append(bx)
         if by is not None:
-            ys.append(by[: n - got])
-        got += len(xs[-1])
-        if got >= n:
-            break
+            ys.append(by)
     if not xs:
         raise StageFailed("visualize: the eval split yielded no samples")
     x = torch.cat(xs).float()
@@ -68,84 +68,129 @@ def visualize_batch(ctx: StageContext, cfg: VisualizeConfig, x: torch.Tensor, y:
     """Everything the stage does, on an explicit batch (shared with the `fmap visualize` command)."""
     import torch
 
-    from pipeline.visualize import plots
-    from pipeline.visualize.featuremaps import capture, resolve_layers, top_channels
-    from pipeline.visualize.gradcam import grad_cam
+    from pipeline.visualize.gallery import write_gallery
 
     ref = ctx.original_model
-    layers = resolve_layers(ref, cfg.layers)
+    layers, logits, acts, graph_only = _feature_maps(ctx, cfg, x)
     names = names or [str(i) for i in range(len(x))]
-    logits, acts = capture(ref, x, layers)
-    probs = torch.softmax(logits.float(), 1)
-    shown = x[:SHOWN_IMAGES]
     result = StageResult(metrics={"layers": {}, "images": len(x), "labelled": y is not None, "plots": {},
                                   "similarity": {}})
     m = result.metrics
+    if graph_only:
+        cfg = _graph_skips(ctx, cfg, m)
 
     def add_plot(key: str, path: Path, what: str) -> None:
         result.artifacts[key] = Artifact(path, "plot", description=what)
-        m["plots"][key] = _rel(path, ctx.run_dir)
+        m["plots"][key] = run_relative(path, ctx.run_dir)
 
-    ref_cams: dict[str, torch.Tensor] = {}
     with ctx.console.status("visualize: feature maps and Grad-CAM"):
-        for layer in layers:
-            act, slug = acts[layer], layer.replace(".", "_") or "root"
-            top = top_channels(act, cfg.top_k)
-            entry: dict[str, Any] = {"shape": list(act.shape[1:]), "top_channels": [[i, round(v, 6)] for i, v in top]}
-            add_plot(f"featuremaps_{slug}", plots.feature_grid(act[0], top, ctx.path(f"{OUT}/featuremaps_{slug}.png"),
-                     f"{layer}: top-{len(top)} channels by mean activation (image {names[0]})"), f"strongest channels of {layer}")
-            add_plot(f"overlay_{slug}", plots.image_rows(shown, [("input", None), (f"{layer} ch {top[0][0]}", act[:SHOWN_IMAGES, top[0][0]])],
-                     ctx.path(f"{OUT}/overlay_{slug}.png"), f"{layer}: strongest channel over the input"), f"overlay of {layer}")
-            if cfg.gradcam:
-                cams = grad_cam(ref, x, layer)
-                ref_cams[layer] = cams.gradcam
-                cols: list[tuple[str, Any]] = [("input", None), ("Grad-CAM pred", cams.gradcam[:SHOWN_IMAGES]),
-                                               ("Grad-CAM++ pred", cams.gradcam_pp[:SHOWN_IMAGES])]
-                labels = [f"pred {int(p)}" for p in cams.targets[:SHOWN_IMAGES]]
-                if y is not None:
-                    cols.append(("Grad-CAM true", grad_cam(ref, x, layer, targets=y).gradcam[:SHOWN_IMAGES]))
-                    labels = [f"{lab} / true {int(t)}" for lab, t in zip(labels, y[:SHOWN_IMAGES])]
-                add_plot(f"gradcam_{slug}", plots.image_rows(shown, cols, ctx.path(f"{OUT}/gradcam_{slug}.png"),
-                         f"{layer}: Grad-CAM", labels), f"Grad-CAM of {layer}")
-                entry["cam_peak_yx"] = [list(divmod(int(c.argmax()), c.shape[-1])) for c in cams.gradcam[:SHOWN_IMAGES]]
-            m["layers"][layer] = entry
-
-    preds: dict[str, torch.Tensor] = {"original": probs}
+        ref_cams = {layer: _layer_figures(ctx, cfg, layer, acts[layer], x, y, names, add_plot, m["layers"])
+                    for layer in layers}
+    preds: dict[str, torch.Tensor] = {"original": torch.softmax(logits.float(), 1)}
     sims: dict[str, torch.Tensor] = {}
     overlays: dict[str, torch.Tensor] = {}
     if cfg.compare:
-        from pipeline.visualize.compare import compare_all
-
-        for res in compare_all(ctx.model, ctx.artifacts, ctx.threads, ref, x, layers, acts, logits):
-            if res.skipped:
-                ctx.console.print(f"[yellow]visualize: {res.name}: not compared ({res.skipped})[/]")
-                m["similarity"][res.name] = {"skipped": res.skipped}
-                continue
-            preds[res.name], sims[res.name] = res.probs, res.similarity
-            if res.cams is not None:
-                overlays[res.name] = res.cams
-            m["similarity"][res.name] = res.summary()
-            worst = m["similarity"][res.name]["worst"][:SHOWN_IMAGES]
-            add_plot(f"worst_{res.name}", plots.image_rows(
-                x[worst], [("input", None), ("original", res.ref_maps[worst]), (res.name, res.maps[worst])],
-                ctx.path(f"{OUT}/worst_{res.name}.png"), f"{res.name}: least similar images ({res.method})",
-                [f"#{i} sim {float(res.similarity[i]):.2f}" for i in worst]), f"worst images of {res.name}")
+        _compare(ctx, x, layers, acts, logits, add_plot, m["similarity"], preds, sims, overlays)
         if cfg.min_attention_similarity is not None:
             result.gates.extend(_gates(cfg.min_attention_similarity, m["similarity"]))
-
-    from pipeline.visualize.gallery import write_gallery
-
-    cam_layer = layers[-1] if ref_cams else None
-    gallery = write_gallery(ctx.path("qa.html"), _gallery_rows(x, y, names, preds, sims, ref_cams.get(cam_layer or ""), overlays),
-                            list(preds))
+    cam = ref_cams.get(layers[-1]) if cfg.gradcam and layers else None
+    gallery = write_gallery(ctx.path("qa.html"), _gallery_rows(x, y, names, preds, sims, cam, overlays), list(preds))
     result.artifacts["qa_gallery"] = Artifact(gallery, "report", description="per-image QA gallery")
-    m["plots"]["qa_gallery"] = _rel(gallery, ctx.run_dir)
-
+    m["plots"]["qa_gallery"] = run_relative(gallery, ctx.run_dir)
     if cfg.tensorboard:
         m["tensorboard"] = _tensorboard(ctx, ref, x, acts)
     if cfg.scaling:
         m["scaling"] = _scaling(ctx, ref, add_plot)
     return result
+
+
+def _layer_figures(ctx: StageContext, cfg: VisualizeConfig, layer: str, act: torch.Tensor, x: torch.Tensor,
+                   y: torch.Tensor | None, names: list[str], add_plot: Any, out: dict[str, Any]) -> Any:
+    """Feature-map grid, overlay and (optionally) Grad-CAM figures of one layer of the original
+    model; its metrics go into `out[layer]`. Returns its Grad-CAM maps (None without gradcam)."""
+    from pipeline.visualize import plots
+    from pipeline.visualize.featuremaps import top_channels
+    from pipeline.visualize.gradcam import grad_cam
+
+    ref, shown, slug = ctx.original_model, x[:SHOWN_IMAGES], layer.replace(".", "_") or "root"
+    top = top_channels(act, cfg.top_k)
+    entry: dict[str, Any] = {"shape": list(act.shape[1:]), "top_channels": [[i, round(v, 6)] for i, v in top]}
+    add_plot(f"featuremaps_{slug}", plots.feature_grid(act[0], top, ctx.path(f"{OUT}/featuremaps_{slug}.png"),
+             f"{layer}: top-{len(top)} channels by mean activation (image {names[0]})"), f"strongest channels of {layer}")
+    add_plot(f"overlay_{slug}", plots.image_rows(shown, [("input", None), (f"{layer} ch {top[0][0]}", act[:SHOWN_IMAGES, top[0][0]])],
+             ctx.path(f"{OUT}/overlay_{slug}.png"), f"{layer}: strongest channel over the input"), f"overlay of {layer}")
+    out[layer] = entry
+    if not cfg.gradcam:
+        return None
+    cams = grad_cam(ref, x, layer)
+    cols: list[tuple[str, Any]] = [("input", None), ("Grad-CAM pred", cams.gradcam[:SHOWN_IMAGES]),
+                                   ("Grad-CAM++ pred", cams.gradcam_pp[:SHOWN_IMAGES])]
+    labels = [f"pred {int(p)}" for p in cams.targets[:SHOWN_IMAGES]]
+    if y is not None:
+        cols.append(("Grad-CAM true", grad_cam(ref, x, layer, targets=y).gradcam[:SHOWN_IMAGES]))
+        labels = [f"{lab} / true {int(t)}" for lab, t in zip(labels, y[:SHOWN_IMAGES])]
+    add_plot(f"gradcam_{slug}", plots.image_rows(shown, cols, ctx.path(f"{OUT}/gradcam_{slug}.png"),
+             f"{layer}: Grad-CAM", labels), f"Grad-CAM of {layer}")
+    entry["cam_peak_yx"] = [list(divmod(int(c.argmax()), c.shape[-1])) for c in cams.gradcam[:SHOWN_IMAGES]]
+    return cams.gradcam
+
+
+def _compare(ctx: StageContext, x: torch.Tensor, layers: list[str], acts: dict[str, torch.Tensor],
+             logits: torch.Tensor, add_plot: Any, similarity: dict[str, Any], preds: dict[str, torch.Tensor],
+             sims: dict[str, torch.Tensor], overlays: dict[str, torch.Tensor]) -> None:
+    """Every compressed model against the original: similarity metrics, worst-image figures, and
+    its predictions/similarities/attention maps for the gallery (filled into the dicts given)."""
+    from pipeline.visualize import plots
+    from pipeline.visualize.compare import compare_all
+
+    for res in compare_all(ctx.model, ctx.artifacts, ctx.threads, ctx.original_model, x, layers, acts, logits):
+        if res.skipped:
+            ctx.console.print(f"[yellow]visualize: {res.name}: not compared ({res.skipped})[/]")
+            similarity[res.name] = {"skipped": res.skipped}
+            continue
+        preds[res.name], sims[res.name] = res.probs, res.similarity
+        if res.cams is not None:
+            overlays[res.name] = res.cams
+        similarity[res.name] = res.summary()
+        worst = similarity[res.name]["worst"][:SHOWN_IMAGES]
+        add_plot(f"worst_{res.name}", plots.image_rows(
+            x[worst], [("input", None), ("original", res.ref_maps[worst]), (res.name, res.maps[worst])],
+            ctx.path(f"{OUT}/worst_{res.name}.png"), f"{res.name}: least similar images ({res.method})",
+            [f"#{i} sim {float(res.similarity[i]):.2f}" for i in worst]), f"worst images of {res.name}")
+
+
+def _feature_maps(ctx: StageContext, cfg: VisualizeConfig, x: torch.Tensor,
+                  ) -> tuple[list[str], torch.Tensor, dict[str, torch.Tensor], bool]:
+    """(layers, logits, {layer: activation}, graph_only): forward hooks on a torch model; on a compiled
+    graph (ONNX, TorchScript, torch.export) the Conv outputs of its ONNX graph, read by onnxruntime."""
+    from pipeline.sources.registry import is_editable
+
+    ref = ctx.original_model
+    if is_editable(ref):
+        from pipeline.visualize.featuremaps import capture, resolve_layers
+
+        layers = resolve_layers(ref, cfg.layers)
+        return (layers, *capture(ref, x, layers), False)
+    from pipeline.visualize import graph_maps
+
+    path = graph_maps.graph_file(ref, ctx.example_input, ctx.path(f"{OUT}/graph_view.onnx"))
+    layers = graph_maps.resolve_layers(path, cfg.layers)
+    return (layers, *graph_maps.capture(path, x, layers, ctx.threads), True)
+
+
+def _graph_skips(ctx: StageContext, cfg: VisualizeConfig, m: dict[str, Any]) -> VisualizeConfig:
+    """What a compiled graph cannot show, each skip with its reason in the metrics; the config without them."""
+    from pipeline.visualize.graph_maps import GRADCAM_SKIPPED
+
+    m["graph"] = "onnx"
+    if cfg.gradcam:
+        ctx.console.print(f"[yellow]visualize: Grad-CAM skipped: {GRADCAM_SKIPPED}[/]", soft_wrap=True)
+        m["gradcam"] = f"skipped: {GRADCAM_SKIPPED}"
+    if cfg.scaling:  # the profile stage reports the graph's memory and MACs at the recipe's shape
+        m["scaling"] = "skipped: the scaling plot re-traces torch modules; a compiled graph has none"
+    if cfg.tensorboard:
+        m["tensorboard"] = "skipped: the TensorBoard graph is traced from torch modules"
+    return cfg.model_copy(update={"gradcam": False, "tensorboard": False, "scaling": False})
 
 
 def _gates(threshold: float, similarity: dict[str, dict[str, Any]]) -> list[GateResult]:
@@ -196,23 +241,13 @@ def _tensorboard(ctx: StageContext, model: nn.Module, x: torch.Tensor, acts: dic
         ctx.console.print(f"[yellow]visualize: tensorboard export skipped: {reason}[/]")
         return f"skipped: {reason}"
     log_dir = export_tensorboard(ctx.path(f"{OUT}/tensorboard/.keep").parent, model, x, acts)
-    return _rel(log_dir, ctx.run_dir)
+    return run_relative(log_dir, ctx.run_dir)
 
 
 def _scaling(ctx: StageContext, model: nn.Module, add_plot: Any) -> Any:
-    from pipeline.visualize.scaling import plot_scaling, scaling_table, summarize_fn
+    from pipeline.visualize.scaling import plot_scaling, scaling_table
 
-    fn = summarize_fn()
-    if isinstance(fn, str):
-        ctx.console.print(f"[yellow]visualize: scaling plot skipped: {fn}[/]")
-        return f"skipped: {fn}"
-    table = scaling_table(model, ctx.example_input, fn)
+    table = scaling_table(model, ctx.example_input)
     add_plot("scaling", plot_scaling(table, ctx.path(f"{OUT}/scaling.png")), "computed memory/MACs scaling")
     return table
 
-
-def _rel(path: Path, run_dir: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(run_dir.resolve()))
-    except ValueError:
-        return str(path)

@@ -24,16 +24,21 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import atomic
+from pipeline import atomic, stagecache
 from pipeline.errors import EXIT_INTERRUPTED, BadInput
+from pipeline.fingerprint import stage_chain
 from pipeline.recipe import Recipe, dump_lock, load_recipe
 from pipeline.sweep import grid as gridmod
 from pipeline.sweep import objectives as objmod
+from pipeline.sweep import prefixes
 from pipeline.sweep.executors import Executor, LocalExecutor, TrialResult, TrialTask
+from pipeline.sweep import search as searchmod
 from pipeline.sweep.plan import SweepPlan, verify_index
+from pipeline.sweep.search import OptunaSearch
 from pipeline.sweep.report import recipe_text
 
 FINISHED = ("ok", "gate_failed")
+CACHE_DIR = "cache"  # the sweep's stage cache (pipeline.stagecache): shared prefixes
 
 
 @dataclass
@@ -47,27 +52,28 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
                objective_items: tuple[str, ...] = (), constraint_items: tuple[str, ...] = (),
                backend: str | None = None, workers: int | None = None, executor: str = "local",
                address: str | None = None, retry_failed: bool = False,
-               build_threads: int | None = None) -> SweepPlan:
+               build_threads: int | None = None, search: str = "grid", param_items: tuple[str, ...] = (),
+               n_trials: int | None = None, seed: int = 0, share_prefixes: bool = True) -> SweepPlan:
     """Check every input and every trial's recipe; BadInput (exit 2) before any trial starts."""
     grids = gridmod.parse_grids(grid_items)
     objectives = objmod.parse_objectives(objective_items)
     constraints = [objmod.parse_constraint(c) for c in constraint_items]
     if workers is not None and workers < 1:
         raise BadInput(f"--workers must be at least 1, got {workers}")
-    trials = gridmod.trials(grids, tuple(overrides))
+    optuna = _plan_search(search, grids, param_items, n_trials, objectives, constraints, seed)
+    trials = [] if optuna else gridmod.trials(grids, tuple(overrides))
     recipes: dict[str, Recipe] = {}
     for t in trials:
-        try:
-            recipe = load_recipe(recipe_path, t.overrides)
-        except BadInput as exc:
-            point = ", ".join(f"{k}={v}" for k, v in t.params.items()) or "the recipe"
-            raise BadInput(f"sweep trial {point}: {exc}") from None
-        if verify_index(recipe) < 0:
-            raise BadInput(f"{recipe_path}: a sweep needs a verify stage (objectives are read from its "
-                           f"artifact rows; objectives: {', '.join(map(str, objectives))})")
-        recipes[t.id] = recipe
+        recipes[t.id] = _trial_recipe(recipe_path, t.overrides, ", ".join(f"{k}={v}" for k, v in t.params.items()))
+    base = _trial_recipe(recipe_path, tuple(overrides), "the recipe")
+    if any(verify_index(r) < 0 for r in [base, *recipes.values()]):
+        raise BadInput(f"{recipe_path}: a sweep needs a verify stage (objectives are read from its "
+                       f"artifact rows; objectives: {', '.join(map(str, objectives))})")
+    for p in optuna.params if optuna else []:
+        for text in p.texts():
+            _trial_recipe(recipe_path, (*overrides, f"{p.key}={text}"), f"--param {p.key}={text}")
     cores = os.cpu_count() or 1
-    workers = workers or min(len(trials), cores)
+    workers = workers or min(optuna.trials if optuna else len(trials), cores)
     if build_threads is not None and build_threads < 1:
         raise BadInput(f"--build-threads must be at least 1, got {build_threads}")
     threads = build_threads or max(1, cores // workers)
@@ -82,14 +88,67 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
     else:
         raise BadInput(f"--executor: expected 'local' or 'ray', got '{executor}'")
     return SweepPlan(recipe_path, out, grids, tuple(overrides), trials, recipes, objectives, constraints, backend,
-                     workers, threads, runner, address, retry_failed)
+                     workers, threads, runner, address, retry_failed, optuna, base, share_prefixes)
 
 
-def _build_overrides(recipe: Recipe, threads: int) -> tuple[str, ...]:
+def _trial_recipe(recipe_path: Path, overrides: tuple[str, ...], point: str) -> Recipe:
+    try:
+        return load_recipe(recipe_path, overrides)
+    except BadInput as exc:
+        raise BadInput(f"sweep trial {point}: {exc}") from None
+
+
+def _plan_search(search: str, grids: list[gridmod.Grid], param_items: tuple[str, ...], n_trials: int | None,
+                 objectives: list[objmod.Objective], constraints: list[objmod.Constraint],
+                 seed: int) -> OptunaSearch | None:
+    """The Optuna search of `--search optuna` (None for a grid sweep), its options checked."""
+    if search == "grid":
+        if param_items or n_trials is not None:
+            raise BadInput("--param and --trials need --search optuna (a grid sweep takes --grid)")
+        return None
+    if search != "optuna":
+        raise BadInput(f"--search: expected 'grid' or 'optuna', got '{search}'")
+    if grids:
+        raise BadInput("--grid and --search optuna exclude each other (search a list with --param KEY=choice:A,B)")
+    params = searchmod.parse_params(param_items)
+    if n_trials is None or n_trials < 1:
+        raise BadInput(f"--search optuna needs --trials N with N >= 1, got {n_trials}")
+    searchmod.require_optuna()
+    return OptunaSearch(params, objectives, constraints, n_trials, seed)
+
+
+def _build_overrides(recipe: Recipe, threads: int, stages: int | None = None) -> tuple[str, ...]:
     """Extra `--set` items of the build phase: its threads, and only the (resolved) stages before
-    the first verify. JSON is YAML, so `stages=[...]` is an ordinary override of the whole list."""
-    prefix = [s.to_dict() for s in recipe.stages[:verify_index(recipe)]]
+    the first verify (or the first `stages`). JSON is YAML, so `stages=[...]` is an ordinary override
+    of the whole list."""
+    prefix = [s.to_dict() for s in recipe.stages[:verify_index(recipe) if stages is None else stages]]
     return (f"threads={threads}", "stages=" + json.dumps(prefix, separators=(",", ":")))
+
+
+def _prefix_waves(plan: SweepPlan, build: list[TrialTask]) -> list[list[TrialTask]]:
+    """Tasks that compute each shared prefix once before the build phase (prefixes.py); none when
+    prefixes are not shared or every one is in the stage cache already."""
+    if not plan.share_prefixes or len(build) < 2:
+        return []
+    trials = {t.id: t for t in plan.trials}
+    chains = {b.trial_id: stage_chain(plan.recipes[b.trial_id])[:verify_index(plan.recipes[b.trial_id])]
+              for b in build}
+    cache = plan.out / CACHE_DIR
+    out = []
+    for wave in prefixes.waves(chains):
+        todo = [p for p in wave if not (cache / p.chain_hash / stagecache.ENTRY).is_file()]
+        # a wave narrower than the pool leaves cores idle: up to the recipe's own threads per task
+        spare = (os.cpu_count() or 1) // max(1, min(len(todo), plan.workers))
+        tasks = []
+        for p in todo:
+            recipe = plan.recipes[p.trial_id]
+            threads = max(plan.threads_per_worker, min(recipe.threads, spare))
+            tasks.append(TrialTask(p.trial_id, "prefix", str(plan.recipe_path), str(plan.out / "trials" / p.trial_id),
+                                   threads, trials[p.trial_id].overrides + _build_overrides(recipe, threads, p.stages),
+                                   str(cache)))
+        if tasks:
+            out.append(tasks)
+    return out
 
 
 def _is_done(run_dir: Path, final_lock: str) -> bool:
@@ -108,12 +167,96 @@ def run_sweep(plan: SweepPlan, console: Console) -> SweepOutcome:
     out = plan.out
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results: dict[str, list[dict[str, Any]]] = {t.id: [] for t in plan.trials}
+    failed_before = {} if plan.retry_failed else _failed_before(out)
+    interrupted = False
+    try:
+        if plan.search is None:
+            _run_trials(plan, plan.trials, console, results, started, failed_before)
+        else:
+            _run_search(plan, plan.search, console, results, started, failed_before)
+    except KeyboardInterrupt:
+        interrupted = True
+    data = report.collect(plan, results, started, "interrupted" if interrupted else "finished")
+    report.write_all(out, data)
+    if interrupted:
+        console.print(f"interrupted: run the same command again to continue the sweep in {out}")
+        return SweepOutcome(out, EXIT_INTERRUPTED, data)
+    return SweepOutcome(out, report.exit_code(data), data)
+
+
+def _run_search(plan: SweepPlan, search: OptunaSearch, console: Console, results: dict[str, list[dict[str, Any]]],
+                started: str, failed_before: dict[str, dict[str, Any]]) -> None:
+    """Ask Optuna for `--workers` trials at a time, run them, feed their rows back (search.py)."""
+    from pipeline.sweep import report
+
+    history: list[tuple[gridmod.Trial, dict[str, Any] | None]] = []
+    batch = 0
+    while len(history) < search.trials:
+        asked = search.ask(history, min(plan.workers, search.trials - len(history)), batch, plan.overrides)
+        new = [t for t in dict((t.id, t) for t in asked).values() if t.id not in plan.recipes]
+        for t in new:  # a point asked again (small discrete spaces) is not run twice
+            plan.recipes[t.id] = _trial_recipe(plan.recipe_path, t.overrides, t.id)
+            plan.trials.append(t)
+            results[t.id] = []
+        console.print(f"optuna batch {batch + 1}: {len(new)} new trial(s), "
+                      f"{len(history) + len(asked)}/{search.trials} asked")
+        _run_trials(plan, new, console, results, started, failed_before)
+        rows = {r["id"]: r for r in report.collect(plan, results, started, "running")["trials"]}
+        history += [(t, rows.get(t.id)) for t in asked]
+        batch += 1
+
+
+def _run_trials(plan: SweepPlan, trials: list[gridmod.Trial], console: Console,
+                results: dict[str, list[dict[str, Any]]], started: str,
+                failed_before: dict[str, dict[str, Any]]) -> None:
+    """Run the given trials (shared prefixes, the build phase in parallel, then the serial timing
+    phase); skip finished ones and ones that failed before with the same recipe."""
+    from pipeline.sweep import report
+
+    out = plan.out
+    build, final, skipped = _tasks(plan, trials)
+    if skipped:
+        console.print(f"{len(skipped)} of {len(trials)} trials already finished in {out} (resumed, not re-run)")
+    keep = set()  # a trial that failed with this very recipe would fail again: keep its record
+    for t in trials:
+        old = failed_before.get(t.id)
+        if old and old.get("recipe_sha256") == hashlib.sha256(recipe_text(out, t.id).encode()).hexdigest():
+            results[t.id] = old.get("phases") or []
+            keep.add(t.id)
+    if keep:
+        console.print(f"{len(keep)} trial(s) failed in an earlier sweep and are not retried (--retry-failed)")
+        build = [b for b in build if b.trial_id not in keep]
+        final = [f for f in final if f.trial_id not in keep]
+    mode = (f"build phase on {plan.workers} workers x {plan.threads_per_worker} thread(s), then a serial timing phase"
+            if plan.two_phase else f"{plan.workers} worker(s)")
+    console.print(f"sweep: {len(trials)} trials, {len(final)} to run, {plan.executor.name} executor, {mode}")
+    failed_build: set[str] = set()
+    phases = [*_prefix_waves(plan, build), build]
+    for tasks in phases:
+        tasks = [t for t in tasks if t.trial_id not in failed_build]
+        for n, res in enumerate(plan.executor.run(tasks, plan.workers), start=1):
+            _note(console, res, n, len(tasks), results)
+            if res.exit_code not in (0, 1):
+                failed_build.add(res.trial_id)
+            atomic.write_json(out / "sweep.json", report.collect(plan, results, started, "running"))
+    final = [t for t in final if t.trial_id not in failed_build]
+    workers = 1 if plan.two_phase else plan.workers
+    timing = LocalExecutor() if plan.two_phase else plan.executor  # timing stays on this machine
+    for n, res in enumerate(timing.run(final, workers), start=1):
+        _note(console, res, n, len(final), results)
+        atomic.write_json(out / "sweep.json", report.collect(plan, results, started, "running"))
+
+
+def _tasks(plan: SweepPlan, trials: list[gridmod.Trial]) -> tuple[list[TrialTask], list[TrialTask], list[str]]:
+    """(build-phase tasks, last-phase tasks, finished trial ids); writes each trial's final recipe."""
     build: list[TrialTask] = []
     final: list[TrialTask] = []
     skipped: list[str] = []
-    for t in plan.trials:
+    cache = str(plan.out / CACHE_DIR) if plan.share_prefixes else None
+    for t in trials:
         recipe = plan.recipes[t.id]
-        run_dir = out / "trials" / t.id
+        run_dir = plan.out / "trials" / t.id
         # One worker, or two phases: the last phase runs with the recipe's own threads.
         if plan.two_phase or plan.workers == 1:
             last_overrides, last = t.overrides, recipe
@@ -121,59 +264,17 @@ def run_sweep(plan: SweepPlan, console: Console) -> SweepOutcome:
             last_overrides = (f"threads={plan.threads_per_worker}", *t.overrides)
             last = load_recipe(plan.recipe_path, last_overrides)
         final_lock = dump_lock(last)  # what the trial's recipe.lock.yaml says once it finished
-        atomic.write_text(out / "recipes" / f"{t.id}.yaml", final_lock)
+        atomic.write_text(plan.out / "recipes" / f"{t.id}.yaml", final_lock)
         if _is_done(run_dir, final_lock):
             skipped.append(t.id)
             continue
-        recipe_file = str(plan.recipe_path)
         if plan.two_phase:
-            build.append(TrialTask(t.id, "build", recipe_file, str(run_dir), plan.threads_per_worker,
-                                   t.overrides + _build_overrides(recipe, plan.threads_per_worker)))
-        phase = "time" if plan.two_phase else "full"
-        final.append(TrialTask(t.id, phase, recipe_file, str(run_dir), last.threads, last_overrides))
-    results: dict[str, list[dict[str, Any]]] = {t.id: [] for t in plan.trials}
-    if skipped:
-        console.print(f"{len(skipped)} of {len(plan.trials)} trials already finished in {out} (resumed, not re-run)")
-    if not plan.retry_failed:  # a trial that failed with this very recipe would fail again: keep its record
-        failed = _failed_before(out)
-        for t in plan.trials:
-            old = failed.get(t.id)
-            if old and old.get("recipe_sha256") == hashlib.sha256(recipe_text(out, t.id).encode()).hexdigest():
-                results[t.id] = old.get("phases") or []
-        keep = {tid for tid, phases in results.items() if phases}
-        if keep:
-            console.print(f"{len(keep)} trial(s) failed in an earlier sweep and are not retried (--retry-failed)")
-            build = [b for b in build if b.trial_id not in keep]
-            final = [f for f in final if f.trial_id not in keep]
-    mode = (f"build phase on {plan.workers} workers x {plan.threads_per_worker} thread(s), then a serial timing phase"
-            if plan.two_phase else f"{plan.workers} worker(s)")
-    console.print(f"sweep: {len(plan.trials)} trials, {len(final)} to run, {plan.executor.name} executor, {mode}")
-
-    def state(status: str) -> dict[str, Any]:
-        return report.collect(plan, results, started, status)
-
-    interrupted = False
-    try:
-        failed_build: set[str] = set()
-        for n, res in enumerate(plan.executor.run(build, plan.workers), start=1):
-            _note(console, res, n, len(build), results)
-            if res.exit_code not in (0, 1):
-                failed_build.add(res.trial_id)
-            atomic.write_json(out / "sweep.json", state("running"))
-        final = [t for t in final if t.trial_id not in failed_build]
-        workers = 1 if plan.two_phase else plan.workers
-        timing = LocalExecutor() if plan.two_phase else plan.executor  # timing stays on this machine
-        for n, res in enumerate(timing.run(final, workers), start=1):
-            _note(console, res, n, len(final), results)
-            atomic.write_json(out / "sweep.json", state("running"))
-    except KeyboardInterrupt:
-        interrupted = True
-    data = state("interrupted" if interrupted else "finished")
-    report.write_all(out, data)
-    if interrupted:
-        console.print(f"interrupted: run the same command again to continue the sweep in {out}")
-        return SweepOutcome(out, EXIT_INTERRUPTED, data)
-    return SweepOutcome(out, report.exit_code(data), data)
+            build.append(TrialTask(t.id, "build", str(plan.recipe_path), str(run_dir), plan.threads_per_worker,
+                                   t.overrides + _build_overrides(recipe, plan.threads_per_worker), cache))
+        # the serial timing phase only restores and measures: it offers nothing worth sharing
+        final.append(TrialTask(t.id, "time" if plan.two_phase else "full", str(plan.recipe_path), str(run_dir),
+                               last.threads, last_overrides, None if plan.two_phase else cache))
+    return build, final, skipped
 
 
 def _failed_before(out: Path) -> dict[str, dict[str, Any]]:

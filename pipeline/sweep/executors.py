@@ -31,11 +31,12 @@ LOG = "sweep.log"  # in each run directory: the trial's stderr, one section per 
 @dataclass(frozen=True)
 class TrialTask:
     trial_id: str
-    phase: str  # "build" (stages before verify, in parallel), "time" (serial) or "full"
+    phase: str  # "prefix" (a shared prefix, once), "build" (stages before verify), "time" (serial) or "full"
     recipe: str  # the user's recipe file (so paths in it resolve as in a single `fmap run`)
     run_dir: str
     threads: int
     overrides: tuple[str, ...] = ()  # `--set` items of this phase
+    stage_cache: str | None = None  # `fmap run --stage-cache`: stages shared with the other trials
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ def run_trial(task: TrialTask) -> TrialResult:
     env.setdefault("PYTHONUNBUFFERED", "1")
     sets = [arg for item in task.overrides for arg in ("--set", item)]
     cmd = [sys.executable, "-m", "pipeline.cli", "run", task.recipe, *sets, "--out", str(run_dir), "--resume", "--json"]
+    if task.stage_cache:
+        cmd += ["--stage-cache", task.stage_cache]
     t0 = time.perf_counter()
     with open(run_dir / LOG, "a", encoding="utf-8") as log:
         log.write(f"\n=== sweep phase '{task.phase}', {task.threads} thread(s): {' '.join(cmd)}\n")

@@ -55,15 +55,20 @@ def parse_grid(item: str) -> Grid:
     key = key.strip()
     if not sep or not key:
         raise BadInput(f"--grid '{item}': expected KEY=V1,V2,... e.g. --grid stages.prune.amount=0.3,0.5")
+    return Grid(key, parse_values(raw, f"--grid '{item}'", "value"))
+
+
+def parse_values(raw: str, where: str, what: str) -> tuple[str, ...]:
+    """Comma-separated YAML values (grid values, --param choices); a repeated one counts once."""
     values = split_values(raw)
     if not raw.strip() or any(not v for v in values):
-        raise BadInput(f"--grid '{item}': empty value list or empty value (expected KEY=V1,V2,...)")
+        raise BadInput(f"{where}: empty {what} list or empty {what} (expected KEY=V1,V2,...)")
     for v in values:
         try:
             yaml.safe_load(v)
         except yaml.YAMLError:
-            raise BadInput(f"--grid '{item}': value '{v}' is not valid YAML") from None
-    return Grid(key, tuple(dict.fromkeys(values)))  # a repeated value is one trial, not two
+            raise BadInput(f"{where}: {what} '{v}' is not valid YAML") from None
+    return tuple(dict.fromkeys(values))
 
 
 def parse_grids(items: list[str] | tuple[str, ...]) -> list[Grid]:

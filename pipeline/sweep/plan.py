@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.recipe import Recipe
 from pipeline.sweep import grid as gridmod
 from pipeline.sweep import objectives as objmod
 from pipeline.sweep.executors import Executor
+
+if TYPE_CHECKING:
+    from pipeline.sweep.search import OptunaSearch
 
 
 @dataclass
@@ -28,10 +32,15 @@ class SweepPlan:
     executor: Executor
     executor_address: str | None = None
     retry_failed: bool = False
+    search: OptunaSearch | None = None  # None: the grid's trials; else trials are asked batch by batch
+    base: Recipe | None = None  # the recipe with the sweep-wide overrides (what every trial shares)
+    share_prefixes: bool = True  # trials reuse each other's stages through OUT/cache (prefixes.py)
 
     @property
     def two_phase(self) -> bool:
-        return self.workers > 1 and len(self.trials) > 1 and verify_index(next(iter(self.recipes.values()))) > 0
+        recipe = self.base or next(iter(self.recipes.values()))
+        many = len(self.trials) > 1 or (self.search is not None and self.search.trials > 1)
+        return self.workers > 1 and many and verify_index(recipe) > 0
 
 
 def verify_index(recipe: Recipe) -> int:

@@ -45,7 +45,9 @@ def time_in_subprocess(spec: dict[str, Any], batch: np.ndarray, timeout_s: float
 
 def _load_session(spec: dict[str, Any]) -> Any:
     from pipeline.backends import get_backend
+    from pipeline.plugins import load_plugins
 
+    load_plugins(spec.get("plugins", []))  # a plug-in backend must be registered here too
     backend = get_backend(spec["backend"])
     if spec["backend"] != "torch":
         return backend.load(spec["artifact"], threads=spec["threads"], precision_hint=spec.get("precision"))
@@ -65,11 +67,10 @@ def child(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     x = np.load(spec["input"])
-    session = _load_session(spec)
-    try:
+    from pipeline.backends.torch import torch_threads
+
+    with torch_threads(spec["threads"]), _load_session(spec) as session:  # no switching inside the loop
         times = measure({"x": lambda: session.infer(x)}, spec["warmup"], spec["iterations"], interleave=False)["x"]
-    finally:
-        session.close()
     print(json.dumps({"times_ms": times}))
 
 

@@ -23,13 +23,26 @@ def conv_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, VISUAL_TYPES)]
 
 
-def default_layers(model: nn.Module, count: int = 3) -> list[str]:
-    """~`count` convs spread across depth: first, middle(s), last, so early edges and late parts show."""
-    convs = conv_layers(model)
+def spread_layers(convs: list[str], count: int = 3) -> list[str]:
+    """~`count` of `convs` spread across depth: first, middle(s), last, so early edges and late parts show."""
     if len(convs) <= count:
-        return convs
+        return list(convs)
     idx = sorted({round(i * (len(convs) - 1) / (count - 1)) for i in range(count)})
     return [convs[i] for i in idx]
+
+
+def default_layers(model: nn.Module, count: int = 3) -> list[str]:
+    return spread_layers(conv_layers(model), count)
+
+
+def unknown_layers_error(unknown: list[str], names: list[str], convs: list[str] | None = None) -> BadInput:
+    """One line naming each unknown layer's close matches (difflib) and the first conv layers."""
+    hints = []
+    for r in unknown:
+        close = difflib.get_close_matches(r, names, n=5, cutoff=0.5)
+        hints.append(f"'{r}'" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
+    convs = names if convs is None else convs
+    return BadInput(f"visualize: unknown layer {'; '.join(hints)}; conv layers: {', '.join(convs[:12])}")
 
 
 def resolve_layers(model: nn.Module, requested: list[str] | None, count: int = 3) -> list[str]:
@@ -42,11 +55,7 @@ def resolve_layers(model: nn.Module, requested: list[str] | None, count: int = 3
     names = [n for n, _ in model.named_modules() if n]
     unknown = [r for r in requested if r not in names]
     if unknown:
-        hints = []
-        for r in unknown:
-            close = difflib.get_close_matches(r, names, n=5, cutoff=0.5)
-            hints.append(f"'{r}'" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
-        raise BadInput(f"visualize: unknown layer {'; '.join(hints)}; conv layers: {', '.join(conv_layers(model)[:12])}")
+        raise unknown_layers_error(unknown, names, conv_layers(model))
     return list(requested)
 
 

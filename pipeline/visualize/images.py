@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 from pipeline.errors import BadInput
+from pipeline.sources.data import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "load_images"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def load_images(path: str | Path, input_shape: list[int], mean: list[float] | None = None,

@@ -18,18 +18,14 @@ RESOLUTION_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def summarize_fn() -> Callable[[nn.Module, torch.Tensor], dict[str, Any]] | str:
-    """The profiler's summarize(), or the reason it cannot be used (shown as a skip)."""
-    try:
-        from pipeline.profiling import summarize
-    except ImportError as exc:
-        return f"pipeline.profiling.summarize unavailable ({exc})"
-    return summarize
-
-
 def scaling_table(model: nn.Module, example: torch.Tensor,
-                  summarize: Callable[[nn.Module, torch.Tensor], dict[str, Any]]) -> dict[str, Any]:
-    """{"resolution": [{size, macs, peak_bytes}], "batch": [{batch, macs, peak_bytes}]} at batch 1 / base size."""
+                  summarize: Callable[[nn.Module, torch.Tensor], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """{"resolution": [{size, macs, peak_bytes}], "batch": [{batch, macs, peak_bytes}]} at batch 1 / base size,
+    computed by `summarize` (default: the profiler's)."""
+    if summarize is None:
+        from pipeline.profiling import summarize as profiler_summarize
+
+        summarize = profiler_summarize
     one = example[:1]
     h, w = one.shape[-2:]
     res = []

@@ -82,13 +82,18 @@ def _join_scopes(parts: list[str]) -> str:
 
 
 def onnx_layer_map(model_proto: Any, layers: list[str]) -> dict[str, str]:
-    """{torch layer: ONNX tensor name} for layers whose nodes are found; the module's last node's output."""
+    """{layer: ONNX tensor name} for layers found in the graph. A layer is a torch module path (its
+    module's last node's output) or, for graphs without module scopes, a node's name (its output)."""
     found: dict[str, str] = {}
     wanted = set(layers)
     for node in model_proto.graph.node:  # topological order: the last match is the module's output
+        if not node.output or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
         path = module_path_of_node(node)
-        if path in wanted and node.output and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+        if path in wanted:
             found[path] = node.output[0]
+        if node.name in wanted:
+            found[node.name] = node.output[0]
     return {layer: found[layer] for layer in layers if layer in found}
 
 

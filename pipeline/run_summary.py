@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.report import fmt
-from pipeline.report.json import build_report
+from pipeline.report.document import build_report
 from pipeline.report.markdown import key_numbers
 
 MAX_LAYER_ROWS = 40  # beyond this, the largest feature maps are shown (all are in report.html)

@@ -6,7 +6,11 @@ being absent, skipped or failed: missing numbers are null, never invented.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from pipeline.atomic import dumps_json
+from pipeline.report import report_format
 
 SCHEMA_VERSION = "1.0"
 
@@ -101,3 +105,8 @@ def _machine(stages: list[dict[str, Any]]) -> dict[str, Any]:
     """CPU model/flags and load around the timing of the last verify stage (empty without one)."""
     verify = [s for s in stages if s["kind"] == "verify" and s["status"] in ("ok", "resumed")]
     return dict(verify[-1]["metrics"].get("machine") or {}) if verify else {}
+
+
+@report_format("json", "report.json")
+def render_json(report: dict[str, Any], run_dir: Path | None = None) -> str:
+    return dumps_json(report)

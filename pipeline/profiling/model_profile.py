@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline.profiling.graph import trace_graph
 from pipeline.profiling.memory import liveness, measure_peak
+from pipeline.units import human_bytes
 
 
 def batch_of(example_input: torch.Tensor, batch_size: int | None) -> torch.Tensor:
@@ -76,16 +77,6 @@ def summarize(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"  # pragma: no cover
-
-
 def to_markdown(profile: dict[str, Any], title: str = "Feature-map profile") -> str:
     """A human report: memory summary, then the per-layer table."""
     mem, tot = profile["memory"], profile["totals"]
@@ -93,19 +84,19 @@ def to_markdown(profile: dict[str, Any], title: str = "Feature-map profile") -> 
              f"Input {tot['input_shape']}, {tot['params']:,} parameters, {tot['macs']:,} MACs "
              f"(graph traced with {tot['graph_method']}).", "",
              "| memory | bytes |", "|---|---|",
-             f"| liveness peak (batch {mem['batch_size']}) | {human_bytes(mem['liveness_peak_bytes'])} |",
-             f"| liveness peak per sample | {human_bytes(mem['liveness_peak_per_sample_bytes'])} |",
-             f"| measured peak (allocator) | {human_bytes(mem['measured_peak_bytes'])} |",
-             f"| measured peak incl. in-op scratch | {human_bytes(mem['measured_peak_with_scratch_bytes'])} |",
-             f"| naive sum of all outputs | {human_bytes(mem['naive_sum_bytes'])} |",
-             f"| input | {human_bytes(mem['input_bytes'])} |",
-             f"| parameters + buffers | {human_bytes(mem['param_bytes'])} |", "",
+             f"| liveness peak (batch {mem['batch_size']}) | {_bytes(mem['liveness_peak_bytes'])} |",
+             f"| liveness peak per sample | {_bytes(mem['liveness_peak_per_sample_bytes'])} |",
+             f"| measured peak (allocator) | {_bytes(mem['measured_peak_bytes'])} |",
+             f"| measured peak incl. in-op scratch | {_bytes(mem['measured_peak_with_scratch_bytes'])} |",
+             f"| naive sum of all outputs | {_bytes(mem['naive_sum_bytes'])} |",
+             f"| input | {_bytes(mem['input_bytes'])} |",
+             f"| parameters + buffers | {_bytes(mem['param_bytes'])} |", "",
              f"Peak at `{mem['peak_at']}` with alive: " + ", ".join(f"`{n}`" for n in mem["alive_at_peak"]), "",
              "| layer | type | output | params | MACs | bytes | RF | stride |", "|---|---|---|---|---|---|---|---|"]
     for row in profile["layers"]:
         shape = "x".join(str(d) for d in row["output_shape"]) if row["output_shape"] else "-"
         lines.append(f"| {row['name']} | {row['type']} | {shape} | {row['params']:,} | {row['macs']:,} | "
-                     f"{human_bytes(row['bytes'])} | {row['receptive_field']} | {row['stride']} |")
+                     f"{_bytes(row['bytes'])} | {row['receptive_field']} | {row['stride']} |")
     red = profile.get("redundancy") or {}
     if red:
         lines += ["", "| layer | channels | dead | mean APoZ | pairs |r|>0.95 | mean rank | measured at |",
@@ -115,3 +106,7 @@ def to_markdown(profile: dict[str, Any], title: str = "Feature-map profile") -> 
             lines.append(f"| {name} | {r['channels']} | {r['dead']} | {r['mean_apoz']:.3f} | "
                          f"{r['high_corr_pairs']} | {rank} | {r['measured_at']} |")
     return "\n".join(lines) + "\n"
+
+
+def _bytes(n: float | None) -> str:
+    return human_bytes(n, missing="-")

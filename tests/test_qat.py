@@ -1,0 +1,183 @@
+"""QAT (quantize.method: qat) and the pass chain: the torch simulation rounds where the QDQ file
+rounds, trained weights go back into the same float file exactly, and QAT never ships worse than PTQ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from pipeline.export.onnx import INPUT_NAME, export_onnx
+from pipeline.quantization import ort_quant, qat
+from pipeline.quantization.calibration import StreamingReader
+from pipeline.quantization.qat_placement import locate, quantized_tensors, quantized_weights
+from pipeline.sources.data import DataBundle, TensorSplit
+from pipeline.stages.quantize import QuantizeConfig
+from conftest import run_quantize  # tests/ is on sys.path (rootdir conftest)
+
+
+class Block(nn.Module):
+    """Depthwise-separable residual block with ONE activation module called twice (as
+    EfficientNet-Lite does): placement must tell the two calls apart."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn2(self.pw(self.act(self.bn1(self.dw(self.act(x))))))
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.block = Block(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(self.bn(self.stem(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A SmallNet with non-trivial BN statistics, its float/prep files and a calibrated QDQ file."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    x = torch.randn(48, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    model.train()
+    with torch.no_grad():
+        for _ in range(5):
+            model(x)
+        model.bn.weight.mul_(-1.5)  # a negative BN scale: folding flips that channel's sign
+    model.eval()
+    work = tmp_path_factory.mktemp("qat")
+    prep = ort_quant.preprocess(export_onnx(model, x[:1], work / "fp32.onnx"), work / "prep.onnx")
+    split = TensorSplit("calib", x, None, batch_size=16)
+    qdq = ort_quant.quantize_static_qdq(prep, work / "qdq.onnx", StreamingReader(split, INPUT_NAME, 48))
+    return model, x, split, prep, qdq
+
+
+def _run(path: Path, x: torch.Tensor, optimise: bool = False) -> np.ndarray:
+    opts = ort.SessionOptions()
+    if not optimise:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # QDQ simulated in float
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {INPUT_NAME: x.numpy()})[0]
+
+
+def _placement(model, x, prep, qdq):
+    proto = onnx.load(str(qdq))
+    placement = locate(model, prep, quantized_tensors(proto), x[:2])
+    placement.weights = quantized_weights(proto, model)
+    return placement
+
+
+def test_every_quantized_tensor_and_weight_is_found_in_torch(small):
+    model, x, _, prep, qdq = small
+    placement = _placement(model, x, prep, qdq)
+    proto = onnx.load(str(qdq))
+    assert placement.unmatched == []
+    assert len(placement.activations) == len(quantized_tensors(proto))
+    assert {w.module for w in placement.weights} == {"stem", "block.dw", "block.pw", "head"} - (
+        set() if any(n.op_type == "Gemm" and n.name.startswith("/head") for n in proto.graph.node) else {"head"})
+    calls = {(p.module, p.call) for p in placement.activations if p.module == "block.act"}
+    assert calls == {("block.act", 0), ("block.act", 1)}  # the shared ReLU6, both calls
+
+
+def test_fake_quant_torch_model_computes_what_the_qdq_file_computes(small):
+    model, x, _, prep, qdq = small
+    student, _ = qat.prepare(model, onnx.load(str(prep)), _placement(model, x, prep, qdq))
+    with torch.no_grad():
+        simulated = student(x).numpy()
+    onnx_qdq, fp32 = _run(qdq, x), model(x).detach().numpy()
+    # the same roundings up to rare one-step flips (float summation order, int32 bias codes)
+    gap, int8_error = ((simulated - onnx_qdq) ** 2).mean(), ((fp32 - onnx_qdq) ** 2).mean()
+    assert gap < 0.1 * int8_error, (gap, int8_error)
+    assert int8_error > 1e-7  # the check above is not vacuous
+
+
+def test_trained_weights_are_written_back_into_the_same_float_file(small, tmp_path):
+    model, x, _, prep, qdq = small
+    float_onnx = onnx.load(str(prep))
+    student, plan = qat.prepare(model, float_onnx, _placement(model, x, prep, qdq))
+    assert set(plan["layers"]) >= {"stem", "block.dw", "block.pw"}
+    with torch.no_grad():  # stand-in for training: perturb every trainable tensor
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    trained = student.release()
+    assert not any(hasattr(m, "parametrizations") for m in trained.modules())
+    out = qat.write_back(trained, plan, float_onnx, tmp_path / "prep_qat.onnx")
+    with torch.no_grad():
+        expected = trained(x).numpy()
+    assert np.abs(_run(out, x) - expected).max() < 1e-4 * (np.abs(expected).max() + 1)
+    names = [n.name for n in onnx.load(str(out)).graph.node]
+    assert names == [n.name for n in float_onnx.graph.node]  # same graph: the calibration cache applies
+
+
+def test_bn_statistics_stay_frozen_during_training(small):
+    model, x, _, prep, qdq = small
+    student, _ = qat.prepare(model, onnx.load(str(prep)), _placement(model, x, prep, qdq))
+    before = student.model.bn.running_mean.clone()
+    student.train()
+    student(x).sum().backward()
+    assert torch.equal(student.model.bn.running_mean, before)
+    assert student.model.bn.weight.grad is None  # BN parameters are not trained (folded in the file)
+    assert student.model.stem.parametrizations.weight.original.grad is not None
+
+
+def test_qat_stage_never_ships_worse_than_ptq(small, make_ctx):
+    model, x, split, _, _ = small
+    ctx = make_ctx(model, DataBundle(calibration=split, eval=split))
+    cfg = QuantizeConfig(method="qat", qat={"steps": 6, "eval_every": 3, "augment": None}, backends=["onnxruntime"],
+                         latency_iterations=1, eval_samples=48, samples=48)
+    metrics = run_quantize(ctx, cfg).metrics
+    q = metrics["qat"]
+    assert q["placement"]["unmatched_activations"] == [] and q["steps_run"] == 6
+    assert "qat" in metrics["passes"] and "bias_correction" not in metrics["passes"]
+    final = metrics["artifacts"]["onnx_int8"]["agreement"]
+    assert final >= q["ptq"]["agreement"] - 1e-9
+    assert q["kept"] == ((q["qat"]["agreement"], q["qat"]["sqnr_db"]) > (q["ptq"]["agreement"], q["ptq"]["sqnr_db"]))
+
+
+@pytest.mark.parametrize("extra, key", [({"equalization": True}, "equalization"),
+                                        ({"weight_rounding": "gptq"}, "gptq"),
+                                        ({"mode": "dynamic"}, "mode: static")])
+def test_qat_refuses_combinations_it_would_undo(extra, key):
+    with pytest.raises(ValidationError, match=key):
+        QuantizeConfig(method="qat", **extra)
+
+
+def test_pass_chain_order_and_a_new_pass_is_one_registration(monkeypatch):
+    from pipeline.quantization import passes
+
+    names = [p.name for p, _ in passes.chain(QuantizeConfig())]
+    assert names == ["preprocess", "bias_correction", "keep_float", "range_setting", "emission", "fallback"]
+    assert [p.name for p, _ in passes.chain(QuantizeConfig(method="qat", equalization=False))][:4] == [
+        "preprocess", "keep_float", "range_setting", "qat"]
+
+    class Marker(passes.QuantPass[str]):
+        name, order = "marker", 45
+
+        def configure(self, stage_cfg):
+            return "on"
+
+        def run(self, state, config):
+            state.metrics["marker"] = config
+
+    monkeypatch.setitem(passes.PASSES, "marker", Marker)
+    names = [p.name for p, _ in passes.chain(QuantizeConfig())]
+    assert names.index("marker") == names.index("keep_float") + 1
