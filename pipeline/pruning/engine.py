@@ -135,8 +135,13 @@ def _fix_attributes(model: nn.Module) -> None:
 
 def prune_copy(model: nn.Module, example: torch.Tensor, ratio: float, settings: PruneSettings,
                protect: Protection, stats: ChannelStats | None = None,
-               grads: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """A pruned deep copy of `model` at channel `ratio` (the input model is never touched)."""
+               grads: dict[str, torch.Tensor] | None = None,
+               kept_out: dict[str, list[int]] | None = None) -> nn.Module:
+    """A pruned deep copy of `model` at channel `ratio` (the input model is never touched).
+
+    `kept_out`, when given, is filled with layer name -> the original output channels it keeps
+    (layers whose width changed), which `reconstruct` needs to pick the teacher's matching outputs.
+    """
     import torch_pruning as tp
 
     work = copy.deepcopy(model).eval()
@@ -166,6 +171,8 @@ def prune_copy(model: nn.Module, example: torch.Tensor, ratio: float, settings: 
             for group in pruner.step(interactive=True):
                 if isinstance(imp, StatsImportance):
                     imp.forget(group)
+                if kept_out is not None:
+                    _track_kept(work, group, kept_out)
                 group.prune()
     except (BadInput, StageFailed):
         raise
@@ -177,6 +184,24 @@ def prune_copy(model: nn.Module, example: torch.Tensor, ratio: float, settings: 
     return work
 
 
+def _track_kept(work: nn.Module, group: Any, kept_out: dict[str, list[int]]) -> None:
+    """Record which original output channels survive this group's removal (indices shift per step)."""
+    import torch_pruning as tp
+
+    fn = tp.pruner.function
+    names = {m: n for n, m in work.named_modules()}
+    for dep, idxs in group:
+        if dep.handler not in (fn.prune_conv_out_channels, fn.prune_linear_out_channels):
+            continue
+        m = dep.target.module
+        name = names.get(m)
+        if name is None:
+            continue
+        current = kept_out.setdefault(name, list(range(out_channels(m))))
+        gone = set(int(i) for i in idxs)
+        kept_out[name] = [c for i, c in enumerate(current) if i not in gone]
+
+
 @dataclass
 class SearchResult:
     model: nn.Module
@@ -184,6 +209,7 @@ class SearchResult:
     reduction: float
     reached: bool
     trials: list[dict[str, float]]
+    kept_out: dict[str, list[int]] = field(default_factory=dict)  # layer -> original out channels kept
 
 
 COST_KEY = {"macs": "macs", "params": "params", "peak_memory": "liveness_peak_bytes"}
@@ -200,12 +226,17 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: str, amount
     is 1 - sqrt(1 - amount) and each later trial halves the bracket. Returns the smallest ratio
     whose reduction is >= amount - tolerance, or the strongest trial if none gets there.
     """
+    kept: dict[int, dict[str, list[int]]] = {}
+
     def run(r: float) -> nn.Module:
-        return prune_copy(model, example, r, settings, protect, stats, grads)
+        out: dict[str, list[int]] = {}
+        m = prune_copy(model, example, r, settings, protect, stats, grads, kept_out=out)
+        kept[id(m)] = out
+        return m
 
     if target == "ratio":
         m = run(amount)
-        return SearchResult(m, amount, amount, True, [])
+        return SearchResult(m, amount, amount, True, [], kept[id(m)])
     key = COST_KEY[target]
     base = model_cost(model, example)[key]
     if not base:
@@ -236,9 +267,9 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, target: str, amount
             break
         r = (lo + hi) / 2
     if best is not None:
-        return SearchResult(best[2], best[0], best[1], True, trials)
+        return SearchResult(best[2], best[0], best[1], True, trials, kept[id(best[2])])
     assert strongest is not None
-    return SearchResult(strongest[2], strongest[0], strongest[1], False, trials)
+    return SearchResult(strongest[2], strongest[0], strongest[1], False, trials, kept[id(strongest[2])])
 
 
 def taylor_gradients(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:

@@ -83,6 +83,17 @@ class FinetuneSettings:
     feature_layers: tuple[str, ...] = ()
     feature_weight: float = 1.0
     seed: int = 0
+    freeze_bn: bool = False  # BatchNorm keeps its running statistics (eval mode) while the weights train
+
+
+def train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Training mode, except BatchNorm layers when `freeze_bn` (small batches of a few photos would
+    otherwise replace statistics estimated on the original training set)."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def lr_factor(progress: float, warmup: float, schedule: str) -> float:
@@ -148,6 +159,89 @@ class FeatureDistiller:
             h.remove()
 
 
+class _Budget:
+    """Progress through whichever budget (steps, or minutes of wall clock) ends first."""
+
+    def __init__(self, train: DataSplit, s: FinetuneSettings) -> None:
+        self.steps_per_epoch = max(1, -(-len(train) // max(train.batch_size, 1)))
+        self.total_steps = s.steps if s.steps is not None else (
+            None if s.minutes is not None else s.epochs * self.steps_per_epoch)
+        self.seconds = None if s.minutes is None else s.minutes * 60.0
+        self.eval_every = s.eval_every or self.steps_per_epoch
+        self.start = time.monotonic()
+
+    def progress(self, next_step: int) -> float:
+        p = 0.0
+        if self.total_steps:
+            p = max(p, next_step / self.total_steps)
+        if self.seconds:
+            p = max(p, (time.monotonic() - self.start) / self.seconds)
+        return p
+
+
+class _Selection:
+    """Keeps the best evaluated state; candidate zero (the input model) sets the floor on agreement."""
+
+    def __init__(self, model: nn.Module, ref: Reference | None, patience: int | None) -> None:
+        self.model, self.ref, self.patience = model, ref, patience
+        self.zero = self.evaluate()
+        self.best_key, self.best_step, self.bad = self.key(self.zero), 0, 0
+        self.best_state = copy.deepcopy(model.state_dict())
+
+    def evaluate(self) -> dict[str, float | None]:
+        return score(self.model, self.ref) if self.ref is not None else {"agreement": None, "kl": None, "val_acc": None}
+
+    @staticmethod
+    def key(m: dict[str, float | None]) -> tuple[float, float]:
+        primary = m["val_acc"] if m["val_acc"] is not None else m["agreement"]
+        return (primary or 0.0, -(m["kl"] if m["kl"] is not None else math.inf))
+
+    def consider(self, m: dict[str, float | None], step: int) -> bool:
+        """Record an evaluation; True when early stopping says to stop."""
+        eligible = self.ref is None or (m["agreement"] or 0.0) >= (self.zero["agreement"] or 0.0)
+        if self.ref is None or (eligible and self.key(m) > self.best_key):
+            self.best_key, self.best_step, self.bad = self.key(m), step, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            return False
+        self.bad += 1
+        return self.patience is not None and self.bad >= self.patience
+
+
+def _optimizer(model: nn.Module, features: FeatureDistiller | None, s: FinetuneSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if features is not None:
+        params += list(features.adapters.parameters())
+    return (torch.optim.Adam(params, lr=s.lr) if s.optimizer == "adam"
+            else torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=1e-4))
+
+
+def _step(model: nn.Module, teacher: nn.Module | None, features: FeatureDistiller | None,
+          opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | None, s: FinetuneSettings) -> float:
+    """One optimizer step on one batch; returns the batch loss."""
+    with torch.no_grad():
+        t_out = teacher(x) if teacher is not None else None
+    loss = distill_loss(model(x), t_out, y, s.temperature, s.alpha)
+    if features is not None:
+        loss = loss + s.feature_weight * features.loss()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.item())
+
+
+def _bars(console: Any, total_steps: int | None) -> tuple[Any, Any]:
+    """A rich progress bar on a terminal; timestamped lines (Ticker) in a CI log that never sees a bar."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipeline.progress import Ticker
+
+    bar = Progress(TextColumn("fine-tune {task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), console=console, transient=True, disable=console is None)
+    ticker = Ticker(console, "fine-tune", total_steps, "steps") if (
+        console is not None and not console.is_terminal) else None
+    return bar, ticker
+
+
 def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, ref: Reference | None,
              settings: FinetuneSettings, console: Any = None) -> dict[str, Any]:
     """Fine-tune `model` in place and load the selected candidate; returns the curve and the choice.
@@ -158,106 +252,61 @@ def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, ref:
     s = settings
     if not s.distill and not train.has_labels:
         raise BadInput("prune.finetune: data.train has no labels, so distill must be true")
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     torch.manual_seed(s.seed)
     teacher = teacher.eval() if (s.distill and teacher is not None) else None
     features = None
     if s.feature_layers and teacher is not None:
         features = FeatureDistiller(model, teacher, s.feature_layers, train.first_batch()[0][:2])
-    params = [p for p in model.parameters() if p.requires_grad]
-    if features is not None:
-        params += list(features.adapters.parameters())
-    opt = (torch.optim.Adam(params, lr=s.lr) if s.optimizer == "adam"
-           else torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=1e-4))
-    steps_per_epoch = max(1, -(-len(train) // max(train.batch_size, 1)))
-    total_steps = s.steps if s.steps is not None else (None if s.minutes is not None else s.epochs * steps_per_epoch)
-    seconds = None if s.minutes is None else s.minutes * 60.0
-    eval_every = s.eval_every or steps_per_epoch
+    opt = _optimizer(model, features, s)
     augment = Augmenter(s.augment, s.seed) if s.augment is not None else None
-
-    def evaluate() -> dict[str, float | None]:
-        return score(model, ref) if ref is not None else {"agreement": None, "kl": None, "val_acc": None}
-
-    def key(m: dict[str, float | None]) -> tuple[float, float]:
-        primary = m["val_acc"] if m["val_acc"] is not None else m["agreement"]
-        return (primary or 0.0, -(m["kl"] if m["kl"] is not None else math.inf))
-
-    zero = evaluate()
-    history: list[dict[str, Any]] = [{"step": 0, "epoch": 0, "loss": None, "lr": 0.0, **zero}]
-    best_key, best_state, best_step = key(zero), copy.deepcopy(model.state_dict()), 0
-    bad, step, epoch, stopped = 0, 0, 0, "budget"
-    start = time.monotonic()
-
-    def progress_now(next_step: int) -> float:
-        p = 0.0
-        if total_steps:
-            p = max(p, next_step / total_steps)
-        if seconds:
-            p = max(p, (time.monotonic() - start) / seconds)
-        return p
-
-    bar = Progress(TextColumn("fine-tune {task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), console=console, transient=True, disable=console is None)
-    done = False
-    running, seen = 0.0, 0
-    from pipeline.progress import Ticker  # a CI log gets timestamped lines, not a bar it never sees
-
-    ticker = Ticker(console, "fine-tune", total_steps, "steps") if (
-        console is not None and not console.is_terminal) else None
+    sel = _Selection(model, ref, s.patience)
+    budget = _Budget(train, s)  # the clock starts after candidate zero is scored
+    history: list[dict[str, Any]] = [{"step": 0, "epoch": 0, "loss": None, "lr": 0.0, **sel.zero}]
+    step, epoch, stopped, done, running, seen = 0, 0, "budget", False, 0.0, 0
+    bar, ticker = _bars(console, budget.total_steps)
     with bar:
-        task = bar.add_task("", total=total_steps or 100, info="")
+        task = bar.add_task("", total=budget.total_steps or 100, info="")
         while not done:
             epoch += 1
-            model.train()
+            train_mode(model, s.freeze_bn)
             for x, y in train.batches():
-                if augment is not None:
-                    x = augment(x)
-                factor = lr_factor(progress_now(step + 1), s.warmup, s.schedule)
+                x = augment(x) if augment is not None else x
+                factor = lr_factor(budget.progress(step + 1), s.warmup, s.schedule)
                 for g in opt.param_groups:
                     g["lr"] = s.lr * factor
-                with torch.no_grad():
-                    t_out = teacher(x) if teacher is not None else None
-                loss = distill_loss(model(x), t_out, y, s.temperature, s.alpha)
-                if features is not None:
-                    loss = loss + s.feature_weight * features.loss()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
-                running += loss.item() * len(x)
-                seen += len(x)
-                done = progress_now(step) >= 1.0
-                bar.update(task, completed=min(step, total_steps) if total_steps else 100 * progress_now(step),
-                           description=f"step {step}", info=f"loss {running / max(seen, 1):.4f}")
+                running += _step(model, teacher, features, opt, x, y, s) * len(x)
+                step, seen = step + 1, seen + len(x)
+                done = budget.progress(step) >= 1.0
+                bar.update(task, completed=min(step, budget.total_steps) if budget.total_steps
+                           else 100 * budget.progress(step), description=f"step {step}",
+                           info=f"loss {running / max(seen, 1):.4f}")
                 if ticker is not None:
                     ticker.advance(1)
-                if step % eval_every == 0 or done:
-                    m = evaluate()
-                    mean_loss = running / max(seen, 1)
+                if step % budget.eval_every == 0 or done:
+                    m, mean_loss = sel.evaluate(), running / max(seen, 1)
                     history.append({"step": step, "epoch": epoch,
                                     "loss": round(mean_loss, 6) if math.isfinite(mean_loss) else None,
                                     "lr": round(s.lr * factor, 8), **m})
                     running, seen = 0.0, 0
-                    model.train()
-                    eligible = ref is None or (m["agreement"] or 0.0) >= (zero["agreement"] or 0.0)
-                    if ref is None or (eligible and key(m) > best_key):
-                        best_key, best_step, bad = key(m), step, 0
-                        best_state = copy.deepcopy(model.state_dict())
-                    else:
-                        bad += 1
-                        if s.patience is not None and bad >= s.patience:
-                            stopped, done = "early_stop", True
+                    train_mode(model, s.freeze_bn)
+                    if sel.consider(m, step):
+                        stopped, done = "early_stop", True
                 if done:
                     break
     if features is not None:
         features.close()
-    model.load_state_dict(best_state)
+    return _result(model, sel, history, step, epoch, stopped, budget, ref)
+
+
+def _result(model: nn.Module, sel: _Selection, history: list[dict[str, Any]], step: int, epoch: int,
+            stopped: str, budget: _Budget, ref: Reference | None) -> dict[str, Any]:
+    """Load the selected candidate into `model` and describe the run."""
+    model.load_state_dict(sel.best_state)
     model.eval()
-    chosen = next(h for h in history if h["step"] == best_step)
-    return {"steps_run": step, "epochs_run": epoch, "best_step": best_step, "best_epoch": chosen["epoch"],
-            "stopped": stopped, "seconds": round(time.monotonic() - start, 2),
+    chosen = next(h for h in history if h["step"] == sel.best_step)
+    return {"steps_run": step, "epochs_run": epoch, "best_step": sel.best_step, "best_epoch": chosen["epoch"],
+            "stopped": stopped, "seconds": round(time.monotonic() - budget.start, 2),
             "selected_on": None if ref is None else ("val_acc" if ref.y is not None else "agreement"),
             "validation": None if ref is None else {"source": ref.source, "samples": len(ref)},
-            "candidate_zero": zero, "best": {k: chosen[k] for k in ("agreement", "kl", "val_acc")},
+            "candidate_zero": sel.zero, "best": {k: chosen[k] for k in ("agreement", "kl", "val_acc")},
             "history": history}

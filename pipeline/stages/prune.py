@@ -50,6 +50,10 @@ class FinetuneConfig(StageConfig):
     augment: AugmentConfig | None = None  # {crop_scale, flip, color_jitter}; none = no augmentation
     feature_layers: list[str] = Field(default_factory=list)  # intermediate layers to distil (1x1 adapters)
     feature_weight: float = Field(1.0, gt=0)
+    # keep BatchNorm running statistics while training (batches of a few photos can be a worse estimate
+    # than the original training set's); off by default: where pruning left the statistics wrong the
+    # fine-tune must move them (the quickstart diverged with them frozen)
+    freeze_bn: bool = False
 
 
 class PruneConfig(StageConfig):
@@ -69,7 +73,12 @@ class PruneConfig(StageConfig):
     iterative_steps: int = Field(1, ge=1)
     correlation_aware: bool = False
     tolerance: float = Field(0.02, gt=0, lt=0.5)  # accepted |reduction - amount| for cost targets
-    bn_reestimate: bool = True  # recompute BatchNorm running stats on calibration images after pruning
+    # least-squares refit of the 1x1 conv / Linear layers that lost inputs, on calibration images
+    reconstruct: bool = True
+    # recompute BatchNorm running stats on calibration images after pruning; null: always without
+    # reconstruct, after it only when that raises agreement on calibration images it did not fit on
+    bn_reestimate: bool | None = None
+    rounds: int = Field(1, ge=1, le=10)  # prune/recover rounds towards the target (each: prune, recover)
     allocation: Literal["uniform", "sensitivity"] = "uniform"  # per-layer ratios: same, or by measured damage
     sensitivity_probe: float = Field(0.3, gt=0, lt=1)  # fraction of a group's channels masked per probe
     compare_allocations: bool = False  # also prune with uniform and global ranking, report agreement of each
@@ -106,83 +115,44 @@ class PruneStage(Stage[PruneConfig]):
 
     def run(self, ctx: StageContext, cfg: PruneConfig) -> StageResult:
         from pipeline.pruning.checkpoint import save_checkpoint
-        from pipeline.pruning.engine import (PruneSettings, default_protection, left_alone,
-                                             prune_to_target, resolve_ignored, taylor_gradients)
         from pipeline.pruning.finetune import accuracy
         from pipeline.pruning.measure import layer_costs, model_cost
         from pipeline.pruning.plot import plot_channels
 
         model, example = ctx.model.eval(), ctx.example_input
-        ignored = resolve_ignored(model, cfg.ignore)
-        protect = default_protection(model, example, ignored)
-
-        stats, stats_source = (_channel_stats(ctx, model) if cfg.criterion in NEEDS_STATS
-                               else (None, None))
-        grads = None
-        if cfg.criterion == "taylor":
-            cal = ctx.data.require("calibration", "prune")
-            grads = taylor_gradients(model, [b for _, b in zip(range(4), cal.batches())])
-
-        settings = PruneSettings(criterion=cfg.criterion, global_pruning=cfg.global_pruning, ignored=ignored,
-                                 round_to=cfg.round_to, iterative_steps=cfg.iterative_steps,
-                                 correlation_aware=cfg.correlation_aware)
-        sensitivity = None
-        if cfg.allocation == "sensitivity":
-            with ctx.console.status("prune: measuring per-group sensitivity on calibration images"):
-                sensitivity = _sensitivity(ctx, cfg, model, example, stats, grads, protect)
-            settings = replace(settings, layer_weights=tuple((r["layer"], r["weight"]) for r in sensitivity))
         before_cost, before_layers = model_cost(model, example), layer_costs(model, example)
         acc_before = accuracy(model, ctx.data.eval)
-
-        def on_trial(t: dict[str, float]) -> None:
-            ctx.console.print(f"prune: ratio {t['ratio']:.3f} -> {cfg.target} reduction {t['reduction']:.3f}")
-
-        with ctx.console.status(f"pruning ({cfg.criterion}, {cfg.target} {cfg.amount})"):
-            found = prune_to_target(model, example, cfg.target, cfg.amount, settings, protect, stats, grads,
-                                    tolerance=cfg.tolerance, on_trial=on_trial)
-        pruned = found.model
-        _check_forward(model, pruned, example)
-        if not found.reached:
-            ctx.console.print(f"[yellow]prune: {cfg.target} target {cfg.amount} not reached; "
-                            f"best reduction {found.reduction:.3f} at ratio {found.ratio:.3f}")
-
-        acc_pruned = accuracy(pruned, ctx.data.eval)
         reference = _agreement_reference(ctx, ctx.original_model)
-        agreement: dict[str, float | None] = {"after_prune": _agree(pruned, reference), "after_bn": None,
-                                              "after_finetune": None}
-        bn_metrics: dict[str, Any] | None = None
-        if cfg.bn_reestimate:
-            bn_metrics = _reestimate_bn(ctx, pruned)
-            agreement["after_bn"] = _agree(pruned, reference)
-            bn_metrics["accuracy_after"] = accuracy(pruned, ctx.data.eval)
-        ft_metrics: dict[str, Any] | None = None
-        acc_ft = None
-        if cfg.finetune is not None:
-            ft_metrics = _finetune(ctx, cfg.finetune, ctx.original_model, pruned)
-            acc_ft = accuracy(pruned, ctx.data.eval)
-            agreement["after_finetune"] = _agree(pruned, reference)
+        pruned, rounds = model, []
+        for k in range(1, cfg.rounds + 1):
+            pruned, row = _one_round(ctx, cfg, pruned, k, reference, rounds[-1] if rounds else None)
+            rounds.append(row)
+        _check_forward(model, pruned, example)
         pruned.eval()
-
         after_cost, after_layers = model_cost(pruned, example), layer_costs(pruned, example)
         layers = [{"name": n, "channels_before": b["channels"],
                    "channels_after": after_layers.get(n, b)["channels"], "macs_before": b["macs"],
                    "macs_after": after_layers.get(n, b)["macs"], "params_before": b["params"],
                    "params_after": after_layers.get(n, b)["params"]} for n, b in before_layers.items()]
+        last = rounds[-1]
         metrics: dict[str, Any] = {
             "criterion": cfg.criterion, "target": cfg.target, "amount": cfg.amount,
-            "ratio": round(found.ratio, 4), "target_reached": found.reached, "search": found.trials,
+            "ratio": last["ratio"], "target_reached": last["target_reached"],
+            "search": [t for r in rounds for t in r["search"]],
             "before": before_cost, "after": after_cost,
             "reduction": {k: (None if not before_cost[k] or after_cost[k] is None
                               else round(1 - after_cost[k] / before_cost[k], 4)) for k in before_cost},
-            "layers": layers, "left_alone": left_alone(before_layers, after_layers, model, protect),
-            "accuracy": {"before": acc_before, "after_prune": acc_pruned, "after_finetune": acc_ft},
-            "agreement": {**agreement, "source": None if reference is None else reference.source,
+            "layers": layers, "left_alone": last["left_alone"],
+            "accuracy": {"before": acc_before, "after_prune": rounds[0]["accuracy_after_prune"],
+                         "after_finetune": last["accuracy_after_finetune"]},
+            "agreement": {**{k: rounds[0]["agreement"][k] for k in ("after_prune", "after_reconstruct", "after_bn")},
+                          "after_finetune": last["agreement"]["after_finetune"],
+                          "source": None if reference is None else reference.source,
                           "samples": None if reference is None else len(reference)},
-            "batchnorm": bn_metrics, "finetune": ft_metrics, "allocation": cfg.allocation,
-            "sensitivity": sensitivity,
-            "allocation_comparison": (_compare_allocations(ctx, cfg, model, example, settings, protect, stats, grads,
-                                                           reference) if cfg.compare_allocations else None),
-            "stats_source": stats_source,
+            "reconstruct": rounds[0]["reconstruct"], "batchnorm": rounds[0]["batchnorm"],
+            "finetune": last["finetune"], "rounds": _round_summary(rounds) if cfg.rounds > 1 else None,
+            "allocation": cfg.allocation, "sensitivity": rounds[0]["sensitivity"],
+            "allocation_comparison": rounds[0]["allocation_comparison"], "stats_source": rounds[0]["stats_source"],
         }
         history = {k: metrics[k] for k in ("criterion", "target", "amount", "ratio", "before", "after")}
         base = ctx.model_spec.model_dump() if ctx.model_spec is not None else {}
@@ -202,6 +172,128 @@ class PruneStage(Stage[PruneConfig]):
         if art is None:
             raise StageFailed("prune: cannot resume, the previous run recorded no pruned_checkpoint")
         ctx.model = load_checkpoint(art.path, copy.deepcopy(ctx.original_model)).eval()
+
+
+def _round_amount(cfg: PruneConfig, k: int) -> float:
+    """This round's `amount` relative to the model it starts from, so that after round k the
+    original model has lost k/rounds of `cfg.amount` (same target kind)."""
+    done, goal = cfg.amount * (k - 1) / cfg.rounds, cfg.amount * k / cfg.rounds
+    return 1.0 - (1.0 - goal) / (1.0 - done)
+
+
+def _round_finetune(f: FinetuneConfig, rounds: int) -> FinetuneConfig:
+    """Each round gets its share of the fine-tune budget (epochs, steps and minutes split evenly)."""
+    if rounds == 1:
+        return f
+    return f.model_copy(update={"epochs": max(1, -(-f.epochs // rounds)),
+                                "steps": None if f.steps is None else max(1, f.steps // rounds),
+                                "minutes": None if f.minutes is None else f.minutes / rounds})
+
+
+def _prune_model(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, amount: float,
+                 first: bool) -> tuple[Any, dict[str, Any]]:
+    """One prune search on `model` (the original in round 1, the previous round's result later)."""
+    from pipeline.pruning.engine import (PruneSettings, default_protection, left_alone, prune_to_target,
+                                         resolve_ignored, taylor_gradients)
+    from pipeline.pruning.measure import layer_costs
+
+    example = ctx.example_input
+    ignored = resolve_ignored(model, cfg.ignore)
+    protect = default_protection(model, example, ignored)
+    stats, stats_source = ((_channel_stats(ctx, model) if first else _fresh_stats(ctx, model))
+                           if cfg.criterion in NEEDS_STATS else (None, None))
+    grads = None
+    if cfg.criterion == "taylor":
+        cal = ctx.data.require("calibration", "prune")
+        grads = taylor_gradients(model, [b for _, b in zip(range(4), cal.batches())])
+    settings = PruneSettings(criterion=cfg.criterion, global_pruning=cfg.global_pruning, ignored=ignored,
+                             round_to=cfg.round_to, iterative_steps=cfg.iterative_steps,
+                             correlation_aware=cfg.correlation_aware)
+    sensitivity = None
+    if cfg.allocation == "sensitivity":
+        with ctx.console.status("prune: measuring per-group sensitivity on calibration images"):
+            sensitivity = _sensitivity(ctx, cfg, model, example, stats, grads, protect)
+        settings = replace(settings, layer_weights=tuple((r["layer"], r["weight"]) for r in sensitivity))
+
+    def on_trial(t: dict[str, float]) -> None:
+        ctx.console.print(f"prune: ratio {t['ratio']:.3f} -> {cfg.target} reduction {t['reduction']:.3f}")
+
+    with ctx.console.status(f"pruning ({cfg.criterion}, {cfg.target} {amount:.3f})"):
+        found = prune_to_target(model, example, cfg.target, amount, settings, protect, stats, grads,
+                                tolerance=cfg.tolerance, on_trial=on_trial)
+    if not found.reached:
+        ctx.console.print(f"[yellow]prune: {cfg.target} target {amount:.3f} not reached; "
+                          f"best reduction {found.reduction:.3f} at ratio {found.ratio:.3f}")
+    comparison = (_compare_allocations(ctx, cfg, model, example, settings, protect, stats, grads,
+                                       _agreement_reference(ctx, ctx.original_model))
+                  if cfg.compare_allocations and first else None)
+    info = {"ratio": round(found.ratio, 4), "target_reached": found.reached, "search": found.trials,
+            "left_alone": left_alone(layer_costs(model, example), layer_costs(found.model, example), model, protect),
+            "sensitivity": sensitivity, "allocation_comparison": comparison, "stats_source": stats_source}
+    return found, info
+
+
+def _one_round(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, k: int, reference: Any,
+               previous: dict[str, Any] | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Prune towards round k's share of the target, then recover: reconstruct, BN, fine-tune."""
+    from pipeline.pruning.finetune import accuracy
+
+    found, row = _prune_model(ctx, cfg, model, _round_amount(cfg, k), first=k == 1)
+    pruned = found.model
+    kept = _compose_kept(previous["kept_out"] if previous else {}, found.kept_out)
+    row.update(round=k, kept_out=kept, accuracy_after_prune=accuracy(pruned, ctx.data.eval),
+               agreement={"after_prune": _agree(pruned, reference), "after_reconstruct": None, "after_bn": None,
+                          "after_finetune": None}, reconstruct=None, batchnorm=None, finetune=None,
+               accuracy_after_finetune=None)
+    if cfg.reconstruct:
+        row["reconstruct"] = _reconstruct(ctx, pruned, kept)
+        row["agreement"]["after_reconstruct"] = _agree(pruned, reference)
+    pruned, row["batchnorm"] = _batchnorm_step(ctx, cfg, pruned)
+    if row["batchnorm"] is not None and row["batchnorm"]["applied"]:
+        row["agreement"]["after_bn"] = _agree(pruned, reference)
+        row["batchnorm"]["accuracy_after"] = accuracy(pruned, ctx.data.eval)
+    if cfg.finetune is not None:
+        row["finetune"] = _finetune(ctx, _round_finetune(cfg.finetune, cfg.rounds), ctx.original_model, pruned)
+        row["accuracy_after_finetune"] = accuracy(pruned, ctx.data.eval)
+        row["agreement"]["after_finetune"] = _agree(pruned, reference)
+    return pruned.eval(), row
+
+
+def _compose_kept(before: dict[str, list[int]], now: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Original output channels kept after this round, from the previous rounds' and this one's."""
+    out = dict(before)
+    for name, idx in now.items():
+        prev = before.get(name)
+        out[name] = idx if prev is None else [prev[i] for i in idx]
+    return out
+
+
+def _round_summary(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"round": r["round"], "ratio": r["ratio"], "agreement": r["agreement"],
+             "finetune_steps": None if r["finetune"] is None else r["finetune"]["steps_run"]} for r in rounds]
+
+
+def _reconstruct(ctx: StageContext, pruned: torch.nn.Module, kept: dict[str, list[int]]) -> dict[str, Any]:
+    """Least-squares refit of the layers that lost inputs, against the original on calibration images."""
+    import time
+
+    from pipeline.pruning.reconstruct import reconstruct
+
+    images = _calibration_images(ctx)
+    start = time.monotonic()
+    with ctx.console.status("prune: reconstructing the layers that lost inputs (least squares)"):
+        refit = reconstruct(pruned, ctx.original_model, images, kept, seed=ctx.seed)
+    return {"layers": refit, "images": len(images), "source": "data.calibration",
+            "seconds": round(time.monotonic() - start, 2)}
+
+
+def _fresh_stats(ctx: StageContext, model: torch.nn.Module) -> tuple[Any, str]:
+    """Channel statistics of an already pruned model (later rounds): the profile's no longer fit."""
+    from pipeline.profiling.stats import collect_channel_stats
+
+    cal = ctx.data.require("calibration", "prune")
+    return collect_channel_stats(model, (x for _, (x, _y) in zip(range(8), cal.batches()))), \
+        "collected on calibration data (round > 1)"
 
 
 def _calibration_images(ctx: StageContext, limit: int = 64) -> torch.Tensor:
@@ -275,6 +367,31 @@ def _agree(model: torch.nn.Module, reference: Any) -> float | None:
     return None if reference is None else score(model, reference)["agreement"]
 
 
+def _batchnorm_step(ctx: StageContext, cfg: PruneConfig,
+                    pruned: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """BN re-estimation when asked; with `bn_reestimate: null` after reconstruction, only if it raises
+    agreement with the original on calibration images the reconstruction did not fit on."""
+    if cfg.bn_reestimate is False or (cfg.bn_reestimate is None and not _has_bn(pruned)):
+        return pruned, None
+    if cfg.bn_reestimate or not cfg.reconstruct:
+        return pruned, {**_reestimate_bn(ctx, pruned), "applied": True, "decided_on": None}
+    from pipeline.pruning.validation import logits
+
+    images = _calibration_images(ctx, 320)
+    held = images[64:] if len(images) >= 128 else images  # the first 64 fitted the reconstruction
+    target = logits(ctx.original_model, held).argmax(1)
+    candidate = copy.deepcopy(pruned)
+    metrics = _reestimate_bn(ctx, candidate)
+    kept, with_bn = (float((logits(m, held).argmax(1) == target).float().mean()) for m in (pruned, candidate))
+    metrics.update(applied=with_bn > kept, decided_on={"images": len(held), "agreement_without": round(kept, 4),
+                                                       "agreement_with": round(with_bn, 4)})
+    return (candidate if with_bn > kept else pruned), metrics
+
+
+def _has_bn(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _reestimate_bn(ctx: StageContext, pruned: torch.nn.Module, max_batches: int = 16) -> dict[str, Any]:
     """Recompute BatchNorm running statistics of the pruned model on calibration images."""
     from pipeline.pruning.batchnorm import reestimate_batchnorm
@@ -312,7 +429,7 @@ def _finetune(ctx: StageContext, f: FinetuneConfig, teacher: torch.nn.Module, pr
         epochs=f.epochs, steps=f.steps, minutes=f.minutes, lr=f.lr, optimizer=f.optimizer, schedule=f.schedule,
         warmup=f.warmup, distill=f.distill, temperature=f.temperature, alpha=f.alpha, patience=f.patience,
         eval_every=f.eval_every, augment=f.augment, feature_layers=tuple(f.feature_layers),
-        feature_weight=f.feature_weight, seed=ctx.seed)
+        feature_weight=f.feature_weight, seed=ctx.seed, freeze_bn=f.freeze_bn)
     # data-parallel under `fmap run --nproc N` / torchrun, else a plain call (pruning/distributed.py)
     return distributed.train(finetune, pruned, teacher, train, ref, settings, console=ctx.console)
 

@@ -150,13 +150,15 @@ def test_stage_reports_agreement_bn_and_curve_without_labels(tiny_model, make_ct
     x = torch.randn(96, 1, 16, 16, generator=g)
     split = TensorSplit("u", x, None, batch_size=16)
     ctx = make_ctx(tiny_model, DataBundle(calibration=split, eval=split, train=split))
-    cfg = PruneConfig.model_validate({"macs": 0.4, "finetune": {"steps": 8, "eval_every": 4, "lr": 0.01,
+    cfg = PruneConfig.model_validate({"macs": 0.4, "bn_reestimate": True,
+                                      "finetune": {"steps": 8, "eval_every": 4, "lr": 0.01,
                                                                 "augment": {"crop_scale": [0.5, 1.0]},
                                                                 "feature_layers": ["conv2"]}})
     m = PruneStage().run(ctx, cfg).metrics
     ag = m["agreement"]
     assert ag["source"] == "data.eval" and ag["samples"] == 96
-    assert all(0.0 <= ag[k] <= 1.0 for k in ("after_prune", "after_bn", "after_finetune"))
+    assert all(0.0 <= ag[k] <= 1.0 for k in ("after_prune", "after_reconstruct", "after_bn", "after_finetune"))
+    assert m["reconstruct"]["layers"] == ["fc"] and m["reconstruct"]["images"] == 64
     assert m["batchnorm"]["images"] == 96
     ft = m["finetune"]
     assert ft["selected_on"] == "agreement" and ft["history"][0]["step"] == 0
@@ -247,3 +249,42 @@ def test_stage_sensitivity_allocation_and_comparison(tiny_model, tiny_data, make
     assert all(0 <= r["agreement_after_bn"] <= 1 for r in m["allocation_comparison"])
     with pytest.raises(ValidationError):
         PruneConfig.model_validate({"macs": 0.3, "allocation": "sensitivity", "global": True})
+
+
+def test_reconstruction_restores_a_pruned_linear_layer_exactly():
+    """A Linear layer that lost inputs the others can express is refitted to the teacher's output."""
+    from pipeline.pruning.reconstruct import reconstruct
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4)).eval()
+    with torch.no_grad():  # hidden unit 5 = unit 0 + unit 1: removing it loses nothing
+        teacher[0].weight[5] = teacher[0].weight[0] + teacher[0].weight[1]
+        teacher[0].bias[5] = teacher[0].bias[0] + teacher[0].bias[1]
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0] = torch.nn.Linear(8, 5)
+        student[0].weight.copy_(teacher[0].weight[:5])
+        student[0].bias.copy_(teacher[0].bias[:5])
+        student[1] = torch.nn.Linear(5, 4)
+        student[1].weight.copy_(teacher[1].weight[:, :5])
+        student[1].bias.copy_(teacher[1].bias)
+    x = torch.randn(256, 8)
+    before = (student(x) - teacher(x)).abs().max()
+    assert reconstruct(student, teacher, x, {"0": [0, 1, 2, 3, 4]}) == ["1"]
+    after = (student(x) - teacher(x)).abs().max()
+    assert before > 0.05 and after < 0.05 * before
+
+
+def test_iterative_rounds_reach_the_target_and_report_each_round(tiny_model, tiny_data, make_ctx):
+    ctx = make_ctx(tiny_model, tiny_data)
+    cfg = PruneConfig.model_validate({"macs": 0.4, "rounds": 2, "finetune": {"steps": 4, "eval_every": 2}})
+    m = PruneStage().run(ctx, cfg).metrics
+    assert [r["round"] for r in m["rounds"]] == [1, 2]
+    assert all(r["finetune_steps"] == 2 for r in m["rounds"])
+    assert m["reduction"]["macs"] >= 0.4 - 0.05
+    assert m["agreement"]["after_finetune"] is not None
+    bn = m["batchnorm"]  # bn_reestimate null after reconstruction: decided by agreement, recorded
+    d = bn["decided_on"]
+    assert d["images"] == 64 and bn["applied"] == (d["agreement_with"] > d["agreement_without"])
+    with pytest.raises(ValidationError):
+        PruneConfig.model_validate({"macs": 0.4, "rounds": 0})
