@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from tests.sources.test_model_sources import MODEL_PY
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -137,18 +138,8 @@ def script(block: Block, slow: bool) -> str:
 
 # ---- the directory a reader would have -------------------------------------------------------
 
-FACTORY_PY = '''
-import torch
-from torch import nn
-
-
-def build_net(num_classes: int = 3) -> nn.Module:
-    """A small CNN for 24-pixel RGB images: the reader's own model file."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(16, num_classes))
-'''
+# the reader's own model file (a small CNN for 24-pixel RGB images), with the factory the docs name
+FACTORY_PY = MODEL_PY.replace("def tiny_net(", "def build_net(")
 
 MAKE_ONNX = """
 import sys, warnings, torch

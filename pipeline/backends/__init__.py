@@ -32,3 +32,13 @@ def available(name: str) -> str | None:
         return BACKENDS.get(name).available()
     except Exception as exc:  # a probe must never crash verify
         return f"{name} availability check failed: {type(exc).__name__}: {exc}"
+
+
+def registered_names(names: list[str]) -> list[str]:
+    """`names` if every one is a registered backend (built-in or plug-in), else ValueError naming
+    them all: the pydantic validator of every config key that lists backends."""
+    known = backend_names()
+    unknown = [b for b in names if b not in known]
+    if unknown:
+        raise ValueError(f"unknown backend '{unknown[0]}' (expected {' | '.join(repr(n) for n in known)})")
+    return names

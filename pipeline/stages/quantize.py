@@ -60,13 +60,9 @@ class QuantizeConfig(StageConfig):
     @classmethod
     def _registered(cls, v: list[str]) -> list[str]:
         """Built-in or plug-in backends (pipeline.backends registry) time the stage's own files."""
-        from pipeline.backends import backend_names
+        from pipeline.backends import registered_names
 
-        names = backend_names()
-        unknown = [b for b in v if b not in names]
-        if unknown:
-            raise ValueError(f"unknown backend '{unknown[0]}' (expected {' | '.join(repr(n) for n in names)})")
-        return v
+        return registered_names(v)
 
     @model_validator(mode="after")
     def _qat_combines(self) -> QuantizeConfig:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from pipeline.backends import available, backend_names, get_backend, loads
+from pipeline.backends import available, get_backend, loads, registered_names
 from pipeline.backends.base import BackendUnavailable
 from pipeline.backends.torch import torch_threads
 from pipeline.errors import BadInput, StageFailed
@@ -59,11 +59,7 @@ class VerifyConfig(StageConfig):
     @classmethod
     def _registered(cls, v: list[str]) -> list[str]:
         """Any registered backend (built-in or plug-in) is accepted; the message names them."""
-        names = backend_names()
-        unknown = [b for b in v if b not in names]
-        if unknown:
-            raise ValueError(f"unknown backend '{unknown[0]}' (expected {' | '.join(repr(n) for n in names)})")
-        return v
+        return registered_names(v)
 
 
 @dataclass
