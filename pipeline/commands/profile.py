@@ -67,15 +67,14 @@ def profile(model_spec: str, input_shape: str | None, weights: str | None, data:
 def _render(console: Any, prof: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from pipeline.profiling.model_profile import LAYER_COLUMNS, layer_rows
     from pipeline.units import human_bytes
 
     table = Table(title="per-layer profile", show_lines=False)
-    for col in ("layer", "type", "output", "params", "MACs", "bytes", "RF", "stride"):
+    for col in LAYER_COLUMNS:
         table.add_column(col, justify="left" if col in ("layer", "type", "output") else "right")
-    for r in prof["layers"]:
-        shape = "x".join(map(str, r["output_shape"])) if r["output_shape"] else "-"
-        table.add_row(r["name"], r["type"], shape, f"{r['params']:,}", f"{r['macs']:,}", human_bytes(r["bytes"]),
-                      str(r["receptive_field"]), str(r["stride"]))
+    for row in layer_rows(prof["layers"]):
+        table.add_row(*row)
     console.print(table)
     mem, tot = prof["memory"], prof["totals"]
     console.print(f"params {tot['params']:,}   MACs {tot['macs']:,}   graph: {tot['graph_method']}")

@@ -92,11 +92,8 @@ def to_markdown(profile: dict[str, Any], title: str = "Feature-map profile") -> 
              f"| input | {_bytes(mem['input_bytes'])} |",
              f"| parameters + buffers | {_bytes(mem['param_bytes'])} |", "",
              f"Peak at `{mem['peak_at']}` with alive: " + ", ".join(f"`{n}`" for n in mem["alive_at_peak"]), "",
-             "| layer | type | output | params | MACs | bytes | RF | stride |", "|---|---|---|---|---|---|---|---|"]
-    for row in profile["layers"]:
-        shape = "x".join(str(d) for d in row["output_shape"]) if row["output_shape"] else "-"
-        lines.append(f"| {row['name']} | {row['type']} | {shape} | {row['params']:,} | {row['macs']:,} | "
-                     f"{_bytes(row['bytes'])} | {row['receptive_field']} | {row['stride']} |")
+             "| " + " | ".join(LAYER_COLUMNS) + " |", "|" + "---|" * len(LAYER_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in layer_rows(profile["layers"])]
     red = profile.get("redundancy") or {}
     if red:
         lines += ["", "| layer | channels | dead | mean APoZ | pairs |r|>0.95 | mean rank | measured at |",
@@ -106,6 +103,24 @@ def to_markdown(profile: dict[str, Any], title: str = "Feature-map profile") -> 
             lines.append(f"| {name} | {r['channels']} | {r['dead']} | {r['mean_apoz']:.3f} | "
                          f"{r['high_corr_pairs']} | {rank} | {r['measured_at']} |")
     return "\n".join(lines) + "\n"
+
+
+LAYER_COLUMNS = ("layer", "type", "output", "channels", "volume", "params", "MACs", "bytes", "RF", "stride")
+
+
+def layer_rows(layers: list[dict[str, Any]]) -> list[list[str]]:
+    """The per-layer table, formatted once for every renderer: profile.md, the console, report.html."""
+    rows = []
+    for r in layers:
+        shape = "×".join(str(d) for d in r["output_shape"]) if r.get("output_shape") else "-"
+        rows.append([r["name"], r["type"], shape, _count(r.get("channels")), _count(r.get("volume")),
+                     _count(r.get("params")), _count(r.get("macs")), _bytes(r.get("bytes")),
+                     str(r.get("receptive_field", "-")), str(r.get("stride", "-"))])
+    return rows
+
+
+def _count(n: Any) -> str:
+    return f"{n:,}" if isinstance(n, int) else "-"
 
 
 def _bytes(n: float | None) -> str:

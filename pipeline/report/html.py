@@ -106,12 +106,16 @@ def _section(st: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _profile(m: dict[str, Any]) -> dict[str, Any]:
-    cols = ["name", "type", "output_shape", "channels", "volume", "bytes", "params", "macs", "receptive_field", "stride"]
+    from pipeline.profiling.model_profile import LAYER_COLUMNS, layer_rows
+
     mem = m.get("memory") or {}
     red = m.get("redundancy") or {}
     red_rows = [dict(layer=k, **{a: b for a, b in v.items() if not isinstance(b, (list, dict))})
                 for k, v in red.items() if isinstance(v, dict)]
-    return {"totals": _pairs(m.get("totals") or {}), "layers": _dict_table(m.get("layers"), cols, "layers"),
+    layers = [r for r in m.get("layers") or [] if isinstance(r, dict)]
+    return {"totals": _pairs(m.get("totals") or {}),
+            "layers": {"id": "layers", "cols": list(LAYER_COLUMNS), "rows": layer_rows(layers[:1000]),
+                       "more": max(0, len(layers) - 1000)},
             "memory": _pairs({k: v for k, v in mem.items() if not isinstance(v, (list, dict))}),
             "timeline_img": plots.memory_timeline(m.get("timeline"), mem.get("peak_at")),
             "redundancy": _dict_table(red_rows, None, "redundancy") if red else None,
