@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--qat-steps", type=int, default=200, help="fine-tune steps of the QAT row (0: no QAT row)")
     ap.add_argument("--ablations", action="store_true", help="also rows without bias correction and with equalization")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="keep only the fmap rows whose label contains TEXT (repeatable)")
+    ap.add_argument("--heading", default=HEADING, help="the RESULTS.md section to (re)write")
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
@@ -188,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.qat_steps:
             variants[f"fmap QAT mse, {args.qat_steps} steps (target auto = {host})"] = {
                 "calibration": "mse", "method": "qat", "qat": {"steps": args.qat_steps}}
+        if args.only:
+            variants = {k: v for k, v in variants.items() if any(t in k for t in args.only)}
         notes: dict[str, str] = {}
         for i, (label, overrides) in enumerate(variants.items()):
             print(f"quantizing: {label}", file=sys.stderr, flush=True)
@@ -221,16 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if args.write:
         cpu = host_cpu()
-        section = [HEADING, "",
+        section = [args.heading, "",
                    f"`python benchmarks/int8_pretrained.py --calib {args.calib} --eval {args.eval} "
-                   f"--qat-steps {args.qat_steps}{' --ablations' if args.ablations else ''} --write`; "
+                   f"--qat-steps {args.qat_steps}{' --ablations' if args.ablations else ''}"
+                   f"{''.join(f' --only {t!r}' for t in args.only)}"
+                   f"{f' --heading {args.heading!r}' if args.heading != HEADING else ''} --write`; "
                    f"{machine_line(THREADS)} CPU int8 flags: {', '.join(cpu.flags)} (fmap target `{cpu.target}`); "
                    f"load average {load:.1f} during the run.", "",
                    f"Calibration: {args.calib} crops of {photos.describe('calibration')}; evaluation: {args.eval} "
                    f"crops of {photos.describe('test')} (no photo in both), scaled to [-1, 1] as Lite0 was trained. Agreement = top-1 identical to torch "
                    "FP32; confident = crops where FP32's top-1 probability is >= 0.5; SQNR = logits vs FP32.", "",
                    *lines]
-        write_section("\n".join(section), HEADING)
+        write_section("\n".join(section), args.heading)
     return 0
 
 

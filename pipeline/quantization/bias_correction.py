@@ -82,7 +82,7 @@ class BiasCorrection(QuantPass[BiasCorrectionConfig]):
     order = 30
 
     def configure(self, stage_cfg: Any) -> BiasCorrectionConfig | None:
-        if not stage_cfg.bias_correction or stage_cfg.method == "qat":
+        if not stage_cfg.bias_correction:
             return None
         return BiasCorrectionConfig(stage_cfg.per_channel)
 

@@ -101,7 +101,7 @@ class Emission(QuantPass[EmissionConfig]):
         return EmissionConfig(
             calibration=stage_cfg.calibration, per_channel=stage_cfg.per_channel,
             activation_type=stage_cfg.activation_type, weight_rounding=stage_cfg.weight_rounding,
-            rounding_reference="nearest" if stage_cfg.bias_correction and stage_cfg.method != "qat" else "float",
+            rounding_reference="nearest" if stage_cfg.bias_correction else "float",
             overflow_fix=targets.needs_overflow_fix(targets.resolve(stage_cfg.target)))
 
     def run(self, state: QuantState, config: EmissionConfig) -> None:

@@ -241,9 +241,12 @@ class Qat(QuantPass[QatConfig]):
             raise BadInput("quantize.method: qat needs a torch model to train; this recipe's model is a file "
                            "without one (use method: ptq)")
         assert state.prep is not None and state.calibrated is not None
-        float_onnx, qdq = onnx.load(str(state.prep)), onnx.load(str(state.calibrated))
+        # QAT trains from the file as exported (no bias correction: the weights learn to absorb the
+        # rounding), and competes with the full PTQ chain's file (state.prep, corrected)
+        base = state.work / "prep.onnx"
+        float_onnx, qdq = onnx.load(str(base)), onnx.load(str(state.calibrated))
         example = state.train.first_batch()[0][:2]
-        placement = locate(state.model, state.prep, quantized_tensors(qdq), example)
+        placement = locate(state.model, base, quantized_tensors(qdq), example)
         placement.weights = quantized_weights(qdq, state.model)
         ptq_path = state.emitter(state.exclude, "ptq")
         ptq = state.evaluate(ptq_path)

@@ -147,7 +147,7 @@ def test_qat_stage_never_ships_worse_than_ptq(small, make_ctx):
     metrics = run_quantize(ctx, cfg).metrics
     q = metrics["qat"]
     assert q["placement"]["unmatched_activations"] == [] and q["steps_run"] == 6
-    assert "qat" in metrics["passes"] and "bias_correction" not in metrics["passes"]
+    assert {"qat", "bias_correction"} <= set(metrics["passes"])  # QAT competes with the corrected PTQ file
     final = metrics["artifacts"]["onnx_int8"]["agreement"]
     assert final >= q["ptq"]["agreement"] - 1e-9
     assert q["kept"] == ((q["qat"]["agreement"], q["qat"]["sqnr_db"]) > (q["ptq"]["agreement"], q["ptq"]["sqnr_db"]))
@@ -166,8 +166,8 @@ def test_pass_chain_order_and_a_new_pass_is_one_registration(monkeypatch):
 
     names = [p.name for p, _ in passes.chain(QuantizeConfig())]
     assert names == ["preprocess", "bias_correction", "keep_float", "range_setting", "emission", "fallback"]
-    assert [p.name for p, _ in passes.chain(QuantizeConfig(method="qat", equalization=False))][:4] == [
-        "preprocess", "keep_float", "range_setting", "qat"]
+    assert [p.name for p, _ in passes.chain(QuantizeConfig(method="qat", equalization=False))][:5] == [
+        "preprocess", "bias_correction", "keep_float", "range_setting", "qat"]
 
     class Marker(passes.QuantPass[str]):
         name, order = "marker", 45
