@@ -173,3 +173,10 @@ def quickstart_timed(tmp_path_factory) -> TimedRun:
 @pytest.fixture(scope="session")
 def quickstart_run(quickstart_timed) -> tuple[Path, subprocess.CompletedProcess[str]]:
     return quickstart_timed.out, quickstart_timed.proc
+
+
+def tiny_factory() -> torch.nn.Module:
+    """2 classes, 3x8x8 inputs: the `python:` model source of the runner, run-directory and bad-input tests."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 2))

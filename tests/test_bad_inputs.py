@@ -21,15 +21,10 @@ import torch
 import yaml
 
 from pipeline.cli import main
+from conftest import tiny_factory  # also the model source python:<this module>:tiny_factory
 
 MODULE = __name__
 
-
-def tiny_factory() -> torch.nn.Module:
-    """2 classes, 3x8x8 inputs."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                               torch.nn.Flatten(), torch.nn.Linear(4, 2))
 
 
 def not_a_module() -> str:

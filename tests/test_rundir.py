@@ -16,7 +16,6 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from pipeline import atomic
@@ -28,15 +27,11 @@ from pipeline.recipe import load_recipe
 from pipeline.rundir import LOCK_FILE, RunDirLock, remove_orphans
 from pipeline.runner import Runner, run_recipe
 from pipeline.stages.base import Artifact, Stage, StageConfig, StageResult
+from conftest import tiny_factory  # noqa: F401  (the model source python:<this module>:tiny_factory)
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLS: list[str] = []
 
-
-def tiny_factory() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                               torch.nn.Flatten(), torch.nn.Linear(4, 2))
 
 
 class StepConfig(StageConfig):

@@ -8,21 +8,16 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-import torch
 
 from pipeline import stages as stage_registry
 from pipeline.cli import main
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
 from pipeline.stages.base import Artifact, GateResult, Stage, StageConfig, StageResult
+from conftest import tiny_factory  # noqa: F401  (the model source python:<this module>:tiny_factory)
 
 CALLS: list[str] = []
 
-
-def tiny_factory() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                               torch.nn.Flatten(), torch.nn.Linear(4, 2))
 
 
 class CountConfig(StageConfig):
