@@ -105,5 +105,7 @@ class Emission(QuantPass[EmissionConfig]):
             overflow_fix=targets.needs_overflow_fix(targets.resolve(stage_cfg.target)))
 
     def run(self, state: QuantState, config: EmissionConfig) -> None:
+        if state.first is not None:  # an earlier pass (QAT) already emitted and scored step 0
+            return
         state.first = state.emitter(state.exclude, "0")
         state.first_scores = state.evaluate(state.first)

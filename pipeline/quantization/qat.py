@@ -258,12 +258,15 @@ class Qat(QuantPass[QatConfig]):
         prep = write_back(student.release(), plan, float_onnx, state.work / "prep_qat.onnx")
         ptq_prep, ptq_ranges = state.emitter.prep, state.emitter.ranges
         state.emitter.prep, state.emitter.ranges = prep, saturation.activation_ranges(prep, state.reader)
-        trained = state.evaluate(state.emitter(state.exclude, "qat"))
+        qat_path = state.emitter(state.exclude, "qat")
+        trained = state.evaluate(qat_path)
         kept = _better(trained, ptq)
         if kept:
             state.prep, state.ranges = prep, state.emitter.ranges
         else:  # QAT did not beat PTQ on the deployable session: ship PTQ, say so
             state.emitter.prep, state.emitter.ranges = ptq_prep, ptq_ranges
+        # the winner, already emitted and scored, is the fallback's step 0 (emission does not redo it)
+        state.first, state.first_scores = (qat_path, trained) if kept else (ptq_path, ptq)
         state.metrics["qat"] = {"kept": kept, "ptq": _brief(ptq), "qat": _brief(trained),
                                 "placement": placement.to_dict(), "trained_layers": len(plan["layers"]),
                                 "config": config.model_dump(), **fit}
