@@ -76,6 +76,16 @@ def test_nproc_with_a_minutes_budget_is_bad_input_before_any_stage(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_nproc_with_a_qat_minutes_budget_is_bad_input_before_any_stage(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.split("stages:")[0] + "stages:\n  - export: {}\n"
+                      "  - quantize: {method: qat, qat: {minutes: 1}}\n")
+    res = CliRunner().invoke(cli, ["run", str(recipe), "--nproc", "2", "--out", str(tmp_path / "run")],
+                             standalone_mode=False)
+    assert isinstance(res.exception, BadInput) and str(res.exception).startswith("quantize.qat: minutes")
+    assert not (tmp_path / "run").exists()
+
+
 RECIPE = """
 name: ddp
 seed: 0
