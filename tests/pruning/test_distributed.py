@@ -104,22 +104,63 @@ stages:
 """
 
 
-@pytest.mark.slow
-def test_quickstart_fine_tune_on_two_processes_matches_one(tmp_path):
-    """The quickstart's model and data, prune 50% of MACs, 3 epochs: accuracy after fine-tuning with
-    2 gloo processes within 0.5 point of 1 process; only rank 0 writes the run directory."""
+def _manifests(tmp_path: Path, recipe_text: str) -> dict[int, dict]:
+    """`fmap run --nproc N` for N = 1, 2 (run directories tmp_path/n1, n2): their manifests."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(recipe_text)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    acc = {}
+    manifests = {}
     for n in (1, 2):
         out = tmp_path / f"n{n}"
         proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--nproc", str(n),
                                "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        prune = json.loads((out / "manifest.json").read_text())["stages"][0]["metrics"]
+        manifests[n] = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "n2").iterdir()) == sorted(p.name for p in (tmp_path / "n1").iterdir())
+    return manifests
+
+
+@pytest.mark.slow
+def test_quickstart_fine_tune_on_two_processes_matches_one(tmp_path):
+    """The quickstart's model and data, prune 50% of MACs, 3 epochs: accuracy after fine-tuning with
+    2 gloo processes within 0.5 point of 1 process; only rank 0 writes the run directory."""
+    acc = {}
+    for n, manifest in _manifests(tmp_path, RECIPE).items():
+        prune = manifest["stages"][0]["metrics"]
         acc[n] = prune["accuracy"]["after_finetune"]
         assert (prune["finetune"].get("distributed") or {}).get("world_size", 1) == n
     assert abs(acc[1] - acc[2]) <= 0.005, acc
     assert acc[2] > 0.9  # it did recover (after_prune is ~10%)
-    assert sorted(p.name for p in (tmp_path / "n2").iterdir()) == sorted(p.name for p in (tmp_path / "n1").iterdir())
+
+
+QAT_RECIPE = """
+name: ddp-qat
+seed: 0
+threads: 2
+model: {source: "builtin:digits_cnn", input_shape: [1, 1, 32, 32]}
+data:
+  calibration: {source: builtin, split: calibration, batch_size: 32, samples: 128}
+  eval: {source: builtin, split: test, batch_size: 64, samples: 256}
+  train: {source: builtin, split: train, batch_size: 32, samples: 256}
+stages:
+  - export: {}
+  - quantize:
+      method: qat
+      samples: 128
+      eval_samples: 256
+      backends: [onnxruntime]
+      latency_iterations: 2
+      qat: {steps: 24, eval_every: 8, lr: 1.0e-4, augment: null}
+"""
+
+
+@pytest.mark.slow
+def test_qat_on_two_processes_matches_one(tmp_path):
+    """`fmap run --nproc 2` with `quantize.method: qat` (digits CNN, 24 steps, no augmentation): QAT's
+    BatchNorm is frozen, so the held-out curve matches 1 process to 1e-3 (measured: identical)."""
+    runs = {n: m["stages"][1]["metrics"]["qat"] for n, m in _manifests(tmp_path, QAT_RECIPE).items()}
+    assert runs[2]["distributed"]["world_size"] == 2 and "distributed" not in runs[1]
+    assert runs[1]["steps_run"] == runs[2]["steps_run"] == 24 and runs[1]["best_step"] == runs[2]["best_step"]
+    for a, b in zip(runs[1]["curve"], runs[2]["curve"], strict=True):
+        assert a["step"] == b["step"] and abs(a["agreement"] - b["agreement"]) <= 1e-3, (a, b)
+        assert abs(a["kl"] - b["kl"]) <= 1e-3 * a["kl"] + 2e-6, (a, b)
