@@ -218,21 +218,23 @@ def _initializers(path: Path) -> dict[str, np.ndarray]:
 
 def test_qat_stage_on_two_processes_matches_one_and_rank_0_alone_writes(sharp, make_ctx, tmp_path):
     """DDP averages the gradients of two half batches and QAT's BatchNorm is frozen, so 2 gloo
-    processes take the same steps as 1 up to float summation order. Tolerance: the weights written
-    back differ by at most 0.1% of how far training moved them (measured: ~3e-8 of their scale), the
-    held-out curve (agreement, KL) agrees to 1e-3. Only rank 0 runs the stage: both run directories
-    hold the same files."""
+    processes take the steps 1 takes, up to float summation order, which fake quantization (not
+    continuous) can turn into a flipped weight code. Tolerance: held-out KL within 5% (+2e-6, it is
+    reported to 6 decimals), agreement within 1e-3, written weights within 5% of how far training
+    moved them. Measured: identical curves, weights 4e-7 of the movement apart; with DDP off (each
+    rank on its half alone) the KL is 39% off. Only rank 0 runs the stage: both run directories hold
+    the same files."""
     one, two = _qat_run(sharp, make_ctx, tmp_path / "n1", 1), _qat_run(sharp, make_ctx, tmp_path / "n2", 2)
     assert "distributed" not in one and two["distributed"]["world_size"] == 2
-    assert two["steps_run"] == one["steps_run"] == 8 and two["best_step"] == one["best_step"] > 0
     for a, b in zip(one["curve"], two["curve"], strict=True):
         assert a["step"] == b["step"] and abs(a["agreement"] - b["agreement"]) <= 1e-3, (a, b)
-        assert abs(a["kl"] - b["kl"]) <= 1e-3 * a["kl"] + 2e-6, (a, b)  # KL is reported to 6 decimals
+        assert abs(a["kl"] - b["kl"]) <= 0.05 * a["kl"] + 2e-6, (a, b)  # KL is reported to 6 decimals
+    assert two["steps_run"] == one["steps_run"] == 8 and two["best_step"] == one["best_step"] > 0
     base = _initializers(tmp_path / "n1" / "quantize" / "prep.onnx")
     w1, w2 = (_initializers(tmp_path / d / "quantize" / "prep_qat.onnx") for d in ("n1", "n2"))
     moved = max(float(np.abs(w - base[n]).max()) for n, w in w1.items())
     gap = max(float(np.abs(w - w2[n]).max()) for n, w in w1.items())
-    assert moved > 1e-4 and gap <= 1e-3 * moved, (gap, moved)
+    assert moved > 1e-4 and gap <= 0.05 * moved, (gap, moved)
     listing = [sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) for d in (tmp_path / "n1", tmp_path / "n2")]
     assert listing[0] == listing[1]
 
