@@ -265,7 +265,8 @@ class Qat(QuantPass[QatConfig]):
         if not plan["layers"]:
             raise BadInput("quantize.method: qat: no torch Conv/Linear layer of the model matches the ONNX file "
                            "(a model given as a compiled graph has no torch weights to train); use method: ptq")
-        fit = _fit(student, state, config, functools.partial(build_student, layers=plan["layers"], placement=placement))
+        build = functools.partial(build_student, layers=plan["layers"], placement=placement)  # picklable
+        fit = _fit(student, state, config, build)
         prep = write_back(student.release(), plan, float_onnx, state.work / "prep_qat.onnx")
         ptq_prep, ptq_ranges = state.emitter.prep, state.emitter.ranges
         state.emitter.prep, state.emitter.ranges = prep, saturation.activation_ranges(prep, state.reader)
@@ -283,7 +284,8 @@ class Qat(QuantPass[QatConfig]):
                                 "config": config.model_dump(), **fit}
 
 
-def _fit(student: QatModel, state: QuantState, config: QatConfig, build: Callable[[nn.Module], QatModel]) -> dict[str, Any]:
+def _fit(student: QatModel, state: QuantState, config: QatConfig,
+         build: Callable[[nn.Module], QatModel]) -> dict[str, Any]:
     """Distil the float model into the fake-quantized student on unlabelled images (label-free
     selection on a held-out part; the un-tuned student is candidate zero, so it is never worse).
     Under `fmap run --nproc N` the workers build their own student: `build(float model)`."""
