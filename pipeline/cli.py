@@ -89,7 +89,8 @@ def cli(plugins: tuple[str, ...]) -> None:
               help="Reuse stages other runs finished with the same inputs and configs up to them, and offer "
                    "this run's (fmap sweep shares prefixes this way).")
 @click.option("--nproc", type=int, default=None,
-              help="Fine-tune with N data-parallel processes (torch.distributed DDP, gloo); rank 0 writes the run.")
+              help="Fine-tune (prune, QAT) with N data-parallel processes (torch.distributed DDP, gloo); "
+                   "rank 0 writes the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable result on stdout.")
 def run(recipe: Path, overrides: tuple[str, ...], resume: bool, out: Path | None, stage_cache: Path | None,
         nproc: int | None, as_json: bool) -> int:

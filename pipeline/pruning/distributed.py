@@ -7,18 +7,23 @@ writes the run directory. Workers (ranks 1..N-1) run no pipeline: they wait for 
   (`python -m pipeline.pruning.distributed`) and join them as rank 0 over TCP on 127.0.0.1; under
   torchrun (WORLD_SIZE > 1 in the environment) join the group torchrun set up, rank 0 only (the other
   ranks call `serve()` instead of running the pipeline). On exit rank 0 tells the workers to stop.
-- `train(fn, model, teacher, split, ref, settings, console)`: how a stage calls its training loop
-  (prune's `finetune`; QAT's loop can be passed the same way). Outside a session it is just
-  `fn(...)`. In a session rank 0 broadcasts the job (fn by reference, model, teacher, split, ref,
-  settings), and every rank runs `fn` on a DDP-wrapped model and its own contiguous 1/N of every
-  batch. DDP averages the gradients, so a step uses the gradient of the whole batch as in one
-  process. What differs from one process: BatchNorm statistics are per shard (no SyncBatchNorm),
-  augmentation draws per rank, and float sums change order; the quickstart's accuracy after
-  fine-tuning matches one process within 0.5 point (tests/pruning/test_distributed.py).
+- `train(fn, model, teacher, split, ref, settings, console, source=None)`: how a stage calls its
+  training loop (prune's `finetune`; QAT's `finetune` on its fake-quantized model). Outside a session
+  it is just `fn(...)`. In a session rank 0 broadcasts the job (fn by reference, model, teacher,
+  split, ref, settings), and every rank runs `fn` on a DDP-wrapped model and its own contiguous 1/N
+  of every batch. A model that does not pickle (QAT's carries parametrizations and hooks with
+  closures) goes as `source=(plain, build)`: the workers receive the picklable `plain` model and a
+  module-level `build` and each makes its own `build(plain)`; DDP then starts every rank from rank
+  0's parameters and buffers, and rank 0 trains the model it passed, in place. DDP averages the
+  gradients, so a step uses the gradient of the whole batch as in one process. What differs from
+  one process: BatchNorm statistics are per shard (no SyncBatchNorm; QAT's are frozen), augmentation
+  draws per rank, and float sums change order; the quickstart's accuracy after fine-tuning matches
+  one process within 0.5 point (tests/pruning/test_distributed.py), and QAT on 2 processes matches 1
+  (tests/quantization/test_qat.py).
 - Every rank evaluates the same validation set on the same weights, so model selection and early
   stopping decide alike on all ranks and no rank waits for a step the others skip. A `minutes`
-  budget would end on each rank's own clock, and feature distillation's adapters are outside the
-  DDP model: both are refused with `--nproc` (exit 2).
+  budget (prune's or QAT's) would end on each rank's own clock, and feature distillation's adapters
+  are outside the DDP model: both are refused with `--nproc` (exit 2).
 """
 
 from __future__ import annotations
@@ -79,29 +84,38 @@ class ShardedSplit(DataSplit):
         return self.inner.first_batch(batch_size)
 
 
-def check_settings(settings: Any) -> None:
-    """What a distributed fine-tune cannot do (exit 2, before any step)."""
+def check_settings(settings: Any, where: str = "prune.finetune") -> None:
+    """What a distributed fine-tune cannot do (exit 2, before any step); `where` names the recipe keys."""
     if getattr(settings, "minutes", None) is not None:
-        raise BadInput("prune.finetune.minutes with --nproc > 1: each rank would stop on its own clock; "
+        raise BadInput(f"{where}: minutes with --nproc > 1: each rank would stop on its own clock; "
                        "use epochs or steps")
     if getattr(settings, "feature_layers", ()):
-        raise BadInput("prune.finetune.feature_layers with --nproc > 1 is not supported (the adapters are "
+        raise BadInput(f"{where}: feature_layers with --nproc > 1 is not supported (the adapters are "
                        "outside the DDP model)")
 
 
+Build = Callable[[nn.Module], nn.Module]
+
+
 def train(fn: Callable[..., dict[str, Any]], model: nn.Module, teacher: nn.Module | None, split: DataSplit,
-          ref: Any, settings: Any, console: Any = None) -> dict[str, Any]:
-    """Run `fn(model, teacher, split, ref, settings, console=...)`, data-parallel when in a session."""
+          ref: Any, settings: Any, console: Any = None,
+          source: tuple[nn.Module, Build] | None = None) -> dict[str, Any]:
+    """Run `fn(model, teacher, split, ref, settings, console=...)`, data-parallel when in a session.
+
+    `source=(plain, build)`, for a `model` that does not pickle: the workers get `plain` and the
+    module-level `build` (by reference) instead, and train their own `build(plain)`; rank 0 trains `model`."""
     if world_size() <= 1:
         return fn(model, teacher, split, ref, settings, console=console)
     import torch.distributed as dist
 
-    check_settings(settings)
+    check_settings(settings, "fine-tune")
     if not _STATE["serving"]:  # rank 0: hand the job to the workers
-        dist.broadcast_object_list([("train", fn, model, teacher, split, ref, settings)], src=0)
+        shipped, build = source if source is not None else (model, None)
+        dist.broadcast_object_list([("train", fn, shipped, teacher, split, ref, settings, build)], src=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // world_size()))  # N ranks share the cores rank 0 had
     try:
+        # DDP broadcasts rank 0's parameters and buffers: every rank starts from the same weights
         wrapped = nn.parallel.DistributedDataParallel(model)
         out = fn(wrapped, teacher, ShardedSplit(split, rank(), world_size()), ref, settings,
                  console=console if rank() == 0 else None)
@@ -123,8 +137,8 @@ def serve() -> int:
         job = box[0]
         if job is None or job[0] == "stop":
             break
-        _, fn, model, teacher, split, ref, settings = job
-        train(fn, model, teacher, split, ref, settings)
+        _, fn, model, teacher, split, ref, settings, build = job
+        train(fn, build(model) if build is not None else model, teacher, split, ref, settings)
     dist.destroy_process_group()
     return 0
 
@@ -144,6 +158,8 @@ def check_recipe(recipe: Any, nproc: int | None) -> None:
         finetune = getattr(spec.config, "finetune", None) if spec.kind == "prune" else None
         if finetune is not None:
             check_settings(finetune)
+        if spec.kind == "quantize" and getattr(spec.config, "method", None) == "qat":
+            check_settings(spec.config.qat, "quantize.qat")
 
 
 def _free_port() -> int:
@@ -218,5 +234,7 @@ def _worker_main(argv: list[str]) -> int:
     return serve()
 
 
-if __name__ == "__main__":
-    raise SystemExit(_worker_main(sys.argv[1:]))
+if __name__ == "__main__":  # run the imported module, so `rank()` answers the same wherever it is asked
+    from pipeline.pruning import distributed as _module
+
+    raise SystemExit(_module._worker_main(sys.argv[1:]))

@@ -14,7 +14,9 @@ activation scales, new weights; every runtime that read the PTQ file reads this 
 from __future__ import annotations
 
 import copy
+import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +132,7 @@ def trainable_layers(model: nn.Module, float_onnx: Any) -> dict[str, tuple[str, 
                 or not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             continue
         folded = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        w = mod.weight.detach().double().numpy()
+        w = mod.weight.detach().cpu().double().numpy()
         transposed = folded.shape != w.shape
         if transposed:
             if folded.T.shape != w.shape:
@@ -159,24 +161,33 @@ def _channel_factors(w: np.ndarray, folded: np.ndarray) -> np.ndarray | None:
 def prepare(model: nn.Module, float_onnx: Any, placement: Placement) -> tuple[QatModel, dict[str, Any]]:
     """A fake-quantized copy of `model` whose only trainable tensors are the Conv/Linear parameters
     that can be written back into `float_onnx`; returns it with the write-back plan."""
+    layers = trainable_layers(model, float_onnx)
+    student = build_student(model, layers, placement)
+    modules = dict(student.model.named_modules())
+    originals = {}
+    for name, (_, b_name, _, _) in layers.items():
+        bias = modules[name].bias
+        originals[name] = bias.detach().clone() if bias is not None and b_name is not None else None
+    return student, {"layers": layers, "biases": originals}
+
+
+def build_student(model: nn.Module, layers: dict[str, Any], placement: Placement) -> QatModel:
+    """The fake-quantized copy of `model` that trains `layers` (from `trainable_layers`); module-level
+    and deterministic so every rank of a distributed QAT builds its own from the picklable model."""
     student = copy.deepcopy(model).cpu().eval()
-    plan = trainable_layers(student, float_onnx)
     for p in student.parameters():
         p.requires_grad_(False)
     modules = dict(student.named_modules())
-    originals = {}
-    for name in plan:
+    for name, (_, b_name, k, _) in layers.items():
         mod = modules[name]
         mod.weight.requires_grad_(True)
-        dead = np.isnan(plan[name][2])
+        dead = np.isnan(k)
         if dead.any():  # all-zero channels stay zero: their folded scale is unknown
             mask = torch.from_numpy(~dead).to(mod.weight.dtype).reshape((-1,) + (1,) * (mod.weight.dim() - 1))
             mod.weight.register_hook(lambda g, m=mask: g * m)
-        learns_bias = mod.bias is not None and plan[name][1] is not None  # a bias the file has
-        if learns_bias:
+        if mod.bias is not None and b_name is not None:  # a bias the file has
             mod.bias.requires_grad_(True)
-        originals[name] = mod.bias.detach().clone() if learns_bias else None
-    return QatModel(student, placement), {"layers": plan, "biases": originals}
+    return QatModel(student, placement)
 
 
 def write_back(trained: nn.Module, plan: dict[str, Any], float_onnx: Any, out_path: Path) -> Path:
@@ -254,7 +265,8 @@ class Qat(QuantPass[QatConfig]):
         if not plan["layers"]:
             raise BadInput("quantize.method: qat: no torch Conv/Linear layer of the model matches the ONNX file "
                            "(a model given as a compiled graph has no torch weights to train); use method: ptq")
-        fit = _fit(student, state, config)
+        build = functools.partial(build_student, layers=plan["layers"], placement=placement)  # picklable
+        fit = _fit(student, state, config, build)
         prep = write_back(student.release(), plan, float_onnx, state.work / "prep_qat.onnx")
         ptq_prep, ptq_ranges = state.emitter.prep, state.emitter.ranges
         state.emitter.prep, state.emitter.ranges = prep, saturation.activation_ranges(prep, state.reader)
@@ -272,9 +284,12 @@ class Qat(QuantPass[QatConfig]):
                                 "config": config.model_dump(), **fit}
 
 
-def _fit(student: QatModel, state: QuantState, config: QatConfig) -> dict[str, Any]:
+def _fit(student: QatModel, state: QuantState, config: QatConfig,
+         build: Callable[[nn.Module], QatModel]) -> dict[str, Any]:
     """Distil the float model into the fake-quantized student on unlabelled images (label-free
-    selection on a held-out part; the un-tuned student is candidate zero, so it is never worse)."""
+    selection on a held-out part; the un-tuned student is candidate zero, so it is never worse).
+    Under `fmap run --nproc N` the workers build their own student: `build(float model)`."""
+    from pipeline.pruning import distributed
     from pipeline.pruning.finetune import FinetuneSettings, finetune
     from pipeline.pruning.validation import Reference, split_holdout
 
@@ -291,10 +306,13 @@ def _fit(student: QatModel, state: QuantState, config: QatConfig) -> dict[str, A
         steps=config.steps, minutes=config.minutes, lr=config.lr, optimizer=config.optimizer, warmup=0.05,
         distill=True, temperature=config.temperature, alpha=1.0, augment=config.augment,
         eval_every=config.eval_every or max(budget // 10, 1), seed=state.seed)
-    result = finetune(student, teacher, train, ref, settings, console=state.console)
+    # data-parallel under `fmap run --nproc N` / torchrun (the student does not pickle: its source does)
+    result = distributed.train(finetune, student, teacher, train, ref, settings, console=state.console,
+                               source=(teacher, build))
     return {"steps_run": result["steps_run"], "best_step": result["best_step"], "seconds": result["seconds"],
             "candidate_zero": result["candidate_zero"], "best": result["best"],
-            "curve": [{k: h[k] for k in ("step", "agreement", "kl", "loss")} for h in result["history"]]}
+            "curve": [{k: h[k] for k in ("step", "agreement", "kl", "loss")} for h in result["history"]],
+            **({"distributed": result["distributed"]} if "distributed" in result else {})}
 
 
 def _key(scores: dict[str, Any]) -> tuple[float, float]:
