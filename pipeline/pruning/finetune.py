@@ -107,6 +107,18 @@ def lr_factor(progress: float, warmup: float, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * rest))
 
 
+@torch.no_grad()
+def _fit_adapter(adapter: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
+    """Start the adapter at the least-squares map from the student's channels to the teacher's on
+    the example batch, not at noise: its first gradients then point at what pruning lost."""
+    from pipeline.pruning.reconstruct import solve
+
+    xs = s.movedim(1, -1).reshape(-1, s.shape[1]).float()
+    ys = t.movedim(1, -1).reshape(-1, t.shape[1]).float()
+    w = solve(xs, ys, torch.zeros(s.shape[1], t.shape[1])).T
+    adapter.weight.copy_(w.reshape(adapter.weight.shape).to(adapter.weight.dtype))
+
+
 class FeatureDistiller:
     """MSE between student and teacher outputs of named layers, through a learned 1x1 adapter.
 
@@ -137,6 +149,7 @@ class FeatureDistiller:
                                "of the same spatial size in student and teacher")
             conv = (nn.Conv2d(s.shape[1], t.shape[1], 1, bias=False) if s.dim() == 4
                     else nn.Linear(s.shape[1], t.shape[1], bias=False))
+            _fit_adapter(conv, s, t)
             self.adapters[str(i)] = conv
         self.names = names
 
@@ -256,7 +269,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, train: DataSplit, ref:
     teacher = teacher.eval() if (s.distill and teacher is not None) else None
     features = None
     if s.feature_layers and teacher is not None:
-        features = FeatureDistiller(model, teacher, s.feature_layers, train.first_batch()[0][:2])
+        features = FeatureDistiller(model, teacher, s.feature_layers, train.first_batch()[0][:16])
     opt = _optimizer(model, features, s)
     augment = Augmenter(s.augment, s.seed) if s.augment is not None else None
     sel = _Selection(model, ref, s.patience)

@@ -10,6 +10,7 @@ teacher's logits computed once; `score` evaluates any candidate against it. Labe
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -52,6 +53,21 @@ class Reference:
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    def excluding(self, seen: torch.Tensor, what: str) -> Reference:
+        """Without the samples equal to one of `seen` (images a recovery step fitted on, which would
+        flatter the model it fitted); unchanged when nothing would be left."""
+        fitted = {_digest(x) for x in seen}
+        keep = [i for i, x in enumerate(self.x) if _digest(x) not in fitted]
+        if len(keep) == len(self.x) or not keep:
+            return self
+        idx = torch.tensor(keep)
+        return Reference(self.x[idx], None if self.y is None else self.y[idx], self.teacher_logits[idx],
+                         f"{self.source}, {len(self.x) - len(keep)} of {what} left out")
+
+
+def _digest(x: torch.Tensor) -> bytes:
+    return hashlib.sha1(x.detach().contiguous().float().numpy().tobytes()).digest()
 
 
 @torch.no_grad()

@@ -158,7 +158,7 @@ def test_stage_reports_agreement_bn_and_curve_without_labels(tiny_model, make_ct
     ag = m["agreement"]
     assert ag["source"] == "data.eval" and ag["samples"] == 96
     assert all(0.0 <= ag[k] <= 1.0 for k in ("after_prune", "after_reconstruct", "after_bn", "after_finetune"))
-    assert m["reconstruct"]["layers"] == ["fc"] and m["reconstruct"]["images"] == 64
+    assert m["reconstruct"]["layers"] == ["fc"] and m["reconstruct"]["images"] == 96  # all calibration images (< 128)
     assert m["batchnorm"]["images"] == 96
     ft = m["finetune"]
     assert ft["selected_on"] == "agreement" and ft["history"][0]["step"] == 0
@@ -288,3 +288,78 @@ def test_iterative_rounds_reach_the_target_and_report_each_round(tiny_model, tin
     assert d["images"] == 64 and bn["applied"] == (d["agreement_with"] > d["agreement_without"])
     with pytest.raises(ValidationError):
         PruneConfig.model_validate({"macs": 0.4, "rounds": 0})
+
+
+def test_ridge_is_chosen_on_held_out_images():
+    """Plenty of exact rows: the weakest ridge; a few noisy images for many inputs: a strong one
+    (the classifier of a pruned network sees one row per image and would fit them exactly)."""
+    from pipeline.pruning.reconstruct import RIDGE_GRID, choose_ridge
+
+    g = torch.Generator().manual_seed(0)
+    w_true, w0 = torch.randn(40, 3, generator=g), torch.zeros(40, 3)
+    x = torch.randn(4000, 40, generator=g)
+    assert choose_ridge(x, x @ w_true, w0, torch.arange(4000) // 10) == RIDGE_GRID[0]
+    x = torch.randn(24, 40, generator=g)
+    noisy = torch.randn(24, 3, generator=g)  # nothing to learn: stay at w0
+    assert choose_ridge(x, noisy, w0, torch.arange(24)) >= 1.0
+
+
+def test_reconstruction_samples_positions_the_same_in_teacher_and_student():
+    """A 1x1 conv whose lost input is a sum of two kept ones is restored from sampled positions."""
+    from pipeline.pruning import reconstruct as rec
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.Conv2d(6, 4, 1)).eval()
+    with torch.no_grad():
+        teacher[0].weight[5] = teacher[0].weight[0] + teacher[0].weight[1]
+        teacher[0].bias[5] = teacher[0].bias[0] + teacher[0].bias[1]
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0] = torch.nn.Conv2d(3, 5, 1)
+        student[0].weight.copy_(teacher[0].weight[:5]), student[0].bias.copy_(teacher[0].bias[:5])
+        student[1] = torch.nn.Conv2d(5, 4, 1)
+        student[1].weight.copy_(teacher[1].weight[:, :5]), student[1].bias.copy_(teacher[1].bias)
+    x = torch.randn(40, 3, 16, 16)
+    before = (student(x) - teacher(x)).abs().max()
+    old = rec.MAX_ROWS
+    rec.MAX_ROWS = 400  # 10 of 256 positions per image; the teacher runs in chunks of 8 images
+    try:
+        assert rec.reconstruct(student, teacher, x, chunk=8) == ["1"]
+    finally:
+        rec.MAX_ROWS = old
+    assert (student(x) - teacher(x)).abs().max() < 0.01 * before
+
+
+def test_reference_leaves_out_the_images_a_recovery_step_fitted():
+    from pipeline.pruning.validation import Reference
+
+    x = torch.randn(10, 3, 4, 4)
+    ref = Reference(x, None, torch.randn(10, 5), "data.train (held-out 10)")
+    out = ref.excluding(torch.cat([x[2:5], torch.randn(3, 3, 4, 4)]), "the reconstruction's images")
+    assert len(out) == 7 and torch.equal(out.x, torch.cat([x[:2], x[5:]]))
+    assert torch.equal(out.teacher_logits, torch.cat([ref.teacher_logits[:2], ref.teacher_logits[5:]]))
+    assert "3 of the reconstruction's images left out" in out.source
+    assert ref.excluding(x, "all") is ref  # nothing would be left: unchanged
+
+
+def test_feature_adapter_starts_at_the_least_squares_map():
+    """A student layer whose channels span the teacher's starts with (near) zero feature loss."""
+    from pipeline.pruning.finetune import FeatureDistiller
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.ReLU()).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():  # the student computes 4 channels; the teacher's 6 are linear in them
+        student[0] = torch.nn.Conv2d(3, 4, 1)
+        student[0].weight.copy_(teacher[0].weight[:4]), student[0].bias.copy_(teacher[0].bias[:4])
+        mix = torch.randn(6, 4)
+        teacher[0].weight.copy_((mix @ student[0].weight.view(4, 3)).view(6, 3, 1, 1))
+        teacher[0].bias.copy_(mix @ student[0].bias)
+    teacher[1] = student[1] = torch.nn.Identity()
+    x = torch.randn(8, 3, 5, 5)
+    fd = FeatureDistiller(student, teacher, ("0",), x)
+    try:
+        student(x), teacher(x)
+        assert float(fd.loss()) < 1e-3
+    finally:
+        fd.close()
