@@ -58,7 +58,9 @@ class FinetuneConfig(StageConfig):
     # keep BatchNorm running statistics while training (batches of a few photos can be a worse estimate
     # than the original training set's); off by default: where pruning left the statistics wrong the
     # fine-tune must move them (the quickstart diverged with them frozen)
-    freeze_bn: bool = False
+    # null: frozen when reconstruction ran and BN re-estimation was not applied (the original
+    # statistics were judged better than fresh ones; small batches in train mode would undo that)
+    freeze_bn: bool | None = None
 
 
 class PruneConfig(StageConfig):
@@ -258,8 +260,10 @@ def _one_round(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, k: i
         row["agreement"]["after_bn"] = _agree(pruned, reference)
         row["batchnorm"]["accuracy_after"] = accuracy(pruned, ctx.data.eval)
     if cfg.finetune is not None:
+        bn_applied = row["batchnorm"] is not None and row["batchnorm"]["applied"]
+        freeze = cfg.finetune.freeze_bn if cfg.finetune.freeze_bn is not None else (cfg.reconstruct and not bn_applied)
         row["finetune"] = _finetune(ctx, _round_finetune(cfg.finetune, cfg.rounds), ctx.original_model, pruned,
-                                    reconstructed=cfg.reconstruct)
+                                    reconstructed=cfg.reconstruct, freeze_bn=freeze)
         row["accuracy_after_finetune"] = accuracy(pruned, ctx.data.eval)
         row["agreement"]["after_finetune"] = _agree(pruned, reference)
     return pruned.eval(), row
@@ -409,7 +413,7 @@ def _reestimate_bn(ctx: StageContext, pruned: torch.nn.Module, max_batches: int 
 
 
 def _finetune(ctx: StageContext, f: FinetuneConfig, teacher: torch.nn.Module, pruned: torch.nn.Module,
-              reconstructed: bool = False) -> dict[str, Any]:
+              reconstructed: bool = False, freeze_bn: bool = False) -> dict[str, Any]:
     """Fine-tune on data.train with a held-out part of it (or data.calibration) for model selection."""
     from pipeline.pruning import distributed
     from pipeline.pruning.finetune import FinetuneSettings, finetune
@@ -439,9 +443,10 @@ def _finetune(ctx: StageContext, f: FinetuneConfig, teacher: torch.nn.Module, pr
         epochs=f.epochs, steps=f.steps, minutes=f.minutes, lr=f.lr, optimizer=f.optimizer, schedule=f.schedule,
         warmup=f.warmup, distill=f.distill, temperature=f.temperature, alpha=f.alpha, patience=f.patience,
         eval_every=f.eval_every, augment=f.augment, feature_layers=tuple(f.feature_layers),
-        feature_weight=f.feature_weight, seed=ctx.seed, freeze_bn=f.freeze_bn)
+        feature_weight=f.feature_weight, seed=ctx.seed, freeze_bn=freeze_bn)
     # data-parallel under `fmap run --nproc N` / torchrun, else a plain call (pruning/distributed.py)
-    return distributed.train(finetune, pruned, teacher, train, ref, settings, console=ctx.console)
+    out = distributed.train(finetune, pruned, teacher, train, ref, settings, console=ctx.console)
+    return {**out, "freeze_bn": freeze_bn}
 
 
 def _check_forward(original: torch.nn.Module, pruned: torch.nn.Module, example: torch.Tensor) -> None:
