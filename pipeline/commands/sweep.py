@@ -29,7 +29,7 @@ import click
               "(default: its first row).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Sweep directory: trials/<id>/ run directories, sweep.json, sweep.md, sweep.html.")
-@click.option("--workers", type=int, default=None, help="Trials at once (default: min(trials, cores)).")
+@click.option("--workers", type=int, default=None, help="Trials at once (default: min(trials, cores); --exact caps it at cores // the recipe's threads).")
 @click.option("--exact/--no-exact", default=None,
               help="--exact (default): every trial on its recipe's threads, so it reproduces its single fmap run "
                    "exactly; at most cores // threads at once (caps --workers). --no-exact: cores // workers "

@@ -227,6 +227,8 @@ def run_sweep(plan: SweepPlan, console: Console) -> SweepOutcome:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results: dict[str, list[dict[str, Any]]] = {t.id: [] for t in plan.trials}
     failed_before = {} if plan.retry_failed else _failed_before(out)
+    if not (out / "sweep.json").exists():  # the mode is on disk before any stage reaches OUT/cache
+        atomic.write_json(out / "sweep.json", report.collect(plan, results, started, "running"))
     interrupted = False
     try:
         if plan.search is None:

@@ -1,6 +1,6 @@
 """fmap sweep --exact (the default): every trial phase on its recipe's own `threads`, so each trial
-is byte for byte its single `fmap run`; at most cores // threads phases at once; bad combinations
-with --build-threads are exit 2 before any trial."""
+is byte for byte its single `fmap run`; at most cores // threads phases at once. (Bad combinations
+with --build-threads: tests/sweep/test_sweep.py::test_bad_input_exits_2_before_any_trial.)"""
 
 from __future__ import annotations
 
@@ -132,19 +132,6 @@ def test_no_exact_and_build_threads(prune_recipe, tmp_path, monkeypatch):
     plan = _plan(prune_recipe, tmp_path / "d", grids=("threads=1,2",), workers=4)
     assert plan.exact and (plan.workers, plan.threads_per_worker) == (2, 2)
     assert sorted(plan.threads_of(r) for r in plan.recipes.values()) == [1, 2]
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--exact", "--build-threads", "1"], "--exact runs every trial on its recipe's threads, but --build-threads is 1"),
-    (["--grid", "threads=1,2", "--exact", "--build-threads", "2"], "trial threads-1_"),
-    (["--build-threads", "0"], "--build-threads must be at least 1"),
-])
-def test_exact_bad_input_exits_2_before_any_trial(prune_recipe, tmp_path, args, message):
-    out = tmp_path / "sweep"
-    res = CliRunner().invoke(cli, ["sweep", str(prune_recipe), "--out", str(out), *args], standalone_mode=False)
-    assert isinstance(res.exception, BadInput) and res.exception.exit_code == 2
-    assert message in str(res.exception) and "\n" not in str(res.exception)
-    assert not out.exists()
 
 
 @pytest.mark.parametrize("before, args", [(False, []), (True, ["--no-exact"]), (None, [])])
