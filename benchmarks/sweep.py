@@ -4,6 +4,10 @@
     .venv/bin/python benchmarks/sweep.py                # prints the table
     .venv/bin/python benchmarks/sweep.py --write        # also replaces its section in RESULTS.md
     .venv/bin/python benchmarks/sweep.py --prefixes     # a quantize-only grid with and without shared prefixes
+    .venv/bin/python benchmarks/sweep.py --no-exact     # the sweep with cores // workers build threads
+
+The sweep runs in `fmap sweep`'s default exact mode (every phase on the recipe's threads, at most
+cores // threads at once) unless --no-exact; the table says which mode ran and how many workers.
 
 Compared per trial: every artifact row's top-1, agreement and size (report.json), the pruned
 channel count of every layer (prune metrics) and the layers the INT8 fallback kept in float
@@ -34,6 +38,16 @@ SECTION = "## Sweep: 2 workers vs one run after another (benchmarks/sweep.py)"
 GRID = ("stages.prune.amount=0.3,0.4,0.5,0.6", "stages.quantize.per_channel=true,false")
 PREFIX_SECTION = "## Sweep: shared prefixes, a grid over quantize settings only (benchmarks/sweep.py --prefixes)"
 PREFIX_GRID = ("stages.quantize.calibration=minmax,percentile", "stages.quantize.per_channel=true,false")
+
+
+def heading(section: str, args: argparse.Namespace) -> str:
+    """The RESULTS.md heading of a measurement: --no-exact runs keep their own section."""
+    return section[:-1] + " --no-exact)" if args.no_exact else section
+
+
+def exactness(args: argparse.Namespace) -> list[str]:
+    """The sweep's mode flag: fmap sweep's default (exact) unless --no-exact."""
+    return ["--no-exact"] if args.no_exact else []
 
 
 def fmap(*args: str) -> float:
@@ -74,25 +88,52 @@ def prefixes(args: argparse.Namespace, work: Path) -> str:
     for mode in ("--no-share-prefixes", "--share-prefixes"):
         shutil.rmtree(work / mode, ignore_errors=True)
         times[mode] = fmap("sweep", args.recipe, *common, *grid_args, "--workers", str(args.workers), mode,
-                           "--out", str(work / mode))
+                           *exactness(args), "--out", str(work / mode))
         print(f"sweep {mode}: {times[mode]:.1f} s", file=sys.stderr)
     runs = {m: [computed(work / m / "trials" / t.id) for t in points] for m in times}
     count = {m: {k: sum(k in c for c in runs[m]) for k in ("profile", "prune", "export", "quantize")} for m in runs}
     same = [results(work / "--no-share-prefixes" / "trials" / t.id) == results(work / "--share-prefixes" / "trials" / t.id)
             for t in points]
     base = times["--no-share-prefixes"]
-    rows = [f"| `fmap sweep --workers {args.workers} {m}` | {times[m]:.1f} s | {times[m] / base:.2f} | "
+    rows = [f"| `fmap sweep --workers {args.workers}{' --no-exact' if args.no_exact else ''} {m}` | {times[m]:.1f} s | {times[m] / base:.2f} | "
             + " / ".join(str(count[m][k]) for k in count[m]) + " |" for m in times]
     return "\n".join([
-        PREFIX_SECTION, "",
+        heading(PREFIX_SECTION, args), "",
         f"Grid `{' × '.join(PREFIX_GRID)}` over `{args.recipe}`: {len(points)} trials that differ only after "
         f"export. Command: `python benchmarks/sweep.py --prefixes --workers {args.workers}"
+        f"{' --no-exact' if args.no_exact else ''}"
         f"{''.join(' --set ' + o for o in args.sets)}`. {machine_line(1)} Load average (1 min) "
         f"{load0:.1f} before, {os.getloadavg()[0]:.1f} after." + (f" {args.note}" if args.note else ""), "",
         "| sweep | wall time | relative | profile / prune / export / quantize computed (of " + str(len(points)) + ") |",
         "|---|---|---|---|", *rows, "",
         f"Results identical with and without sharing (top-1, agreement and size of every artifact row, channels "
         f"per layer, layers kept in float): {sum(same)}/{len(same)} trials.", ""])
+
+
+def schedule_table(args: argparse.Namespace, points: list, serial: float, swept: float, same: list[bool],
+                   sweep_json: dict[str, Any]) -> list[str]:
+    """The section's lines: both schedules' wall times, the sweep's mode, how many trials matched."""
+    ex = sweep_json["executor"]
+    threads = ex["threads_per_worker"]
+    mode = (f"exact: {ex['workers']} worker(s) x the recipe's {threads} thread(s)" if ex.get("exact") else
+            f"--no-exact: {ex['workers']} worker(s) x {threads} thread(s) while building")
+    flag = " --no-exact" if args.no_exact else ""
+    return [
+        heading(SECTION, args), "",
+        f"Grid `{' × '.join(GRID)}` over `{args.recipe}`: {len(points)} trials. Command: "
+        f"`python benchmarks/sweep.py --workers {args.workers}{flag}{''.join(' --set ' + o for o in args.sets)}"
+        f"{' --write' if args.write else ''}`. "
+        f"{machine_line(threads)}" + (f" {args.note}" if args.note else ""), "",
+        "| schedule | wall time | relative |",
+        "|---|---|---|",
+        f"| {len(points)} × `fmap run`, one after another | {serial:.1f} s | 1.00 |",
+        f"| `fmap sweep --workers {args.workers}{flag}` ({mode}, {ex['timing']}) | {swept:.1f} s | "
+        f"{swept / serial:.2f} |",
+        "",
+        f"Results identical to the single runs (top-1, agreement and size of every artifact row, channels per "
+        f"layer, layers kept in float): {sum(same)}/{len(same)} trials"
+        + ("" if all(same) else f" (differ: {', '.join(t.id for t, s in zip(points, same) if not s)})") + ".",
+    ]
 
 
 def main() -> int:
@@ -105,13 +146,15 @@ def main() -> int:
     ap.add_argument("--note", default="", help="a sentence about the machine's state for RESULTS.md")
     ap.add_argument("--write", action="store_true", help=f"replace '{SECTION}' in benchmarks/RESULTS.md")
     ap.add_argument("--prefixes", action="store_true", help="measure shared prefixes instead (its own section)")
+    ap.add_argument("--no-exact", action="store_true",
+                    help="pass --no-exact to fmap sweep (cores // workers build threads; default: exact mode)")
     args = ap.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="fmap-sweep-bench-"))
     if args.prefixes:
         text = prefixes(args, work)
         print(text)
         if args.write:
-            write_section(text, PREFIX_SECTION)
+            write_section(text, heading(PREFIX_SECTION, args))
         return 0
     shutil.rmtree(work / "serial", ignore_errors=True)
     shutil.rmtree(work / "sweep", ignore_errors=True)
@@ -124,32 +167,16 @@ def main() -> int:
         sets = list(itertools.chain.from_iterable(("--set", o) for o in t.overrides))
         serial += fmap("run", args.recipe, *common, *sets, "--out", str(work / "serial" / t.id))
         print(f"serial {t.id}: {serial:.1f} s so far", file=sys.stderr)
-    swept = fmap("sweep", args.recipe, *common, *grid_args, "--workers", str(args.workers), "--out", str(work / "sweep"))
+    swept = fmap("sweep", args.recipe, *common, *grid_args, "--workers", str(args.workers), *exactness(args),
+                 "--out", str(work / "sweep"))
     print(f"sweep: {swept:.1f} s", file=sys.stderr)
 
     same = [results(work / "serial" / t.id) == results(work / "sweep" / "trials" / t.id) for t in points]
-    sweep_json = json.loads((work / "sweep" / "sweep.json").read_text())
-    threads = sweep_json["executor"]["threads_per_worker"]
-    table = [
-        SECTION, "",
-        f"Grid `{' × '.join(GRID)}` over `{args.recipe}`: {len(points)} trials. Command: "
-        f"`python benchmarks/sweep.py --workers {args.workers}{''.join(' --set ' + o for o in args.sets)}"
-        f"{' --write' if args.write else ''}`. "
-        f"{machine_line(threads)}" + (f" {args.note}" if args.note else ""), "",
-        "| schedule | wall time | relative |",
-        "|---|---|---|",
-        f"| {len(points)} × `fmap run`, one after another | {serial:.1f} s | 1.00 |",
-        f"| `fmap sweep --workers {args.workers}` ({sweep_json['executor']['timing']}, "
-        f"{threads} thread(s) per worker while building) | {swept:.1f} s | {swept / serial:.2f} |",
-        "",
-        f"Results identical to the single runs (top-1, agreement and size of every artifact row, channels per "
-        f"layer, layers kept in float): {sum(same)}/{len(same)} trials"
-        + ("" if all(same) else f" (differ: {', '.join(t.id for t, s in zip(points, same) if not s)})") + ".",
-    ]
+    table = schedule_table(args, points, serial, swept, same, json.loads((work / "sweep" / "sweep.json").read_text()))
     text = "\n".join(table) + "\n"
     print(text)
     if args.write:
-        write_section(text, SECTION)
+        write_section(text, heading(SECTION, args))
     return 0
 
 

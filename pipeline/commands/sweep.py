@@ -29,10 +29,14 @@ import click
               "(default: its first row).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Sweep directory: trials/<id>/ run directories, sweep.json, sweep.md, sweep.html.")
-@click.option("--workers", type=int, default=None, help="Trials at once (default: min(trials, cores)).")
+@click.option("--workers", type=int, default=None, help="Trials at once (default: min(trials, cores); --exact caps it at cores // the recipe's threads).")
+@click.option("--exact/--no-exact", default=None,
+              help="--exact (default): every trial on its recipe's threads, so it reproduces its single fmap run "
+                   "exactly; at most cores // threads at once (caps --workers). --no-exact: cores // workers "
+                   "threads per worker while building (results may differ in the last digits).")
 @click.option("--build-threads", type=int, default=None,
-              help="Threads per worker while building (default: cores // workers). The recipe's own threads "
-                   "reproduce single runs exactly (INT8 calibration depends on them), at the cost of oversubscribing.")
+              help="Threads per worker while building (implies --no-exact unless equal to the recipe's threads; "
+                   "default: cores // workers with --no-exact).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: a pool of processes here; ray: each trial a Ray task (pip install 'fmap[ray]').")
 @click.option("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:PORT (default: start a local one).")
@@ -43,7 +47,7 @@ import click
 def sweep(recipe: Path, grids: tuple[str, ...], search: str, params: tuple[str, ...], n_trials: int | None,
           search_seed: int, overrides: tuple[str, ...], objectives: tuple[str, ...],
           constraints: tuple[str, ...], backend: str | None, out: Path, workers: int | None,
-          build_threads: int | None, executor: str,
+          exact: bool | None, build_threads: int | None, executor: str,
           address: str | None, share_prefixes: bool, retry_failed: bool, as_json: bool) -> int:
     """Run RECIPE over a grid of overrides or an Optuna search; leaderboard and Pareto front in OUT/sweep.{json,md,html}."""
     from pipeline.cli import make_console
@@ -51,7 +55,8 @@ def sweep(recipe: Path, grids: tuple[str, ...], search: str, params: tuple[str, 
 
     console = make_console()
     plan = plan_sweep(recipe, out, grids, overrides, objectives, constraints, backend, workers, executor, address,
-                      retry_failed, build_threads, search, params, n_trials, search_seed, share_prefixes)
+                      retry_failed, build_threads, search, params, n_trials, search_seed, share_prefixes,
+                      exact)
     try:
         outcome = run_sweep(plan, console)
     finally:

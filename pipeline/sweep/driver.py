@@ -1,10 +1,14 @@
 """A sweep from start to end: validate everything, run the trials, collect the leaderboard.
 
+Exact results (the default): every phase of a trial runs on its recipe's own `threads`, as a single
+`fmap run` does, because results depend on the thread count (fine-tuning, INT8 calibration); at most
+cores // threads phases run at once. `--no-exact`: cores // workers threads per worker while building.
+
 Latency honesty: with more than one worker, trials run in two phases. The BUILD phase runs every
-stage before the first `verify` in parallel (threads per worker = cores // workers); the TIMING
-phase then runs each trial's full recipe with `--resume`, ONE trial at a time with the recipe's
-own thread count, so the runner restores the built stages from their artifacts (same chain hash)
-and verify measures latency while no other trial runs. With one worker there is one phase.
+stage before the first `verify` in parallel; the TIMING phase then runs each trial's full recipe
+with `--resume`, ONE trial at a time with the recipe's own thread count, so the runner restores the
+built stages from their artifacts (same chain hash) and verify measures latency while no other
+trial runs. With one worker there is one phase (shared stages still go through the stage cache).
 
 Resume: a trial whose run directory holds a finished manifest (ok or gate_failed) and a
 recipe.lock.yaml equal to the trial's resolved recipe is not run again; any other trial runs with
@@ -53,7 +57,8 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
                backend: str | None = None, workers: int | None = None, executor: str = "local",
                address: str | None = None, retry_failed: bool = False,
                build_threads: int | None = None, search: str = "grid", param_items: tuple[str, ...] = (),
-               n_trials: int | None = None, seed: int = 0, share_prefixes: bool = True) -> SweepPlan:
+               n_trials: int | None = None, seed: int = 0, share_prefixes: bool = True,
+               exact: bool | None = None) -> SweepPlan:
     """Check every input and every trial's recipe; BadInput (exit 2) before any trial starts."""
     grids = gridmod.parse_grids(grid_items)
     objectives = objmod.parse_objectives(objective_items)
@@ -69,14 +74,13 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
     if any(verify_index(r) < 0 for r in [base, *recipes.values()]):
         raise BadInput(f"{recipe_path}: a sweep needs a verify stage (objectives are read from its "
                        f"artifact rows; objectives: {', '.join(map(str, objectives))})")
-    for p in optuna.params if optuna else []:
-        for text in p.texts():
-            _trial_recipe(recipe_path, (*overrides, f"{p.key}={text}"), f"--param {p.key}={text}")
-    cores = os.cpu_count() or 1
-    workers = workers or min(optuna.trials if optuna else len(trials), cores)
-    if build_threads is not None and build_threads < 1:
-        raise BadInput(f"--build-threads must be at least 1, got {build_threads}")
-    threads = build_threads or max(1, cores // workers)
+    bounds = [_trial_recipe(recipe_path, (*overrides, f"{p.key}={text}"), f"--param {p.key}={text}")
+              for p in (optuna.params if optuna else []) for text in p.texts()]
+    requested = workers or min(optuna.trials if optuna else len(trials), os.cpu_count() or 1)
+    # whose threads set the schedule: the grid's trials; for a search, the recipe and the --param bounds
+    runs = {f"trial {k}": r for k, r in recipes.items()} or {"the recipe": base, **{
+        f"--param value {i}": r for i, r in enumerate(bounds)}}
+    sched = _schedule(requested, workers is not None, build_threads, exact, executor == "local", runs)
     if executor == "ray":
         from pipeline.sweep.executors import RayExecutor
 
@@ -87,8 +91,59 @@ def plan_sweep(recipe_path: Path, out: Path, grid_items: tuple[str, ...], overri
         runner = LocalExecutor()
     else:
         raise BadInput(f"--executor: expected 'local' or 'ray', got '{executor}'")
+    _check_same_mode(out, sched.exact)
     return SweepPlan(recipe_path, out, grids, tuple(overrides), trials, recipes, objectives, constraints, backend,
-                     workers, threads, runner, address, retry_failed, optuna, base, share_prefixes)
+                     sched.workers, sched.threads, runner, address, retry_failed, optuna, base, share_prefixes,
+                     sched.exact, requested, sched.notes)
+
+
+@dataclass
+class _Schedule:
+    workers: int  # trial phases at once
+    threads: int  # threads per worker (exact: the largest recipe `threads`, what sizes the pool)
+    exact: bool
+    notes: list[str]
+
+
+def _schedule(requested: int, explicit: bool, build_threads: int | None, exact: bool | None, local: bool,
+              recipes: dict[str, Recipe]) -> _Schedule:
+    """Workers and threads. Exact (the default): every phase on its recipe's own `threads`, the
+    thread count a single `fmap run` uses (results depend on it: fine-tuning, INT8 calibration),
+    and at most cores // threads phases at once. Not exact: cores // workers threads per worker."""
+    if build_threads is not None and build_threads < 1:
+        raise BadInput(f"--build-threads must be at least 1, got {build_threads}")
+    other = next((f"{name} has threads: {r.threads}" for name, r in recipes.items()
+                  if build_threads is not None and r.threads != build_threads), None)
+    if exact and other:
+        raise BadInput(f"--exact runs every trial on its recipe's threads, but --build-threads is {build_threads} "
+                       f"and {other} (drop --build-threads, or pass --no-exact)")
+    if exact is None:
+        exact = other is None  # --build-threads N other than the recipe's threads implies --no-exact
+    cores = os.cpu_count() or 1
+    if not exact:
+        return _Schedule(requested, build_threads or max(1, cores // requested), False, [])
+    threads = max(r.threads for r in recipes.values())
+    workers = min(requested, max(1, cores // threads)) if local else requested  # Ray fits num_cpus itself
+    notes = []
+    if explicit and workers < requested:
+        notes.append(f"--workers {requested} capped at {workers}: exact mode runs each trial on its recipe's "
+                     f"{threads} thread(s) (as a single fmap run) and {cores} core(s) fit {workers} at once; "
+                     f"--no-exact runs {requested} at once with {max(1, cores // requested)} thread(s) each "
+                     f"(results may then differ from single runs in the last digits)")
+    return _Schedule(workers, threads, True, notes)
+
+
+def _check_same_mode(out: Path, exact: bool) -> None:
+    """A sweep directory's finished trials and stage cache hold results of one mode (the thread
+    count is not in the resume hash): resuming it in the other mode would mix them."""
+    try:
+        before = json.loads((out / "sweep.json").read_text())["executor"].get("exact", False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    if before != exact:
+        was, now = ("--exact", "--no-exact") if before else ("--no-exact", "--exact")
+        raise BadInput(f"{out} holds a sweep run with {was} (results depend on the thread count): resume it with "
+                       f"{was}, or use another --out for {now}")
 
 
 def _trial_recipe(recipe_path: Path, overrides: tuple[str, ...], point: str) -> Recipe:
@@ -142,7 +197,8 @@ def _prefix_waves(plan: SweepPlan, build: list[TrialTask]) -> list[list[TrialTas
         tasks = []
         for p in todo:
             recipe = plan.recipes[p.trial_id]
-            threads = max(plan.threads_per_worker, min(recipe.threads, spare))
+            # exact: the recipe's threads, like every phase; else up to them on a narrow wave
+            threads = plan.threads_of(recipe) if plan.exact else max(plan.threads_per_worker, min(recipe.threads, spare))
             tasks.append(TrialTask(p.trial_id, "prefix", str(plan.recipe_path), str(plan.out / "trials" / p.trial_id),
                                    threads, trials[p.trial_id].overrides + _build_overrides(recipe, threads, p.stages),
                                    str(cache)))
@@ -165,10 +221,14 @@ def run_sweep(plan: SweepPlan, console: Console) -> SweepOutcome:
     from pipeline.sweep import report
 
     out = plan.out
+    for note in plan.notes:
+        console.print(escape(note), highlight=False)
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results: dict[str, list[dict[str, Any]]] = {t.id: [] for t in plan.trials}
     failed_before = {} if plan.retry_failed else _failed_before(out)
+    if not (out / "sweep.json").exists():  # the mode is on disk before any stage reaches OUT/cache
+        atomic.write_json(out / "sweep.json", report.collect(plan, results, started, "running"))
     interrupted = False
     try:
         if plan.search is None:
@@ -193,7 +253,9 @@ def _run_search(plan: SweepPlan, search: OptunaSearch, console: Console, results
     history: list[tuple[gridmod.Trial, dict[str, Any] | None]] = []
     batch = 0
     while len(history) < search.trials:
-        asked = search.ask(history, min(plan.workers, search.trials - len(history)), batch, plan.overrides)
+        # batches of the requested workers: exact mode's cap changes how trials run, not which are asked
+        size = plan.requested_workers or plan.workers
+        asked = search.ask(history, min(size, search.trials - len(history)), batch, plan.overrides)
         new = [t for t in dict((t.id, t) for t in asked).values() if t.id not in plan.recipes]
         for t in new:  # a point asked again (small discrete spaces) is not run twice
             plan.recipes[t.id] = _trial_recipe(plan.recipe_path, t.overrides, t.id)
@@ -228,8 +290,9 @@ def _run_trials(plan: SweepPlan, trials: list[gridmod.Trial], console: Console,
         console.print(f"{len(keep)} trial(s) failed in an earlier sweep and are not retried (--retry-failed)")
         build = [b for b in build if b.trial_id not in keep]
         final = [f for f in final if f.trial_id not in keep]
-    mode = (f"build phase on {plan.workers} workers x {plan.threads_per_worker} thread(s), then a serial timing phase"
-            if plan.two_phase else f"{plan.workers} worker(s)")
+    threads = "each on its recipe's threads (exact)" if plan.exact else f"{plan.threads_per_worker} thread(s) each"
+    mode = (f"build phase on {plan.workers} workers, {threads}, then a serial timing phase"
+            if plan.two_phase else f"{plan.workers} worker(s), {threads}")
     console.print(f"sweep: {len(trials)} trials, {len(final)} to run, {plan.executor.name} executor, {mode}")
     failed_build: set[str] = set()
     phases = [*_prefix_waves(plan, build), build]
@@ -257,8 +320,8 @@ def _tasks(plan: SweepPlan, trials: list[gridmod.Trial]) -> tuple[list[TrialTask
     for t in trials:
         recipe = plan.recipes[t.id]
         run_dir = plan.out / "trials" / t.id
-        # One worker, or two phases: the last phase runs with the recipe's own threads.
-        if plan.two_phase or plan.workers == 1:
+        # One worker, two phases or exact: the last phase runs with the recipe's own threads.
+        if plan.two_phase or plan.workers == 1 or plan.exact:
             last_overrides, last = t.overrides, recipe
         else:
             last_overrides = (f"threads={plan.threads_per_worker}", *t.overrides)
@@ -269,8 +332,9 @@ def _tasks(plan: SweepPlan, trials: list[gridmod.Trial]) -> tuple[list[TrialTask
             skipped.append(t.id)
             continue
         if plan.two_phase:
-            build.append(TrialTask(t.id, "build", str(plan.recipe_path), str(run_dir), plan.threads_per_worker,
-                                   t.overrides + _build_overrides(recipe, plan.threads_per_worker), cache))
+            threads = plan.threads_of(recipe)
+            build.append(TrialTask(t.id, "build", str(plan.recipe_path), str(run_dir), threads,
+                                   t.overrides + _build_overrides(recipe, threads), cache))
         # the serial timing phase only restores and measures: it offers nothing worth sharing
         final.append(TrialTask(t.id, "time" if plan.two_phase else "full", str(plan.recipe_path), str(run_dir),
                                last.threads, last_overrides, None if plan.two_phase else cache))

@@ -3,7 +3,7 @@ read by the driver and the report)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,13 @@ class SweepPlan:
     search: OptunaSearch | None = None  # None: the grid's trials; else trials are asked batch by batch
     base: Recipe | None = None  # the recipe with the sweep-wide overrides (what every trial shares)
     share_prefixes: bool = True  # trials reuse each other's stages through OUT/cache (prefixes.py)
+    exact: bool = False  # every phase on its recipe's own threads: each trial is its single `fmap run`
+    requested_workers: int | None = None  # --workers (or its default) before exact mode capped it
+    notes: list[str] = field(default_factory=list)  # lines the driver prints before any trial
+
+    def threads_of(self, recipe: Recipe) -> int:
+        """Threads of one trial's phases: exact, its recipe's own; else the per-worker share."""
+        return recipe.threads if self.exact else self.threads_per_worker
 
     @property
     def two_phase(self) -> bool:

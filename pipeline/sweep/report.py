@@ -24,7 +24,7 @@ from pipeline.sweep.pareto import front
 if TYPE_CHECKING:
     from pipeline.sweep.plan import SweepPlan
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: executor.exact, executor.requested_workers
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -119,7 +119,8 @@ def collect(plan: SweepPlan, results: dict[str, list[dict[str, Any]]], started: 
         "constraints": [str(c) for c in plan.constraints],
         "backend": plan.backend,
         "executor": {"name": plan.executor.name, "address": plan.executor_address, "workers": plan.workers,
-                     "threads_per_worker": plan.threads_per_worker,
+                     "threads_per_worker": plan.threads_per_worker, "exact": plan.exact,
+                     "requested_workers": plan.requested_workers,
                      "timing": "serial timing phase" if plan.two_phase else "one phase",
                      "share_prefixes": plan.share_prefixes},
         "summary": {"trials": len(rows), "finished": sum(r["status"] in ("ok", "gate_failed") for r in rows),
@@ -150,6 +151,14 @@ def _value(v: float | None, name: str) -> str:
     return f"{v:.4g}{(' ' + unit) if unit else ''}"
 
 
+def executor_line(ex: dict[str, Any]) -> str:
+    """How the trials ran, and whether each reproduces its single `fmap run` (the thread count)."""
+    mode = ("exact: each trial on its recipe's threads, as its single fmap run" if ex.get("exact") else
+            f"not exact (--no-exact: built on {ex['threads_per_worker']} thread(s) per worker, results may differ "
+            "from single runs in the last digits)")
+    return f"{ex['name']}, {ex['workers']} worker(s) x {ex['threads_per_worker']} thread(s), {ex['timing']}, {mode}"
+
+
 def _params(r: dict[str, Any]) -> str:
     return ", ".join(f"{k.rsplit('.', 1)[-1] if '.' in k else k}={json.dumps(v)}" for k, v in r["params"].items()) or "-"
 
@@ -170,9 +179,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         feas = "yes" if r["feasible"] else ("no (" + ", ".join(r["violations"]) + ")" if r["violations"] else "no")
         lines.append(f"| {r['rank']} | `{r['id']}` | {_params(r)} | {status.replace('|', '/')} | {vals} | {feas} | "
                      f"{'**yes**' if r['pareto'] else ''} | {link} |")
-    ex = data["executor"]
-    lines += ["", f"Executor: {ex['name']}, {ex['workers']} worker(s) x {ex['threads_per_worker']} thread(s), "
-              f"{ex['timing']}. Values are read from each run's deployable artifact row"
+    lines += ["", f"Executor: {executor_line(data['executor'])}. Values are read from each run's deployable artifact row"
               f"{' on ' + data['backend'] if data['backend'] else ''}.", ""]
     return "\n".join(lines)
 
@@ -255,9 +262,7 @@ def render_html(data: dict[str, Any]) -> str:
                     f'<td>{status}</td>{vals}<td>{feas}</td><td>{"yes" if r["pareto"] else ""}</td></tr>')
     parts.append(f'<table id="leaderboard"><tr><th>rank</th><th>trial</th><th>parameters</th><th>status</th>{head}'
                  f"<th>feasible</th><th>Pareto</th></tr>{''.join(rows)}</table>")
-    ex = data["executor"]
-    parts.append(f"<p>Executor: {e(ex['name'])}, {ex['workers']} worker(s) x {ex['threads_per_worker']} thread(s), "
-                 f"{e(ex['timing'])}. Updated {e(data['updated'])}.</p>")
+    parts.append(f"<p id=\"executor\">Executor: {e(executor_line(data['executor']))}. Updated {e(data['updated'])}.</p>")
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>fmap sweep</title><style>{CSS}</style>"
             f"</head><body>{''.join(parts)}</body></html>\n")
 

@@ -103,6 +103,9 @@ def test_pareto_front():
     (["--objective", "latency:min"], "unknown metric 'latency'"),
     (["--constraint", "agreement>>0.99"], "expected NAME OP NUMBER"),
     (["--workers", "0"], "--workers must be at least 1"),
+    (["--exact", "--build-threads", "2"], "--exact runs every trial on its recipe's threads, but --build-threads is 2"),
+    (["--grid", "threads=1,2", "--exact", "--build-threads", "2"], "and trial threads-1_"),
+    (["--build-threads", "0"], "--build-threads must be at least 1"),
 ])
 def test_bad_input_exits_2_before_any_trial(tiny_recipe, tmp_path, args, message):
     out = tmp_path / "sweep"
