@@ -58,9 +58,7 @@ class FinetuneConfig(StageConfig):
     # keep BatchNorm running statistics while training (batches of a few photos can be a worse estimate
     # than the original training set's); off by default: where pruning left the statistics wrong the
     # fine-tune must move them (the quickstart diverged with them frozen)
-    # null: frozen when reconstruction ran and BN re-estimation was not applied (the original
-    # statistics were judged better than fresh ones; small batches in train mode would undo that)
-    freeze_bn: bool | None = None
+    freeze_bn: bool = False
 
 
 class PruneConfig(StageConfig):
@@ -252,18 +250,15 @@ def _one_round(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, k: i
                agreement={"after_prune": _agree(pruned, reference), "after_reconstruct": None, "after_bn": None,
                           "after_finetune": None}, reconstruct=None, batchnorm=None, finetune=None,
                accuracy_after_finetune=None)
-    if cfg.reconstruct:
-        row["reconstruct"] = _reconstruct(ctx, pruned, kept)
+    pruned = _recover(ctx, cfg, pruned, kept, row)
+    if row["reconstruct"] is not None:
         row["agreement"]["after_reconstruct"] = _agree(pruned, reference)
-    pruned, row["batchnorm"] = _batchnorm_step(ctx, cfg, pruned)
     if row["batchnorm"] is not None and row["batchnorm"]["applied"]:
         row["agreement"]["after_bn"] = _agree(pruned, reference)
         row["batchnorm"]["accuracy_after"] = accuracy(pruned, ctx.data.eval)
     if cfg.finetune is not None:
-        bn_applied = row["batchnorm"] is not None and row["batchnorm"]["applied"]
-        freeze = cfg.finetune.freeze_bn if cfg.finetune.freeze_bn is not None else (cfg.reconstruct and not bn_applied)
         row["finetune"] = _finetune(ctx, _round_finetune(cfg.finetune, cfg.rounds), ctx.original_model, pruned,
-                                    reconstructed=cfg.reconstruct, freeze_bn=freeze)
+                                    reconstructed=cfg.reconstruct, freeze_bn=cfg.finetune.freeze_bn)
         row["accuracy_after_finetune"] = accuracy(pruned, ctx.data.eval)
         row["agreement"]["after_finetune"] = _agree(pruned, reference)
     return pruned.eval(), row
@@ -289,7 +284,8 @@ def _reconstruct(ctx: StageContext, pruned: torch.nn.Module, kept: dict[str, lis
 
     from pipeline.pruning.reconstruct import reconstruct
 
-    images = _calibration_images(ctx, RECONSTRUCT_IMAGES)
+    images = _calibration_images(ctx, RECONSTRUCT_IMAGES + 64)
+    images = images[:_fitted_count(len(images))]
     start = time.monotonic()
     with ctx.console.status("prune: reconstructing the layers that lost inputs (least squares)"):
         refit = reconstruct(pruned, ctx.original_model, images, kept, seed=ctx.seed)
@@ -304,6 +300,14 @@ def _fresh_stats(ctx: StageContext, model: torch.nn.Module) -> tuple[Any, str]:
     cal = ctx.data.require("calibration", "prune")
     return collect_channel_stats(model, (x for _, (x, _y) in zip(range(8), cal.batches()))), \
         "collected on calibration data (round > 1)"
+
+
+def _fitted_count(available: int) -> int:
+    """How many of `available` calibration images the reconstruction fits on: up to
+    RECONSTRUCT_IMAGES, leaving 64 unfitted ones to judge BN re-estimation where there are 128+."""
+    if available >= RECONSTRUCT_IMAGES + 64:
+        return RECONSTRUCT_IMAGES
+    return available - 64 if available >= 128 else available
 
 
 def _calibration_images(ctx: StageContext, limit: int) -> torch.Tensor:
@@ -377,26 +381,40 @@ def _agree(model: torch.nn.Module, reference: Any) -> float | None:
     return None if reference is None else score(model, reference)["agreement"]
 
 
-def _batchnorm_step(ctx: StageContext, cfg: PruneConfig,
-                    pruned: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any] | None]:
-    """BN re-estimation when asked; with `bn_reestimate: null` after reconstruction, only if it raises
-    agreement with the original on calibration images the reconstruction did not fit on."""
-    if cfg.bn_reestimate is False or (cfg.bn_reestimate is None and not _has_bn(pruned)):
-        return pruned, None
-    if cfg.bn_reestimate or not cfg.reconstruct:
-        return pruned, {**_reestimate_bn(ctx, pruned), "applied": True, "decided_on": None}
+def _recover(ctx: StageContext, cfg: PruneConfig, pruned: torch.nn.Module, kept: dict[str, list[int]],
+             row: dict[str, Any]) -> torch.nn.Module:
+    """Recovery without training: BN re-estimation (when on), then reconstruction against the new
+    statistics. With `bn_reestimate: null` and both possible, both orders' candidates are built and
+    the one agreeing more with the original on calibration images the reconstruction did not fit on
+    is kept (EfficientNet-Lite0 keeps its original statistics; the quickstart's DigitsCNN needs fresh ones)."""
+    with_bn = cfg.bn_reestimate is not False and _has_bn(pruned)
+    if not cfg.reconstruct or not with_bn or cfg.bn_reestimate:
+        if with_bn:
+            row["batchnorm"] = {**_reestimate_bn(ctx, pruned), "applied": True, "decided_on": None}
+        if cfg.reconstruct:
+            row["reconstruct"] = _reconstruct(ctx, pruned, kept)
+        return pruned
+    candidate = copy.deepcopy(pruned)
+    bn = _reestimate_bn(ctx, candidate)
+    rec_bn = _reconstruct(ctx, candidate, kept)
+    rec_only = _reconstruct(ctx, pruned, kept)
+    held = _unfitted_images(ctx)
     from pipeline.pruning.validation import logits
 
-    images = _calibration_images(ctx, RECONSTRUCT_IMAGES + 256)
-    # the first RECONSTRUCT_IMAGES fitted the reconstruction
-    held = images[RECONSTRUCT_IMAGES:] if len(images) >= RECONSTRUCT_IMAGES + 64 else images
     target = logits(ctx.original_model, held).argmax(1)
-    candidate = copy.deepcopy(pruned)
-    metrics = _reestimate_bn(ctx, candidate)
-    kept, with_bn = (float((logits(m, held).argmax(1) == target).float().mean()) for m in (pruned, candidate))
-    metrics.update(applied=with_bn > kept, decided_on={"images": len(held), "agreement_without": round(kept, 4),
-                                                       "agreement_with": round(with_bn, 4)})
-    return (candidate if with_bn > kept else pruned), metrics
+    without, with_ = (float((logits(m, held).argmax(1) == target).float().mean()) for m in (pruned, candidate))
+    row["batchnorm"] = {**bn, "applied": with_ > without, "order": "before reconstruction",
+                        "decided_on": {"images": len(held), "agreement_without": round(without, 4),
+                                       "agreement_with": round(with_, 4)}}
+    row["reconstruct"] = rec_bn if with_ > without else rec_only
+    return candidate if with_ > without else pruned
+
+
+def _unfitted_images(ctx: StageContext) -> torch.Tensor:
+    """Calibration images the reconstruction did not fit on (all of them when there are under 128)."""
+    images = _calibration_images(ctx, RECONSTRUCT_IMAGES + 256)
+    fitted = _fitted_count(min(len(images), RECONSTRUCT_IMAGES + 64))
+    return images[fitted:] if fitted < len(images) else images
 
 
 def _has_bn(model: torch.nn.Module) -> bool:
