@@ -258,7 +258,7 @@ def _one_round(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, k: i
         row["batchnorm"]["accuracy_after"] = accuracy(pruned, ctx.data.eval)
     if cfg.finetune is not None:
         row["finetune"] = _finetune(ctx, _round_finetune(cfg.finetune, cfg.rounds), ctx.original_model, pruned,
-                                    reconstructed=cfg.reconstruct, freeze_bn=cfg.finetune.freeze_bn)
+                                    reconstructed=cfg.reconstruct)
         row["accuracy_after_finetune"] = accuracy(pruned, ctx.data.eval)
         row["agreement"]["after_finetune"] = _agree(pruned, reference)
     return pruned.eval(), row
@@ -431,7 +431,7 @@ def _reestimate_bn(ctx: StageContext, pruned: torch.nn.Module, max_batches: int 
 
 
 def _finetune(ctx: StageContext, f: FinetuneConfig, teacher: torch.nn.Module, pruned: torch.nn.Module,
-              reconstructed: bool = False, freeze_bn: bool = False) -> dict[str, Any]:
+              reconstructed: bool = False) -> dict[str, Any]:
     """Fine-tune on data.train with a held-out part of it (or data.calibration) for model selection."""
     from pipeline.pruning import distributed
     from pipeline.pruning.finetune import FinetuneSettings, finetune
@@ -461,10 +461,9 @@ def _finetune(ctx: StageContext, f: FinetuneConfig, teacher: torch.nn.Module, pr
         epochs=f.epochs, steps=f.steps, minutes=f.minutes, lr=f.lr, optimizer=f.optimizer, schedule=f.schedule,
         warmup=f.warmup, distill=f.distill, temperature=f.temperature, alpha=f.alpha, patience=f.patience,
         eval_every=f.eval_every, augment=f.augment, feature_layers=tuple(f.feature_layers),
-        feature_weight=f.feature_weight, seed=ctx.seed, freeze_bn=freeze_bn)
+        feature_weight=f.feature_weight, seed=ctx.seed, freeze_bn=f.freeze_bn)
     # data-parallel under `fmap run --nproc N` / torchrun, else a plain call (pruning/distributed.py)
-    out = distributed.train(finetune, pruned, teacher, train, ref, settings, console=ctx.console)
-    return {**out, "freeze_bn": freeze_bn}
+    return distributed.train(finetune, pruned, teacher, train, ref, settings, console=ctx.console)
 
 
 def _check_forward(original: torch.nn.Module, pruned: torch.nn.Module, example: torch.Tensor) -> None:
