@@ -111,11 +111,9 @@ def lr_factor(progress: float, warmup: float, schedule: str) -> float:
 def _fit_adapter(adapter: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
     """Start the adapter at the least-squares map from the student's channels to the teacher's on
     the example batch, not at noise: its first gradients then point at what pruning lost."""
-    from pipeline.pruning.reconstruct import solve
+    from pipeline.pruning.reconstruct import rows, solve
 
-    xs = s.movedim(1, -1).reshape(-1, s.shape[1]).float()
-    ys = t.movedim(1, -1).reshape(-1, t.shape[1]).float()
-    w = solve(xs, ys, torch.zeros(s.shape[1], t.shape[1])).T
+    w = solve(rows(s).float(), rows(t).float(), torch.zeros(s.shape[1], t.shape[1])).T
     adapter.weight.copy_(w.reshape(adapter.weight.shape).to(adapter.weight.dtype))
 
 

@@ -67,10 +67,16 @@ class _Positions:
         return self.drawn[name]
 
 
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] or [N, ..., C] -> [rows, C] (channels last), one image's rows contiguous."""
+    per = _per_image(t)
+    return per.reshape(-1, per.shape[-1])
+
+
 def _take(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """The rows of `t` ([N, ...]) at `pos` ([N, per]): [N * per, C], one image's rows contiguous."""
-    rows = _per_image(t)
-    return torch.gather(rows, 1, pos.unsqueeze(-1).expand(-1, -1, rows.shape[-1])).reshape(-1, rows.shape[-1])
+    per = _per_image(t)
+    return torch.gather(per, 1, pos.unsqueeze(-1).expand(-1, -1, per.shape[-1])).reshape(-1, per.shape[-1])
 
 
 def targets(student: nn.Module, teacher: nn.Module) -> list[str]:

@@ -278,14 +278,13 @@ def _round_summary(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "finetune_steps": None if r["finetune"] is None else r["finetune"]["steps_run"]} for r in rounds]
 
 
-def _reconstruct(ctx: StageContext, pruned: torch.nn.Module, kept: dict[str, list[int]]) -> dict[str, Any]:
+def _reconstruct(ctx: StageContext, pruned: torch.nn.Module, kept: dict[str, list[int]],
+                 images: torch.Tensor) -> dict[str, Any]:
     """Least-squares refit of the layers that lost inputs, against the original on calibration images."""
     import time
 
     from pipeline.pruning.reconstruct import reconstruct
 
-    images = _calibration_images(ctx, RECONSTRUCT_IMAGES + 64)
-    images = images[:_fitted_count(len(images))]
     start = time.monotonic()
     with ctx.console.status("prune: reconstructing the layers that lost inputs (least squares)"):
         refit = reconstruct(pruned, ctx.original_model, images, kept, seed=ctx.seed)
@@ -302,12 +301,14 @@ def _fresh_stats(ctx: StageContext, model: torch.nn.Module) -> tuple[Any, str]:
         "collected on calibration data (round > 1)"
 
 
-def _fitted_count(available: int) -> int:
-    """How many of `available` calibration images the reconstruction fits on: up to
-    RECONSTRUCT_IMAGES, leaving 64 unfitted ones to judge BN re-estimation where there are 128+."""
-    if available >= RECONSTRUCT_IMAGES + 64:
-        return RECONSTRUCT_IMAGES
-    return available - 64 if available >= 128 else available
+def _split_for_reconstruction(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images the reconstruction fits on, calibration images it does not see, to judge BN
+    re-estimation): up to RECONSTRUCT_IMAGES fitted, leaving at least 64 unseen where there are
+    128+; with fewer, both are all of them."""
+    images = _calibration_images(ctx, RECONSTRUCT_IMAGES + 256)
+    n = min(len(images), RECONSTRUCT_IMAGES + 64)
+    fitted = RECONSTRUCT_IMAGES if n >= RECONSTRUCT_IMAGES + 64 else (n - 64 if n >= 128 else n)
+    return images[:fitted], (images[fitted:] if fitted < len(images) else images)
 
 
 def _calibration_images(ctx: StageContext, limit: int) -> torch.Tensor:
@@ -392,13 +393,13 @@ def _recover(ctx: StageContext, cfg: PruneConfig, pruned: torch.nn.Module, kept:
         if with_bn:
             row["batchnorm"] = {**_reestimate_bn(ctx, pruned), "applied": True, "decided_on": None}
         if cfg.reconstruct:
-            row["reconstruct"] = _reconstruct(ctx, pruned, kept)
+            row["reconstruct"] = _reconstruct(ctx, pruned, kept, _split_for_reconstruction(ctx)[0])
         return pruned
+    fit, held = _split_for_reconstruction(ctx)
     candidate = copy.deepcopy(pruned)
     bn = _reestimate_bn(ctx, candidate)
-    rec_bn = _reconstruct(ctx, candidate, kept)
-    rec_only = _reconstruct(ctx, pruned, kept)
-    held = _unfitted_images(ctx)
+    rec_bn = _reconstruct(ctx, candidate, kept, fit)
+    rec_only = _reconstruct(ctx, pruned, kept, fit)
     from pipeline.pruning.validation import logits
 
     target = logits(ctx.original_model, held).argmax(1)
@@ -408,13 +409,6 @@ def _recover(ctx: StageContext, cfg: PruneConfig, pruned: torch.nn.Module, kept:
                                        "agreement_with": round(with_, 4)}}
     row["reconstruct"] = rec_bn if with_ > without else rec_only
     return candidate if with_ > without else pruned
-
-
-def _unfitted_images(ctx: StageContext) -> torch.Tensor:
-    """Calibration images the reconstruction did not fit on (all of them when there are under 128)."""
-    images = _calibration_images(ctx, RECONSTRUCT_IMAGES + 256)
-    fitted = _fitted_count(min(len(images), RECONSTRUCT_IMAGES + 64))
-    return images[fitted:] if fitted < len(images) else images
 
 
 def _has_bn(model: torch.nn.Module) -> bool:
