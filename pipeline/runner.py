@@ -165,7 +165,7 @@ class Runner:
         """Lock the run directory, run every stage, and always leave a final manifest status."""
         lock = RunDirLock(self.run_dir).acquire()  # BadInput (exit 2) when another run holds it
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 return self._run_locked()
         finally:
             lock.release()
@@ -288,42 +288,66 @@ class Runner:
                 self.console.print(f"[bold]\\[{n}/{total}] {spec.id}[/] [dim]unchanged, resumed from the previous run[/]")
                 continue
             can_resume = False
-            if self.stage_cache is not None and self._reuse_cached(ctx, spec, stage, entry, chain):
-                self.console.print(f"[bold]\\[{n}/{total}] {spec.id}[/] [dim]reused from {entry['reused']['run_dir']}[/]")
-                continue
-            before = stagecache.snapshot(self.run_dir) if self.stage_cache is not None else {}
-            self.console.rule(f"[bold][{n}/{total}] {spec.id}[/]", style="dim")
-            entry["status"] = "running"
-            entry["started"] = now()
-            self._write_manifest()
-            t0 = time.perf_counter()
-            try:
-                result = stage.run(ctx, spec.config)
-            except KeyboardInterrupt:
-                entry.update(status="interrupted", duration_s=round(time.perf_counter() - t0, 3))
-                raise
-            except FmapError as exc:
-                entry.update(status="failed", error=str(exc), duration_s=round(time.perf_counter() - t0, 3))
-                raise
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise StageFailed(self._stage_crash(spec, exc, entry, t0)) from exc
-                msg = _os_error_message(exc, self.run_dir)
-                entry.update(status="failed", error=msg, duration_s=round(time.perf_counter() - t0, 3))
-                raise StageFailed(msg) from exc
-            except (Exception, SystemExit) as exc:  # a bug or a library failure: traceback in the run dir
+            with self._claimed(spec, chain):  # a run computing this very stage for the cache: wait, then reuse it
+                if self.stage_cache is not None and self._reuse_cached(ctx, spec, stage, entry, chain):
+                    self.console.print(f"[bold]\\[{n}/{total}] {spec.id}[/] [dim]reused from {entry['reused']['run_dir']}[/]")
+                    continue
+                self._compute(ctx, spec, stage, entry, chain, f"[{n}/{total}] {spec.id}")
+
+    @contextlib.contextmanager
+    def _claimed(self, spec: StageSpec, chain: str) -> Iterator[None]:
+        """Hold the stage cache's claim on `chain` while reusing or computing it (pipeline.stagecache):
+        parallel runs sharing a stage compute it once."""
+        if self.stage_cache is None:
+            yield
+            return
+        try:
+            claim = stagecache.claim(self.stage_cache, chain, lambda owner: self.console.print(
+                f"[dim]{spec.id}: waiting for {owner}, which is computing this very stage[/]"))
+        except OSError as exc:  # an unwritable cache shares nothing, it does not fail the run
+            self.console.print(f"[yellow]warning[/] stage cache {self.stage_cache}: {exc.strerror or exc}")
+            claim = None
+        try:
+            yield
+        finally:
+            stagecache.release(claim)
+
+    def _compute(self, ctx: StageContext, spec: StageSpec, stage: Any, entry: dict[str, Any], chain: str,
+                 title: str) -> None:
+        """Run one stage, record it, offer it to the stage cache."""
+        before = stagecache.snapshot(self.run_dir) if self.stage_cache is not None else {}
+        self.console.rule(f"[bold]{title}[/]", style="dim")
+        entry["status"] = "running"
+        entry["started"] = now()
+        self._write_manifest()
+        t0 = time.perf_counter()
+        try:
+            result = stage.run(ctx, spec.config)
+        except KeyboardInterrupt:
+            entry.update(status="interrupted", duration_s=round(time.perf_counter() - t0, 3))
+            raise
+        except FmapError as exc:
+            entry.update(status="failed", error=str(exc), duration_s=round(time.perf_counter() - t0, 3))
+            raise
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
                 raise StageFailed(self._stage_crash(spec, exc, entry, t0)) from exc
-            missing = [a for a in stage.produces(spec.config) if a not in result.artifacts]
-            if result.status == "ok" and missing:  # a broken contract, not bad input
-                msg = f"stage '{spec.id}' declares the artifact '{missing[0]}' but did not produce it"
-                entry.update(status="failed", error=msg, duration_s=round(time.perf_counter() - t0, 3))
-                raise StageFailed(msg)
-            self._record(ctx, spec, entry, result, time.perf_counter() - t0, entry["started"])
-            self._publish(entry, chain, before)
-            if result.status == "skipped":
-                self.console.print(f"[yellow]skipped[/] {spec.id}: {escape(str(result.skip_reason))}")
-            else:
-                self.console.print(f"[green]done[/] {spec.id} in {entry['duration_s']:.1f} s")
+            msg = _os_error_message(exc, self.run_dir)
+            entry.update(status="failed", error=msg, duration_s=round(time.perf_counter() - t0, 3))
+            raise StageFailed(msg) from exc
+        except (Exception, SystemExit) as exc:  # a bug or a library failure: traceback in the run dir
+            raise StageFailed(self._stage_crash(spec, exc, entry, t0)) from exc
+        missing = [a for a in stage.produces(spec.config) if a not in result.artifacts]
+        if result.status == "ok" and missing:  # a broken contract, not bad input
+            msg = f"stage '{spec.id}' declares the artifact '{missing[0]}' but did not produce it"
+            entry.update(status="failed", error=msg, duration_s=round(time.perf_counter() - t0, 3))
+            raise StageFailed(msg)
+        self._record(ctx, spec, entry, result, time.perf_counter() - t0, entry["started"])
+        self._publish(entry, chain, before)
+        if result.status == "skipped":
+            self.console.print(f"[yellow]skipped[/] {spec.id}: {escape(str(result.skip_reason))}")
+        else:
+            self.console.print(f"[green]done[/] {spec.id} in {entry['duration_s']:.1f} s")
 
     def _stage_crash(self, spec: StageSpec, exc: BaseException, entry: dict[str, Any], t0: float) -> str:
         """Save the traceback, mark the stage failed, return the one-line message."""
@@ -425,7 +449,7 @@ def _os_error_message(exc: OSError, default: Path) -> str:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (CI cancelling a job, `kill`) ends the run like Ctrl-C: manifest 'interrupted'."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
+
+import pytest
 
 from pipeline.fingerprint import sha256_file, stage_chain
 from pipeline.recipe import load_recipe
@@ -47,3 +51,43 @@ def test_prefix_waves_are_the_branch_points():
     assert waves({"a": ["p"], "b": ["o"]}) == []
     # identical build prefixes (the trials differ only after verify): the whole prefix once
     assert waves({"a": ["p", "x"], "b": ["p", "x"]}) == [[Prefix("a", 2, "x")]]
+
+
+def test_a_claimed_stage_is_waited_for_then_reused(tmp_path):
+    """Two runs reaching the same stage at once: the second waits for the first's claim and, once the
+    stage is published, gets None (reuse it) instead of computing it again."""
+    import threading
+
+    from pipeline import stagecache
+
+    cache, chain = tmp_path / "cache", "c" * 64
+    mine = stagecache.claim(cache, chain)
+    assert mine is not None and json.loads(mine.read_text())["pid"] == os.getpid()
+    waited: list[str] = []
+    got: list[Path | None] = []
+    other = threading.Thread(target=lambda: got.append(stagecache.claim(cache, chain, waited.append)))
+    other.start()
+    other.join(timeout=1.0)
+    assert other.is_alive() and waited == [f"pid {os.getpid()} on {socket.gethostname()}"]  # still waiting
+    (cache / chain).mkdir()
+    (cache / chain / stagecache.ENTRY).write_text("{}")  # what publish() leaves
+    stagecache.release(mine)
+    other.join(timeout=5.0)
+    assert not other.is_alive() and got == [None]
+
+
+def test_a_claim_whose_run_died_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline import stagecache
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cache, chain = tmp_path / "cache", "d" * 64
+    cache.mkdir()
+    stale = cache / f".{chain}.claim"
+    stale.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    mine = stagecache.claim(cache, chain, lambda owner: pytest.fail(f"waited for a dead run: {owner}"))
+    assert mine == stale and json.loads(mine.read_text())["pid"] == os.getpid()
+    stagecache.release(mine)
+    assert not stale.exists()

@@ -29,10 +29,11 @@ import click
               "(default: its first row).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Sweep directory: trials/<id>/ run directories, sweep.json, sweep.md, sweep.html.")
-@click.option("--workers", type=int, default=None, help="Trials at once (default: min(trials, cores); --exact caps it at cores // the recipe's threads).")
+@click.option("--workers", type=int, default=None, help="Trials at once (default: min(trials, cores), with --exact at most cores // the recipe's threads; "
+                   "more share the cores, each still on its recipe's threads, and time with the others paused).")
 @click.option("--exact/--no-exact", default=None,
               help="--exact (default): every trial on its recipe's threads, so it reproduces its single fmap run "
-                   "exactly; at most cores // threads at once (caps --workers). --no-exact: cores // workers "
+                   "exactly; latency is measured while the other trials are paused. --no-exact: cores // workers "
                    "threads per worker while building (results may differ in the last digits).")
 @click.option("--build-threads", type=int, default=None,
               help="Threads per worker while building (implies --no-exact unless equal to the recipe's threads; "
@@ -51,6 +52,7 @@ def sweep(recipe: Path, grids: tuple[str, ...], search: str, params: tuple[str, 
           address: str | None, share_prefixes: bool, retry_failed: bool, as_json: bool) -> int:
     """Run RECIPE over a grid of overrides or an Optuna search; leaderboard and Pareto front in OUT/sweep.{json,md,html}."""
     from pipeline.cli import make_console
+    from pipeline.runner import sigterm_as_interrupt
     from pipeline.sweep.driver import plan_sweep, run_sweep
 
     console = make_console()
@@ -58,7 +60,8 @@ def sweep(recipe: Path, grids: tuple[str, ...], search: str, params: tuple[str, 
                       retry_failed, build_threads, search, params, n_trials, search_seed, share_prefixes,
                       exact)
     try:
-        outcome = run_sweep(plan, console)
+        with sigterm_as_interrupt():  # CI cancelling the job: trials stop resumable, none stays paused
+            outcome = run_sweep(plan, console)
     finally:
         close = getattr(plan.executor, "close", None)
         if close:

@@ -22,6 +22,7 @@ from pipeline.backends.base import BackendUnavailable
 from pipeline.backends.torch import torch_threads
 from pipeline.errors import BadInput, StageFailed
 from pipeline.plugins import loaded_plugins
+from pipeline.quiet import quiet_machine, runnable_now
 from pipeline.contracts import run_relative
 from pipeline.stages.base import Stage, StageConfig, StageContext, StageResult
 from pipeline.verify.accuracy import AccuracyAccumulator
@@ -108,7 +109,8 @@ class VerifyStage(Stage[VerifyConfig]):
             with ctx.console.status(f"verify: accuracy and agreement, {len(runs)} sessions on "
                                     f"{len(split) if split is not None else 1} samples"):
                 accuracy = _accuracy(ctx, cfg, split, base, runs)
-            latency, speedup, speedup_fp32, speedup_vs, machine = _latency(ctx, cfg, split, base, runs)
+            with quiet_machine() as paused:  # in a parallel sweep: the other trials wait while this one times
+                latency, speedup, speedup_fp32, speedup_vs, machine = _latency(ctx, cfg, split, base, runs, paused)
         results = [_result_row(r, cfg, accuracy, latency, speedup, speedup_fp32, speedup_vs) for r in runs]
         deployable = _deployable(ctx, cands)
         targets = gate_targets(cfg.gates, deployable, [r["artifact"] for r in results], cfg.baseline)
@@ -294,7 +296,7 @@ def _fp32_references(runs: list[_Run], base: _Run) -> dict[tuple[str, str], tupl
     return refs
 
 
-def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs: list[_Run]):
+def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs: list[_Run], paused: int | None):
     lc = cfg.latency
     latency: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
     speedup: dict[tuple[str, str], dict[str, Any]] = {(r.cand.name, r.backend): {} for r in runs}
@@ -317,13 +319,13 @@ def _latency(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run, runs:
                 latency[key][str(bs)] = {"batch_size": bs, "error": f"{type(exc).__name__}: {exc}"[:300]}
         mode = " (each in its own process)" if lc.isolate else (" (interleaved)" if lc.interleave else "")
         ctx.console.print(f"verify: latency batch {bs}: {len(runners)} sessions x {lc.iterations} iterations{mode}")
-        before = load_average()
+        before, running = load_average(), runnable_now()
         if lc.isolate:
             times = _isolated_times(ctx, runs, runners, x, lc, lc.threads or ctx.threads, latency, bs)
         else:
             with ctx.console.status(f"verify: latency batch {bs}"):
                 times = measure(runners, lc.warmup, lc.iterations, lc.interleave)  # type: ignore[arg-type]
-        cond = conditions(before, load_average(), machine["cores"])
+        cond = conditions(before, load_average(), machine["cores"], paused, [running, runnable_now()])
         machine["conditions"][str(bs)] = cond
         if cond["busy"]:
             ctx.console.print(f"[yellow]warning: busy machine while timing batch {bs}: load average "

@@ -17,10 +17,12 @@ recipe.lock.yaml equal to the trial's resolved recipe is not run again; any othe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from rich.markup import escape
 from pipeline import atomic, stagecache
 from pipeline.errors import EXIT_INTERRUPTED, BadInput
 from pipeline.fingerprint import stage_chain
+from pipeline.quiet import QuietServer
 from pipeline.recipe import Recipe, dump_lock, load_recipe
 from pipeline.sweep import grid as gridmod
 from pipeline.sweep import objectives as objmod
@@ -108,8 +111,9 @@ class _Schedule:
 def _schedule(requested: int, explicit: bool, build_threads: int | None, exact: bool | None, local: bool,
               recipes: dict[str, Recipe]) -> _Schedule:
     """Workers and threads. Exact (the default): every phase on its recipe's own `threads`, the
-    thread count a single `fmap run` uses (results depend on it: fine-tuning, INT8 calibration),
-    and at most cores // threads phases at once. Not exact: cores // workers threads per worker."""
+    thread count a single `fmap run` uses (results depend on it: fine-tuning, INT8 calibration);
+    by default cores // threads trials at once, an explicit `--workers` above that is honoured.
+    Not exact: cores // workers threads per worker."""
     if build_threads is not None and build_threads < 1:
         raise BadInput(f"--build-threads must be at least 1, got {build_threads}")
     other = next((f"{name} has threads: {r.threads}" for name, r in recipes.items()
@@ -123,13 +127,16 @@ def _schedule(requested: int, explicit: bool, build_threads: int | None, exact: 
     if not exact:
         return _Schedule(requested, build_threads or max(1, cores // requested), False, [])
     threads = max(r.threads for r in recipes.values())
-    workers = min(requested, max(1, cores // threads)) if local else requested  # Ray fits num_cpus itself
+    fit = max(1, cores // threads)
+    # unasked, no more trials than the cores fit; asked for more (--workers), they share the cores
+    # while building (each still on its recipe's threads), and latency waits for a quiet machine
+    workers = requested if explicit or not local else min(requested, fit)
     notes = []
-    if explicit and workers < requested:
-        notes.append(f"--workers {requested} capped at {workers}: exact mode runs each trial on its recipe's "
-                     f"{threads} thread(s) (as a single fmap run) and {cores} core(s) fit {workers} at once; "
-                     f"--no-exact runs {requested} at once with {max(1, cores // requested)} thread(s) each "
-                     f"(results may then differ from single runs in the last digits)")
+    if local and workers > fit:
+        notes.append(f"--workers {requested} x the recipe's {threads} thread(s) on {cores} core(s): trials share the "
+                     f"cores while building (results are those of their single runs all the same), and each "
+                     f"trial measures latency while the others are paused; --workers {fit} keeps every "
+                     f"trial on cores of its own")
     return _Schedule(workers, threads, True, notes)
 
 
@@ -273,9 +280,8 @@ def _run_trials(plan: SweepPlan, trials: list[gridmod.Trial], console: Console,
                 results: dict[str, list[dict[str, Any]]], started: str,
                 failed_before: dict[str, dict[str, Any]]) -> None:
     """Run the given trials (shared prefixes, the build phase in parallel, then the serial timing
-    phase); skip finished ones and ones that failed before with the same recipe."""
-    from pipeline.sweep import report
-
+    phase; or, exact and local, each trial in one phase with latency timed while the others are
+    paused); skip finished ones and ones that failed before with the same recipe."""
     out = plan.out
     build, final, skipped = _tasks(plan, trials)
     if skipped:
@@ -291,11 +297,24 @@ def _run_trials(plan: SweepPlan, trials: list[gridmod.Trial], console: Console,
         build = [b for b in build if b.trial_id not in keep]
         final = [f for f in final if f.trial_id not in keep]
     threads = "each on its recipe's threads (exact)" if plan.exact else f"{plan.threads_per_worker} thread(s) each"
-    mode = (f"build phase on {plan.workers} workers, {threads}, then a serial timing phase"
-            if plan.two_phase else f"{plan.workers} worker(s), {threads}")
+    mode = (f"build phase on {plan.workers} workers, {threads}, then a serial timing phase" if plan.two_phase else
+            f"{plan.workers} worker(s), {threads}" + (", latency measured with the others paused"
+                                                      if plan.quiet_timing else ""))
     console.print(f"sweep: {len(trials)} trials, {len(final)} to run, {plan.executor.name} executor, {mode}")
-    failed_build: set[str] = set()
     phases = [*_prefix_waves(plan, build), build]
+    if plan.quiet_timing:
+        final = _spread(final, {t.trial_id: stage_chain(plan.recipes[t.trial_id]) for t in final}, plan.workers)
+    with _quiet(plan.executor) if plan.quiet_timing else contextlib.nullcontext():
+        _run_phases(plan, phases, final, console, results, started)
+
+
+def _run_phases(plan: SweepPlan, phases: list[list[TrialTask]], final: list[TrialTask], console: Console,
+                results: dict[str, list[dict[str, Any]]], started: str) -> None:
+    """The build phases (prefixes, then builds) in parallel, then the last phase (serial when timed apart)."""
+    from pipeline.sweep import report
+
+    out = plan.out
+    failed_build: set[str] = set()
     for tasks in phases:
         tasks = [t for t in tasks if t.trial_id not in failed_build]
         for n, res in enumerate(plan.executor.run(tasks, plan.workers), start=1):
@@ -309,6 +328,39 @@ def _run_trials(plan: SweepPlan, trials: list[gridmod.Trial], console: Console,
     for n, res in enumerate(timing.run(final, workers), start=1):
         _note(console, res, n, len(final), results)
         atomic.write_json(out / "sweep.json", report.collect(plan, results, started, "running"))
+
+
+@contextlib.contextmanager
+def _quiet(executor: Executor) -> Iterator[None]:
+    """The local executor's trials pause for each other's latency measurements (pipeline.quiet)."""
+    server = QuietServer()
+    executor.quiet = server  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        executor.quiet = None  # type: ignore[attr-defined]
+        server.close()
+
+
+def _spread(tasks: list[TrialTask], chains: dict[str, list[str]], workers: int) -> list[TrialTask]:
+    """Trials in an order where the ones likely to run side by side share the fewest stages: a
+    shared stage is computed by one trial while the other waits for it (pipeline.stagecache.claim).
+    Greedy, stable: each next trial shares the fewest leading stages with the previous workers - 1."""
+    def shared(a: str, b: str) -> int:
+        n = 0
+        for x, y in zip(chains[a], chains[b]):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    left, out = list(tasks), []
+    while left:
+        recent = out[-(workers - 1):] if workers > 1 else []
+        best = min(left, key=lambda t: max((shared(t.trial_id, r.trial_id) for r in recent), default=0))
+        out.append(best)
+        left.remove(best)
+    return out
 
 
 def _tasks(plan: SweepPlan, trials: list[gridmod.Trial]) -> tuple[list[TrialTask], list[TrialTask], list[str]]:

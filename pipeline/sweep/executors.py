@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.errors import BadInput
+from pipeline.quiet import ENV as QUIET_ENV
+from pipeline.quiet import QuietServer
 
 LOG = "sweep.log"  # in each run directory: the trial's stderr, one section per phase
 
@@ -55,15 +57,19 @@ _RUNNING: set[subprocess.Popen] = set()
 _RUNNING_LOCK = threading.Lock()
 
 
-def run_trial(task: TrialTask) -> TrialResult:
+def run_trial(task: TrialTask, quiet: QuietServer | None = None) -> TrialResult:
     """Run one phase of one trial as `fmap run RECIPE --set ... --resume` in a subprocess; never raises for a
-    failing trial (its exit code and one-line error are returned)."""
+    failing trial (its exit code and one-line error are returned). With `quiet` the trial runs in its own
+    process group, which the server pauses while another trial measures latency (pipeline.quiet)."""
     run_dir = Path(task.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(task.threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.pop(QUIET_ENV, None)
+    if quiet is not None:
+        env[QUIET_ENV] = quiet.path
     sets = [arg for item in task.overrides for arg in ("--set", item)]
     cmd = [sys.executable, "-m", "pipeline.cli", "run", task.recipe, *sets, "--out", str(run_dir), "--resume", "--json"]
     if task.stage_cache:
@@ -72,12 +78,17 @@ def run_trial(task: TrialTask) -> TrialResult:
     with open(run_dir / LOG, "a", encoding="utf-8") as log:
         log.write(f"\n=== sweep phase '{task.phase}', {task.threads} thread(s): {' '.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env, text=True,
+                                start_new_session=quiet is not None)
         with _RUNNING_LOCK:
             _RUNNING.add(proc)
+        if quiet is not None:
+            quiet.register(proc.pid)
         try:
             stdout, _ = proc.communicate()
         finally:
+            if quiet is not None:
+                quiet.unregister(proc.pid)
             with _RUNNING_LOCK:
                 _RUNNING.discard(proc)
     seconds = round(time.perf_counter() - t0, 3)
@@ -99,8 +110,10 @@ def _last_error_line(log: Path) -> str | None:
     return (errors or lines or [None])[-1]
 
 
-def interrupt_running() -> None:
+def interrupt_running(quiet: QuietServer | None = None) -> None:
     """Ctrl-C of the sweep: ask every running trial to stop (it leaves a resumable run directory)."""
+    if quiet is not None:
+        quiet.resume_all()  # a paused trial would not see the signal
     with _RUNNING_LOCK:
         procs = list(_RUNNING)
     for p in procs:
@@ -134,13 +147,17 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """A pool of subprocesses on this machine (threads only wait on their child process)."""
+    """A pool of subprocesses on this machine (threads only wait on their child process). With `quiet`,
+    a trial's latency is measured while the others are paused (pipeline.quiet)."""
 
     name = "local"
 
+    def __init__(self, quiet: QuietServer | None = None) -> None:
+        self.quiet = quiet
+
     def run(self, tasks: list[TrialTask], workers: int) -> Iterator[TrialResult]:
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fmap-trial")
-        futures: set[Future] = {pool.submit(run_trial, t) for t in tasks}
+        futures: set[Future] = {pool.submit(run_trial, t, self.quiet) for t in tasks}
         try:
             while futures:
                 done, futures = wait(futures, return_when=FIRST_COMPLETED)
@@ -149,7 +166,7 @@ class LocalExecutor:
         except BaseException:
             for f in futures:
                 f.cancel()
-            interrupt_running()
+            interrupt_running(self.quiet)
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

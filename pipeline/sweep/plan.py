@@ -44,10 +44,23 @@ class SweepPlan:
         return recipe.threads if self.exact else self.threads_per_worker
 
     @property
-    def two_phase(self) -> bool:
+    def parallel_timed(self) -> bool:
+        """Several trials at once, and latency to measure."""
         recipe = self.base or next(iter(self.recipes.values()))
         many = len(self.trials) > 1 or (self.search is not None and self.search.trials > 1)
         return self.workers > 1 and many and verify_index(recipe) > 0
+
+    @property
+    def quiet_timing(self) -> bool:
+        """Each trial one `fmap run` that pauses the others while it measures latency (pipeline.quiet):
+        exact local sweeps, where the recipe's threads are the trial's threads throughout."""
+        return self.parallel_timed and self.exact and self.executor.name == "local"
+
+    @property
+    def two_phase(self) -> bool:
+        """A parallel build phase, then a serial timing phase (Ray: trials elsewhere cannot be paused;
+        --no-exact: the build ran on other threads than the timing)."""
+        return self.parallel_timed and not self.quiet_timing
 
 
 def verify_index(recipe: Recipe) -> int:

@@ -121,7 +121,8 @@ def collect(plan: SweepPlan, results: dict[str, list[dict[str, Any]]], started: 
         "executor": {"name": plan.executor.name, "address": plan.executor_address, "workers": plan.workers,
                      "threads_per_worker": plan.threads_per_worker, "exact": plan.exact,
                      "requested_workers": plan.requested_workers,
-                     "timing": "serial timing phase" if plan.two_phase else "one phase",
+                     "timing": ("serial timing phase" if plan.two_phase else
+                                "others paused while each trial times" if plan.quiet_timing else "one phase"),
                      "share_prefixes": plan.share_prefixes},
         "summary": {"trials": len(rows), "finished": sum(r["status"] in ("ok", "gate_failed") for r in rows),
                     "failed": sum(r["status"] == "failed" for r in rows),

@@ -47,14 +47,23 @@ def load_average() -> float | None:
         return None
 
 
-def conditions(before: float | None, after: float | None, cores: int | None = None) -> dict[str, Any]:
+def conditions(before: float | None, after: float | None, cores: int | None = None,
+               paused: int | None = None, runnable: list[int | None] | None = None) -> dict[str, Any]:
     """The load around one measurement and whether the machine was busy (load above its cores).
 
     fmap's own timing loop adds about one runnable process, so `busy` means load > cores + 1
     would double count; we use load > cores, the conservative reading the issue asks for.
+    In a sweep that paused its other trials for this measurement (`paused`, pipeline.quiet) the
+    1-minute average still remembers them, so busy is read from the threads runnable at the
+    start and end instead: more than this process's timing threads (cores) plus one.
     """
     cores = cores or usable_cores()
     seen = [x for x in (before, after) if x is not None]
     peak = max(seen) if seen else None
-    return {"load_avg_1m_before": before, "load_avg_1m_after": after, "cores": cores,
-            "busy": bool(peak is not None and peak > cores)}
+    out = {"load_avg_1m_before": before, "load_avg_1m_after": after, "cores": cores,
+           "busy": bool(peak is not None and peak > cores)}
+    if paused is not None:
+        now = [r for r in runnable or [] if r is not None]
+        out.update(paused_trials=paused, runnable=runnable,
+                   busy=bool(now and max(now) > cores + 1) if now else out["busy"])
+    return out

@@ -1,6 +1,8 @@
 """fmap sweep --exact (the default): every trial phase on its recipe's own `threads`, so each trial
-is byte for byte its single `fmap run`; at most cores // threads phases at once. (Bad combinations
-with --build-threads: tests/sweep/test_sweep.py::test_bad_input_exits_2_before_any_trial.)"""
+is byte for byte its single `fmap run`; by default cores // threads trials at once, an explicit
+--workers above that shares the cores, and latency is timed with the other trials paused
+(pipeline.quiet). (Bad combinations with --build-threads:
+tests/sweep/test_sweep.py::test_bad_input_exits_2_before_any_trial.)"""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.errors import BadInput
 from pipeline.sweep import report
-from pipeline.sweep.driver import _prefix_waves, _tasks, plan_sweep
+from pipeline.fingerprint import stage_chain
+from pipeline.sweep.driver import _prefix_waves, _spread, _tasks, plan_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +48,7 @@ stages:
       latency: {batch_sizes: [1], warmup: 1, iterations: 5}
       gates: {min_agreement: 0.0}
 """
-GRID = ("--grid", "stages.prune.amount=0.4,0.5")  # the fine-tune runs in the parallel build phase
+GRID = ("--grid", "stages.prune.amount=0.4,0.5")  # two fine-tunes side by side
 QUANT_GRID = ("stages.quantize.calibration=minmax,percentile",)  # prune/export shared: one prefix task
 
 
@@ -71,24 +74,26 @@ def _result(run_dir: Path) -> dict:
     }
 
 
-def test_exact_sweep_trials_equal_their_single_runs(prune_recipe, tmp_path, monkeypatch):
-    """4 'cores' and threads 2: two workers, build + serial timing phases, every phase on 2 threads;
-    each trial equals a single `fmap run` of its overrides. (Measured: with --no-exact on 2 cores
-    the fine-tune runs on 1 thread and neither trial equals its single run.)"""
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+def test_exact_sweep_trials_equal_their_single_runs(prune_recipe, tmp_path):
+    """2 workers x threads 2 (on 2 cores: sharing them): each trial one `fmap run` on 2 threads,
+    timing with the other paused, and each equals a single `fmap run` of its overrides. (Measured:
+    with --no-exact on 2 cores the fine-tune runs on 1 thread and neither trial equals its single run.)"""
     out = tmp_path / "sweep"
     res = CliRunner().invoke(cli, ["sweep", str(prune_recipe), *GRID, "--workers", "2", "--out", str(out)],
                              standalone_mode=False)
     assert res.exception is None, res.output
-    assert "build phase on 2 workers, each on its recipe's threads (exact)" in res.output
+    assert "2 worker(s), each on its recipe's threads (exact), latency measured with the others paused" in res.output
     data = json.loads((out / "sweep.json").read_text())
     assert data["executor"]["exact"] is True and data["executor"]["workers"] == 2
+    assert data["executor"]["timing"] == "others paused while each trial times"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for t in data["trials"]:
-        assert t["status"] == "ok"
+        assert t["status"] == "ok" and [p["phase"] for p in t["phases"]] == ["full"]
         log = (out / t["run_dir"] / "sweep.log").read_text()
-        phases = [line.split("'")[1] for line in log.splitlines() if line.startswith("=== sweep phase")]
-        assert phases and all(f"'{p}', 2 thread(s)" in log for p in phases)
+        assert "=== sweep phase 'full', 2 thread(s)" in log
+        rep = json.loads((out / t["run_dir"] / "report.json").read_text())
+        conditions = next(s for s in rep["stages"] if s["id"] == "verify")["metrics"]["machine"]["conditions"]
+        assert conditions["1"]["paused_trials"] in (0, 1)  # the other trial paused, or already finished
         single = tmp_path / "single" / t["id"]
         sets = [a for o in t["overrides"] for a in ("--set", o)]
         proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(prune_recipe), *sets,
@@ -101,16 +106,17 @@ def _plan(recipe: Path, out: Path, **kw):
     return plan_sweep(recipe, out, kw.pop("grids", GRID[1:]), **kw)
 
 
-@pytest.mark.parametrize("cores, workers, expect_workers, capped", [(2, 2, 1, True), (4, 2, 2, False),
-                                                                    (4, None, 2, False), (1, 3, 1, True)])
-def test_exact_plan_caps_concurrency_at_cores_over_threads(prune_recipe, tmp_path, monkeypatch, cores, workers,
-                                                          expect_workers, capped):
+@pytest.mark.parametrize("cores, workers, expect_workers, shared", [(2, 2, 2, True), (4, 2, 2, False),
+                                                                    (4, None, 2, False), (2, None, 1, False),
+                                                                    (1, 3, 3, True)])
+def test_exact_plan_workers(prune_recipe, tmp_path, monkeypatch, cores, workers, expect_workers, shared):
+    """Unasked, as many trials as the cores fit at the recipe's threads; asked for more, they share
+    the cores (said in one line) and time with the others paused."""
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     plan = _plan(prune_recipe, tmp_path / "s", workers=workers)
     assert plan.exact and plan.workers == expect_workers and plan.threads_per_worker == 2
-    assert plan.workers * plan.threads_per_worker <= max(cores, 2)
-    assert bool(plan.notes) == capped and all("--no-exact" in n and "\n" not in n for n in plan.notes)
-    assert plan.two_phase == (expect_workers > 1)
+    assert bool(plan.notes) == shared and all("paused" in n and "\n" not in n for n in plan.notes)
+    assert not plan.two_phase and plan.quiet_timing == (expect_workers > 1)
     data = report.collect(plan, {t.id: [] for t in plan.trials}, "now", "running")
     assert data["executor"]["exact"] is True and data["executor"]["workers"] == expect_workers
     assert "exact: each trial on its recipe's threads" in report.render_markdown(data)
@@ -127,9 +133,9 @@ def test_no_exact_and_build_threads(prune_recipe, tmp_path, monkeypatch):
     plan = _plan(prune_recipe, tmp_path / "b", workers=2, build_threads=1)
     assert not plan.exact and (plan.workers, plan.threads_per_worker) == (2, 1)
     plan = _plan(prune_recipe, tmp_path / "c", workers=2, build_threads=2)
-    assert plan.exact and (plan.workers, plan.threads_per_worker) == (1, 2)
+    assert plan.exact and (plan.workers, plan.threads_per_worker) == (2, 2) and plan.quiet_timing
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    plan = _plan(prune_recipe, tmp_path / "d", grids=("threads=1,2",), workers=4)
+    plan = _plan(prune_recipe, tmp_path / "d", grids=("threads=1,2",))
     assert plan.exact and (plan.workers, plan.threads_per_worker) == (2, 2)
     assert sorted(plan.threads_of(r) for r in plan.recipes.values()) == [1, 2]
 
@@ -146,17 +152,20 @@ def test_resuming_a_sweep_of_the_other_mode_is_bad_input(prune_recipe, tmp_path,
     assert "holds a sweep run with" in str(res.exception) and sorted(os.listdir(out)) == ["sweep.json"]
 
 
-def test_exact_prefix_waves_run_on_the_recipe_threads(prune_recipe, tmp_path, monkeypatch):
-    """Trials sharing prune/export: one prefix task, on the recipe's threads as every exact phase;
-    with one worker no wave at all (the trials run one after another through the stage cache)."""
+def test_exact_trials_run_whole_and_spread_over_their_branch_points(prune_recipe, tmp_path, monkeypatch):
+    """Exact and local: no prefix or build tasks; every trial one phase on the recipe's threads through
+    the stage cache (parallel trials sharing a stage wait for its claim), ordered so that trials
+    side by side share as little as possible. --no-exact keeps the prefix and build phases."""
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    plan = _plan(prune_recipe, tmp_path / "a", grids=QUANT_GRID, workers=2)
+    grids = ("stages.prune.amount=0.4,0.5", "stages.quantize.calibration=minmax,percentile")
+    plan = _plan(prune_recipe, tmp_path / "a", grids=grids, workers=2)
     build, final, _ = _tasks(plan, plan.trials)
-    assert [t.threads for t in build + final] == [2] * 4
+    assert not build and not _prefix_waves(plan, build)
+    assert [(t.phase, t.threads) for t in final] == [("full", 2)] * 4 and all(t.stage_cache for t in final)
+    order = [t.trial_id for t in _spread(final, {t.trial_id: stage_chain(plan.recipes[t.trial_id]) for t in final}, 2)]
+    amounts = [plan.recipes[i].stages[0].config.amount for i in order]
+    assert amounts == [0.4, 0.5, 0.4, 0.5]  # neighbours never share the prune
+    plan = _plan(prune_recipe, tmp_path / "b", grids=QUANT_GRID, workers=2, exact=False)
+    build, final, _ = _tasks(plan, plan.trials)
     waves = _prefix_waves(plan, build)
-    assert [[(t.phase, t.threads) for t in w] for w in waves] == [[("prefix", 2)]]
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    plan = _plan(prune_recipe, tmp_path / "b", grids=QUANT_GRID, workers=2)
-    build, final, _ = _tasks(plan, plan.trials)
-    assert not build and not _prefix_waves(plan, build) and [(t.phase, t.threads) for t in final] == [("full", 2)] * 2
-    assert all(t.stage_cache for t in final)
+    assert [[t.phase for t in w] for w in waves] == [["prefix"]] and [t.phase for t in final] == ["time"] * 2

@@ -71,6 +71,11 @@ def test_busy_means_load_above_cores():
     assert machine.conditions(1.0, 1.5, cores=2)["busy"] is False
     assert machine.conditions(1.0, 2.5, cores=2)["busy"] is True
     assert machine.conditions(None, None, cores=2)["busy"] is False
+    # a sweep paused its other trials: the 1-minute average still remembers them, runnable does not
+    quiet = machine.conditions(3.5, 3.4, cores=2, paused=1, runnable=[2, 3])
+    assert quiet["busy"] is False and quiet["paused_trials"] == 1 and quiet["runnable"] == [2, 3]
+    assert machine.conditions(0.5, 0.5, cores=2, paused=0, runnable=[2, 6])["busy"] is True
+    assert machine.conditions(3.5, 3.5, cores=2, paused=0, runnable=[None, None])["busy"] is True
     info = machine.cpu_info()
     assert info["cores"] >= 1 and isinstance(info["cpu_model"], str)
     assert set(info["cpu_flags"]) <= set(machine.INTERESTING_FLAGS)
