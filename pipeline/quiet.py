@@ -3,9 +3,10 @@
 Trials of `fmap sweep` build in parallel, but a latency measured while another trial computes is
 a measurement of the contention. Instead of a second, serial process per trial for the timing
 (which repeats process start, model load and everything after verify), each trial is one
-`fmap run`, and its verify stage wraps the latency loops in `quiet_machine()`: the sweep then
-stops every other running trial (SIGSTOP to its process group: it keeps its memory, and no CPU
-time), answers, and continues them (SIGCONT) once the timing trial closes the connection, or dies.
+`fmap run`, and its verify stage (and quantize's quick latency look) wraps its latency loops in
+`quiet_machine()`: the sweep then stops every other running trial (SIGSTOP to its process group:
+it keeps its memory and gets no CPU time), answers, and continues them (SIGCONT) once the timing
+trial closes the connection, or dies.
 One trial times at a time; a trial started while another times is stopped at once.
 
 The sweep's local executor runs a `QuietServer` on a Unix socket and passes its path in

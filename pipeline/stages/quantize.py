@@ -201,6 +201,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
                  metrics: dict[str, Any]) -> None:
         from pipeline.backends import onnxruntime as ort_backend
         from pipeline.quantization.evaluate import backend_latencies, score
+        from pipeline.quiet import quiet_machine
 
         split = ctx.data.eval or ctx.data.calibration
         x1 = np.ascontiguousarray(ctx.example_input[:1].detach().cpu().numpy(), dtype=np.float32)
@@ -213,8 +214,9 @@ class QuantizeStage(Stage[QuantizeConfig]):
                         s = score(sess, reference, split, cfg.eval_samples)
                     entry.update(accuracy=s["accuracy"], agreement=s["agreement"], max_abs_err=s["max_abs_err"],
                                  sqnr_db=s["sqnr_db"], eval_samples=s["samples"])
-                entry["latency_ms"], entry["backends"] = backend_latencies(
-                    art.path, art.precision or "fp32", x1, list(cfg.backends), ctx.threads, cfg.latency_iterations)
+                with quiet_machine():  # in a parallel sweep: the other trials wait while this one times
+                    entry["latency_ms"], entry["backends"] = backend_latencies(
+                        art.path, art.precision or "fp32", x1, list(cfg.backends), ctx.threads, cfg.latency_iterations)
                 entries[name] = entry
         metrics["fp32"] = entries.pop("fp32")
         metrics["artifacts"] = entries
