@@ -304,7 +304,8 @@ def _run_trials(plan: SweepPlan, trials: list[gridmod.Trial], console: Console,
     phases = [*_prefix_waves(plan, build), build]
     if plan.quiet_timing:
         final = _spread(final, {t.trial_id: stage_chain(plan.recipes[t.trial_id]) for t in final}, plan.workers)
-    with _quiet(plan.executor) if plan.quiet_timing else contextlib.nullcontext():
+    with _quiet(plan.executor) if isinstance(plan.executor, LocalExecutor) and plan.quiet_timing else \
+            contextlib.nullcontext():
         _run_phases(plan, phases, final, console, results, started)
 
 
@@ -331,15 +332,14 @@ def _run_phases(plan: SweepPlan, phases: list[list[TrialTask]], final: list[Tria
 
 
 @contextlib.contextmanager
-def _quiet(executor: Executor) -> Iterator[None]:
+def _quiet(executor: LocalExecutor) -> Iterator[None]:
     """The local executor's trials pause for each other's latency measurements (pipeline.quiet)."""
-    server = QuietServer()
-    executor.quiet = server  # type: ignore[attr-defined]
+    executor.quiet = QuietServer()
     try:
         yield
     finally:
-        executor.quiet = None  # type: ignore[attr-defined]
-        server.close()
+        executor.quiet.close()
+        executor.quiet = None
 
 
 def _spread(tasks: list[TrialTask], chains: dict[str, list[str]], workers: int) -> list[TrialTask]:
