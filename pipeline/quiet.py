@@ -22,6 +22,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,6 +125,7 @@ class QuietServer:
                 self._signal(pgid, signal.SIGSTOP)
             self._paused |= others
             self.grants += 1
+        _wait_stopped(others)
         try:
             conn.sendall(f"go {len(others)}\n".encode())
             while conn.recv(4096):  # EOF when the trial closes the connection or exits
@@ -141,3 +143,22 @@ class QuietServer:
     def _signal(pgid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
+
+
+def _wait_stopped(pids: set[int], timeout: float = 1.0) -> None:
+    """SIGSTOP is delivered asynchronously: wait (briefly) until every thread of each paused trial's
+    main process is stopped, so the timing starts on a machine that is already quiet (Linux /proc;
+    elsewhere, no wait)."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline and not _all_stopped(pid):
+            time.sleep(0.005)
+
+
+def _all_stopped(pid: int) -> bool:
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        # the state is the field after the parenthesised command name
+        return all(t.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] in "Tt" for t in tasks)
+    except (OSError, IndexError):  # gone, or no /proc: nothing to wait for
+        return True

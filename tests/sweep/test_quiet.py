@@ -68,12 +68,11 @@ def test_no_sweep_no_pause(monkeypatch):
 
 
 def test_the_others_are_paused_while_one_times_and_continue_after(server, building, monkeypatch):
-    _, path = building
+    proc, path = building
     monkeypatch.setenv(quiet.ENV, server.path)
-    assert _advances(path)
+    assert _advances(path) and not quiet._all_stopped(proc.pid)
     with quiet.quiet_machine() as paused:
-        assert paused == 1
-        time.sleep(0.1)  # a signal in flight
+        assert paused == 1 and quiet._all_stopped(proc.pid)  # stopped before the answer, not just signalled
         assert not _advances(path)
     assert _advances(path)
     assert server.grants == 1
