@@ -73,7 +73,7 @@ class QuietServer:
         self._groups: set[int] = set()
         self._paused: set[int] = set()
         self._holder: int | None = None
-        self.grants = 0  # how many timings were served (tests, the sweep's report)
+        self.grants = 0  # how many timings were served
         self._thread = threading.Thread(target=self._serve, name="fmap-quiet", daemon=True)
         self._thread.start()
 
@@ -135,9 +135,7 @@ class QuietServer:
         finally:
             with self._lock:
                 self._holder = None
-                for pgid in self._paused:
-                    self._signal(pgid, signal.SIGCONT)
-                self._paused.clear()
+            self.resume_all()
 
     @staticmethod
     def _signal(pgid: int, sig: signal.Signals) -> None:

@@ -41,38 +41,18 @@ class RunDirLock:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BadInput(f"cannot create run directory {self.run_dir}: {exc.strerror or exc}") from None
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-                owner = _read_pid(self.path)
-                who = f"pid {owner}" if owner else "another process"
-                raise BadInput(f"run directory {self.run_dir} in use by {who} (another fmap run writes there; "
-                               "wait for it or choose another --out)") from None
-            try:  # the holder we waited on may have unlinked the file: lock the one at the path
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        fd = try_lock(self.path)
+        if fd is None:
+            owner = read_pid(self.path)
+            who = f"pid {owner}" if owner else "another process"
+            raise BadInput(f"run directory {self.run_dir} in use by {who} (another fmap run writes there; "
+                           "wait for it or choose another --out)")
         self._fd = fd
         return self
 
     def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)  # while still locked: a finished run leaves no lock file
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self._fd)
+        if self._fd is not None:
+            unlock(self.path, self._fd)
             self._fd = None
 
     def __enter__(self) -> RunDirLock:
@@ -82,7 +62,40 @@ class RunDirLock:
         self.release()
 
 
-def _read_pid(path: Path) -> int | None:
+def try_lock(path: Path) -> int | None:
+    """An exclusive, non-blocking `flock` on the file at `path` (created if missing) with this
+    process's pid written in it; the fd, or None while another process holds it. The kernel drops
+    the lock when its holder dies, so a crashed holder blocks nobody."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            return None
+        try:  # the holder we waited on may have unlinked the file: lock the one at the path
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def unlock(path: Path, fd: int) -> None:
+    """Release `try_lock`'s lock, removing the file while still holding it (no lock file stays behind)."""
+    try:
+        Path(path).unlink(missing_ok=True)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def read_pid(path: Path) -> int | None:
     try:
         text = path.read_text().strip()
         return int(text) if text else None

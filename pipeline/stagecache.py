@@ -9,7 +9,7 @@ quantize settings).
 
     DIR/<chain hash>/entry.json   the stage's manifest entry, the run it came from, its files
     DIR/<chain hash>/files/...    every file the stage wrote, at its path relative to the run dir
-    DIR/.<chain hash>.claim       a run computing that stage now: others wait for it (claim())
+    DIR/.<chain hash>.claim       locked by a run computing that stage now: others wait for it (claim())
 
 Files are copied, never hard-linked: a run that later re-runs the stage rewrites its own files, and
 must not rewrite the cache's. An entry appears by one rename, so a reader never sees half of one;
@@ -22,14 +22,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import atomic
 from pipeline.atomic import TEMP_MARK
+from pipeline.rundir import read_pid, try_lock, unlock
 
 ENTRY = "entry.json"
 # Files of the run, not of a stage: never published.
@@ -104,66 +105,41 @@ def fetch(cache: Path, chain: str, run_dir: Path) -> dict[str, Any] | None:
 CLAIM_POLL_S = 0.25
 
 
-def claim(cache: Path, chain: str, waiting: Callable[[str], None] | None = None) -> Path | None:
+@dataclass(frozen=True)
+class Claim:
+    path: Path
+    fd: int  # holds the flock (pipeline.rundir.try_lock)
+
+
+def claim(cache: Path, chain: str, waiting: Callable[[str], None] | None = None) -> Claim | None:
     """Before computing a stage: take the cache's claim on it, or wait while another run holds one.
 
     Parallel runs that share a stage (a sweep's trials) would otherwise all compute it before any
-    published it. Returns the claim file to `release`, or None when the stage is in the cache (reuse
-    it). A claim whose run died on this host is taken over; `waiting(owner)` is called once when
-    this run has to wait.
+    published it. Returns the claim to `release`, or None when the stage is in the cache (reuse
+    it). The claim is the run directory's kind of lock (an flock the kernel drops when its holder
+    dies), so a crashed run's claim is simply taken over; `waiting(owner)` is called once when this
+    run has to wait.
     """
     path = Path(cache) / f".{chain}.claim"
-    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
     told = False
     Path(cache).mkdir(parents=True, exist_ok=True)
     while True:
         if (Path(cache) / chain / ENTRY).is_file():
             return None
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = _claim_owner(path)
-            if owner is None:  # its run is gone (or the claim vanished): try again at once
-                continue
-            if waiting is not None and not told:
-                waiting(owner)
-                told = True
-            time.sleep(CLAIM_POLL_S)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return path
+        fd = try_lock(path)
+        if fd is not None:
+            if not (Path(cache) / chain / ENTRY).is_file():
+                return Claim(path, fd)
+            unlock(path, fd)  # published between the check and the lock
+            return None
+        if waiting is not None and not told:
+            pid = read_pid(path)
+            waiting(f"pid {pid}" if pid else "another run")
+            told = True
+        time.sleep(CLAIM_POLL_S)
 
 
-def release(claimed: Path | None) -> None:
+def release(claimed: Claim | None) -> None:
     """Give up a claim (the stage is published, failed or interrupted)."""
     if claimed is not None:
-        try:
-            claimed.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def _claim_owner(path: Path) -> str | None:
-    """'pid N on HOST' of a live claim; None after removing one whose process on this host is gone."""
-    try:
-        owner = json.loads(path.read_text() or "{}")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):  # being written this instant
-        return "another run"
-    pid, host = owner.get("pid"), owner.get("host")
-    if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-        release(path)
-        return None
-    return f"pid {pid} on {host}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        unlock(claimed.path, claimed.fd)
