@@ -160,10 +160,11 @@ def test_sweep_two_workers_failing_trial_quiet_timing_and_resume(tiny_recipe, tm
     row = next(r for r in report["artifacts"] if r["deployable"])
     assert ok["objectives"] == {"agreement": row["agreement"], "latency_ms": row["p50_ms"],
                                 "size_mb": row["size_bytes"] * 1e-6}
-    # one process per trial; its verify asked the sweep for a quiet machine (the other trial had failed)
+    # one process per trial; its verify asked the sweep for a quiet machine (the failing trial usually has
+    # failed by then, but a slow start can still have it running: then it was paused)
     assert [p["phase"] for p in ok["phases"]] == ["full"]
     verify = next(s for s in report["stages"] if s["id"] == "verify")
-    assert verify["metrics"]["machine"]["conditions"]["1"]["paused_trials"] == 0
+    assert verify["metrics"]["machine"]["conditions"]["1"]["paused_trials"] in (0, 1)
     html = (out / "sweep.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html
     assert re.search(rf'<area shape="circle" coords="\d+,\d+,8" href="trials/{ok["id"]}/report.html"', html)
