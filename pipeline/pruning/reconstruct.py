@@ -165,16 +165,20 @@ def _refit(m: nn.Module, x: torch.Tensor, y: torch.Tensor, images: torch.Tensor,
 
 @torch.no_grad()
 def reconstruct(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
-                kept_out: dict[str, list[int]] | None = None, seed: int = 0, chunk: int = 32) -> list[str]:
+                kept_out: dict[str, list[int]] | None = None, seed: int = 0, chunk: int = 32,
+                names: list[str] | None = None) -> list[str]:
     """Refit, in place and in forward order, every 1x1 conv / Linear of `student` that lost inputs.
 
     `kept_out` maps a layer to the original output channels it keeps (from the prune search), so
     the teacher's outputs can be matched when the layer's own outputs were pruned too. Returns the
     names of the refitted layers. The student is left in eval mode. The student runs all `images`
     in one pass (each layer's fit needs every image's input after the layers before it are refitted);
-    the teacher runs in chunks of `chunk`.
+    the teacher runs in chunks of `chunk`. `names` refits those layers instead of the ones that lost
+    inputs (after depth pruning every 1x1 conv / Linear behind a dropped block sees new inputs).
     """
-    names = targets(student, teacher)
+    t_mods = dict(teacher.named_modules())
+    names = targets(student, teacher) if names is None else [
+        n for n, m in student.named_modules() if n in names and _fittable(m) and n in t_mods and _fittable(t_mods[n])]
     if not names or len(images) == 0:
         return []
     where = _Positions(len(images), seed)

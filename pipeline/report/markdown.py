@@ -103,9 +103,12 @@ def key_numbers(st: dict[str, Any]) -> str:
         b, a = m.get("before") or {}, m.get("after") or {}
         acc = m.get("accuracy") or {}
         ag = m.get("agreement") or {}
-        steps = [(k, ag.get(k)) for k in ("after_prune", "after_reconstruct", "after_bn", "after_finetune") if ag.get(k) is not None]
+        steps = [(k, ag.get(k)) for k in ("after_prune", "after_reconstruct", "after_bn", "after_blockwise",
+                                          "after_finetune") if ag.get(k) is not None]
         agree = (", agreement " + " → ".join(f"{k.removeprefix('after_')} {fmt.pct(v)}" for k, v in steps)) if steps else ""
-        return (f"MACs {fmt.num(b.get('macs'))} → {fmt.num(a.get('macs'))}, params {fmt.num(b.get('params'))} → "
+        dropped = m.get("dropped_blocks") or []
+        blocks = f"{len(dropped)} blocks dropped ({', '.join(dropped)}), " if dropped else ""
+        return (f"{blocks}MACs {fmt.num(b.get('macs'))} → {fmt.num(a.get('macs'))}, params {fmt.num(b.get('params'))} → "
                 f"{fmt.num(a.get('params'))}, top-1 {fmt.pct(acc.get('before'))} → {fmt.pct(acc.get('after_finetune'))}"
                 f"{agree}")
     if st["kind"] == "quantize":

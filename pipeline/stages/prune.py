@@ -61,6 +61,17 @@ class FinetuneConfig(StageConfig):
     freeze_bn: bool = False
 
 
+class BlockwiseConfig(StageConfig):
+    """Block-wise distillation after pruning (pipeline/pruning/blockwise.py): each block of the model's
+    residual chain is trained, in order, to reproduce the original block's feature map; the layers
+    after the chain are then refitted by least squares. Images: data.train (data.calibration without it)."""
+
+    epochs: float = Field(14.0, gt=0)  # passes over the images, per block
+    lr: float = Field(0.001, gt=0)  # Adam, cosine decay per block
+    batch_size: int = Field(32, ge=1)
+    images: int = Field(1024, ge=1)  # at most this many images (held in memory with their feature maps)
+
+
 class PruneConfig(StageConfig):
     """`target` says what `amount` removes: a channel ratio, or a fraction of MACs/params/peak.
 
@@ -69,6 +80,9 @@ class PruneConfig(StageConfig):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    # what is removed: channels of every layer (torch-pruning DepGraph), or whole residual blocks
+    # (pipeline/pruning/depth.py: the blocks whose removal changes fewest top-1 decisions go first)
+    structure: Literal["channels", "blocks"] = "channels"
     criterion: CriterionName = "activation"  # a registered criterion (pipeline.pruning.importance)
     target: Target = "macs"
     amount: float = Field(0.5, gt=0, lt=1)
@@ -87,6 +101,7 @@ class PruneConfig(StageConfig):
     allocation: Literal["uniform", "sensitivity"] = "uniform"  # per-layer ratios: same, or by measured damage
     sensitivity_probe: float = Field(0.3, gt=0, lt=1)  # fraction of a group's channels masked per probe
     compare_allocations: bool = False  # also prune with uniform and global ranking, report agreement of each
+    blockwise: BlockwiseConfig | None = None  # block-wise distillation before the fine-tune
     finetune: FinetuneConfig | None = None
 
     @model_validator(mode="before")
@@ -107,6 +122,13 @@ class PruneConfig(StageConfig):
     def _one_allocation(self) -> PruneConfig:
         if self.allocation == "sensitivity" and self.global_pruning:
             raise ValueError("allocation 'sensitivity' sets per-layer ratios; it cannot be combined with global: true")
+        if self.structure == "blocks":
+            channel_only = [k for k, bad in (("global", self.global_pruning), ("allocation", self.allocation != "uniform"),
+                                             ("compare_allocations", self.compare_allocations), ("rounds", self.rounds > 1),
+                                             ("target", self.target == "ratio")) if bad]
+            if channel_only:
+                raise ValueError(f"structure 'blocks' drops whole blocks; {channel_only[0]!r} applies to "
+                                 f"structure 'channels' only")
         return self
 
 
@@ -150,7 +172,8 @@ class PruneStage(Stage[PruneConfig]):
             "layers": layers, "left_alone": last["left_alone"],
             "accuracy": {"before": acc_before, "after_prune": rounds[0]["accuracy_after_prune"],
                          "after_finetune": last["accuracy_after_finetune"]},
-            "agreement": {**{k: rounds[0]["agreement"][k] for k in ("after_prune", "after_reconstruct", "after_bn")},
+            "agreement": {**{k: rounds[0]["agreement"][k] for k in ("after_prune", "after_reconstruct", "after_bn",
+                                                                     "after_blockwise")},
                           "after_finetune": last["agreement"]["after_finetune"],
                           "source": None if reference is None else reference.source,
                           "samples": None if reference is None else len(reference)},
@@ -158,6 +181,7 @@ class PruneStage(Stage[PruneConfig]):
             "finetune": last["finetune"], "rounds": _round_summary(rounds) if cfg.rounds > 1 else None,
             "allocation": cfg.allocation, "sensitivity": rounds[0]["sensitivity"],
             "allocation_comparison": rounds[0]["allocation_comparison"], "stats_source": rounds[0]["stats_source"],
+            "structure": cfg.structure, "dropped_blocks": last["dropped_blocks"], "blockwise": last["blockwise"],
         }
         history = {k: metrics[k] for k in ("criterion", "target", "amount", "ratio", "before", "after")}
         base = ctx.model_spec.model_dump() if ctx.model_spec is not None else {}
@@ -204,6 +228,8 @@ def _prune_model(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, am
 
     example = ctx.example_input
     ignored = resolve_ignored(model, cfg.ignore)
+    if cfg.structure == "blocks":
+        return _prune_blocks(ctx, cfg, model, amount, ignored)
     protect = default_protection(model, example, ignored)
     stats, stats_source = ((_channel_stats(ctx, model) if first else _fresh_stats(ctx, model))
                            if cfg.criterion in NEEDS_STATS else (None, None))
@@ -238,6 +264,44 @@ def _prune_model(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, am
     return found, info
 
 
+def _prune_blocks(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, amount: float,
+                  ignored: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    """Depth pruning: drop whole blocks, judged on calibration images the reconstruction will not fit."""
+    from pipeline.pruning.depth import block_candidates, select_blocks
+    from pipeline.pruning.engine import COST_KEY, SearchResult
+
+    example = ctx.example_input
+    if not block_candidates(model, example):
+        raise BadInput("prune: structure 'blocks' found no droppable block (a child of an nn.Sequential/ModuleList "
+                       "with a Conv/Linear whose output has its input's shape); use structure 'channels'")
+    held = _split_for_reconstruction(ctx)[1][:64]
+
+    def on_step(t: dict[str, Any]) -> None:
+        ctx.console.print(f"prune: dropped {t['block']} -> {cfg.target} reduction {t['reduction']:.3f}; "
+                          f"KL {t['kl']:.4f}, agreement {t['agreement']:.3f} on {len(held)} calibration images")
+
+    with ctx.console.status(f"pruning blocks ({cfg.target} {amount:.3f})"):
+        found = select_blocks(model, example, COST_KEY[cfg.target], amount, cfg.tolerance, held, set(ignored), on_step)
+    if not found.reached:
+        ctx.console.print(f"[yellow]prune: {cfg.target} target {amount:.3f} not reached by dropping every "
+                          f"droppable block; reduction {found.reduction:.3f}")
+    result = SearchResult(found.model, 0.0, found.reduction, found.reached, [], {})
+    info = {"ratio": None, "target_reached": found.reached, "search": found.trials, "left_alone": [],
+            "sensitivity": None, "allocation_comparison": None, "stats_source": None, "dropped_blocks": found.dropped}
+    return result, info
+
+
+def _refit_names(ctx: StageContext, pruned: torch.nn.Module, dropped: list[str]) -> list[str] | None:
+    """After depth pruning: every module behind the first dropped block (its inputs changed)."""
+    if not dropped:
+        return None
+    from pipeline.pruning.depth import execution_order, layers_after
+
+    order = execution_order(pruned, ctx.example_input)
+    first = min(dropped, key=lambda n: order.index(n) if n in order else len(order))
+    return layers_after(pruned, ctx.example_input, first)
+
+
 def _one_round(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, k: int, reference: Any,
                previous: dict[str, Any] | None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Prune towards round k's share of the target, then recover: reconstruct, BN, fine-tune."""
@@ -246,16 +310,21 @@ def _one_round(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, k: i
     found, row = _prune_model(ctx, cfg, model, _round_amount(cfg, k), first=k == 1)
     pruned = found.model
     kept = _compose_kept(previous["kept_out"] if previous else {}, found.kept_out)
+    row.setdefault("dropped_blocks", [])
     row.update(round=k, kept_out=kept, accuracy_after_prune=accuracy(pruned, ctx.data.eval),
                agreement={"after_prune": _agree(pruned, reference), "after_reconstruct": None, "after_bn": None,
-                          "after_finetune": None}, reconstruct=None, batchnorm=None, finetune=None,
-               accuracy_after_finetune=None)
-    pruned = _recover(ctx, cfg, pruned, kept, row)
+                          "after_blockwise": None, "after_finetune": None}, reconstruct=None, batchnorm=None,
+               blockwise=None, finetune=None, accuracy_after_finetune=None)
+    refit = _refit_names(ctx, pruned, row["dropped_blocks"])
+    pruned = _recover(ctx, cfg, pruned, kept, row, refit)
     if row["reconstruct"] is not None:
         row["agreement"]["after_reconstruct"] = _agree(pruned, reference)
     if row["batchnorm"] is not None and row["batchnorm"]["applied"]:
         row["agreement"]["after_bn"] = _agree(pruned, reference)
         row["batchnorm"]["accuracy_after"] = accuracy(pruned, ctx.data.eval)
+    if cfg.blockwise is not None:
+        pruned, row["blockwise"] = _blockwise(ctx, cfg, pruned, kept, row["dropped_blocks"])
+        row["agreement"]["after_blockwise"] = _agree(pruned, reference)
     if cfg.finetune is not None:
         row["finetune"] = _finetune(ctx, _round_finetune(cfg.finetune, cfg.rounds), ctx.original_model, pruned,
                                     reconstructed=cfg.reconstruct)
@@ -278,16 +347,63 @@ def _round_summary(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "finetune_steps": None if r["finetune"] is None else r["finetune"]["steps_run"]} for r in rounds]
 
 
+def _blockwise(ctx: StageContext, cfg: PruneConfig, pruned: torch.nn.Module, kept: dict[str, list[int]],
+               dropped: list[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Block-wise distillation of the residual chain, then a least-squares refit of the layers after it.
+    Kept only when it raises agreement on calibration images no recovery step fitted (candidate zero)."""
+    from pipeline.pruning.blockwise import BlockwiseSettings, distill_blocks, find_chain
+    from pipeline.pruning.depth import block_candidates, layers_after
+    from pipeline.pruning.validation import logits
+
+    b = cfg.blockwise
+    assert b is not None
+    chain = find_chain(ctx.original_model, dropped or block_candidates(ctx.original_model, ctx.example_input))
+    if chain is None:
+        ctx.console.print("[yellow]prune: block-wise distillation skipped: no single chain of blocks in this model")
+        return pruned, {"skipped": "no single chain of blocks (nn.Sequential / nn.ModuleList) in this model"}
+    split = ctx.data.train if ctx.data.train is not None and len(ctx.data.train) else None
+    images = _split_images(split, b.images) if split is not None else _calibration_images(ctx, b.images)
+    source = "data.train" if split is not None else "data.calibration"
+    fit, held = _split_for_reconstruction(ctx)
+    target = logits(ctx.original_model, held).argmax(1)
+    before = float((logits(pruned, held).argmax(1) == target).float().mean())
+    candidate = copy.deepcopy(pruned)
+    settings = BlockwiseSettings(epochs=b.epochs, lr=b.lr, batch_size=b.batch_size, seed=ctx.seed)
+    info = distill_blocks(candidate, ctx.original_model, chain, images, settings, log=ctx.console.print)
+    if info.get("trained"):
+        last = f"{chain}.{len(list(candidate.get_submodule(chain).children())) - 1}"
+        tail = layers_after(candidate, ctx.example_input, last)
+        info["refit_after_chain"] = _reconstruct(ctx, candidate, kept, fit, names=tail)["layers"]
+    after = float((logits(candidate, held).argmax(1) == target).float().mean())
+    info.update(source=source, applied=after >= before,
+                decided_on={"images": len(held), "agreement_without": round(before, 4), "agreement_with": round(after, 4)})
+    ctx.console.print(f"prune: block-wise distillation {'kept' if after >= before else 'discarded'}: agreement "
+                      f"{before:.3f} -> {after:.3f} on {len(held)} calibration images ({info.get('seconds', 0):.0f} s)")
+    return (candidate if after >= before else pruned), info
+
+
+def _split_images(split: Any, limit: int) -> torch.Tensor:
+    """The first `limit` images of a split, as one tensor."""
+    xs, n = [], 0
+    for x, _ in split.batches():
+        xs.append(x)
+        n += len(x)
+        if n >= limit:
+            break
+    return torch.cat(xs)[:limit]
+
+
 def _reconstruct(ctx: StageContext, pruned: torch.nn.Module, kept: dict[str, list[int]],
-                 images: torch.Tensor) -> dict[str, Any]:
-    """Least-squares refit of the layers that lost inputs, against the original on calibration images."""
+                 images: torch.Tensor, names: list[str] | None = None) -> dict[str, Any]:
+    """Least-squares refit of the layers that lost inputs (or of `names`), against the original on
+    calibration images."""
     import time
 
     from pipeline.pruning.reconstruct import reconstruct
 
     start = time.monotonic()
     with ctx.console.status("prune: reconstructing the layers that lost inputs (least squares)"):
-        refit = reconstruct(pruned, ctx.original_model, images, kept, seed=ctx.seed)
+        refit = reconstruct(pruned, ctx.original_model, images, kept, seed=ctx.seed, names=names)
     return {"layers": refit, "images": len(images), "source": "data.calibration",
             "seconds": round(time.monotonic() - start, 2)}
 
@@ -312,14 +428,7 @@ def _split_for_reconstruction(ctx: StageContext) -> tuple[torch.Tensor, torch.Te
 
 
 def _calibration_images(ctx: StageContext, limit: int) -> torch.Tensor:
-    cal = ctx.data.require("calibration", "prune")
-    xs, n = [], 0
-    for x, _ in cal.batches():
-        xs.append(x)
-        n += len(x)
-        if n >= limit:
-            break
-    return torch.cat(xs)[:limit]
+    return _split_images(ctx.data.require("calibration", "prune"), limit)
 
 
 def _sensitivity(ctx: StageContext, cfg: PruneConfig, model: torch.nn.Module, example: torch.Tensor, stats: Any,
@@ -383,7 +492,7 @@ def _agree(model: torch.nn.Module, reference: Any) -> float | None:
 
 
 def _recover(ctx: StageContext, cfg: PruneConfig, pruned: torch.nn.Module, kept: dict[str, list[int]],
-             row: dict[str, Any]) -> torch.nn.Module:
+             row: dict[str, Any], names: list[str] | None = None) -> torch.nn.Module:
     """Recovery without training: BN re-estimation (when on), then reconstruction against the new
     statistics. With `bn_reestimate: null` and both possible, both orders' candidates are built and
     the one agreeing more with the original on calibration images the reconstruction did not fit on
@@ -393,13 +502,13 @@ def _recover(ctx: StageContext, cfg: PruneConfig, pruned: torch.nn.Module, kept:
         if with_bn:
             row["batchnorm"] = {**_reestimate_bn(ctx, pruned), "applied": True, "decided_on": None}
         if cfg.reconstruct:
-            row["reconstruct"] = _reconstruct(ctx, pruned, kept, _split_for_reconstruction(ctx)[0])
+            row["reconstruct"] = _reconstruct(ctx, pruned, kept, _split_for_reconstruction(ctx)[0], names)
         return pruned
     fit, held = _split_for_reconstruction(ctx)
     candidate = copy.deepcopy(pruned)
     bn = _reestimate_bn(ctx, candidate)
-    rec_bn = _reconstruct(ctx, candidate, kept, fit)
-    rec_only = _reconstruct(ctx, pruned, kept, fit)
+    rec_bn = _reconstruct(ctx, candidate, kept, fit, names)
+    rec_only = _reconstruct(ctx, pruned, kept, fit, names)
     from pipeline.pruning.validation import logits
 
     target = logits(ctx.original_model, held).argmax(1)
