@@ -81,7 +81,7 @@ class PruneConfig(StageConfig):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     # what is removed: channels of every layer (torch-pruning DepGraph), or whole residual blocks
-    # (pipeline/pruning/depth.py: the blocks whose removal changes fewest top-1 decisions go first)
+    # (pipeline/pruning/depth.py: the blocks whose removal moves the output distribution least go first)
     structure: Literal["channels", "blocks"] = "channels"
     criterion: CriterionName = "activation"  # a registered criterion (pipeline.pruning.importance)
     target: Target = "macs"
