@@ -26,8 +26,8 @@ readme: demo  # the README's quickstart table, from the run just made (never pas
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
-	$(PY) -m pip install -q --only-binary=:all: -e '.[test,models]'
+test-slow: $(STAMP)  # ray: the slow sweep test starts a local Ray cluster (issue 17)
+	$(PY) -m pip install -q --only-binary=:all: -e '.[test,models,ray]'
 	$(PY) -m pytest -q -m slow
 
 test-gpu: $(STAMP)
