@@ -39,19 +39,10 @@ class Bypass(nn.Module):
         return x
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
-        parent[int(child)] = new
-    else:
-        setattr(parent, child, new)
-
-
 def drop_blocks(model: nn.Module, names: list[str]) -> nn.Module:
     """Replace each named block of `model` (in place) by a Bypass; returns the model."""
     for name in names:
-        _set_module(model, name, Bypass())
+        model.set_submodule(name, Bypass(), strict=True)
     return model
 
 
@@ -122,12 +113,12 @@ def select_blocks(model: nn.Module, example: torch.Tensor, cost_key: str, amount
         best: tuple[float, float, str, float] | None = None
         for name in left:
             original = work.get_submodule(name)
-            _set_module(work, name, Bypass())
+            work.set_submodule(name, Bypass(), strict=True)
             try:
                 red = 1.0 - model_cost(work, example)[cost_key] / base
                 out = F.log_softmax(logits(work, images), 1)
             finally:
-                _set_module(work, name, original)
+                work.set_submodule(name, original, strict=True)
             kl = float(F.kl_div(out, reference, log_target=True, reduction="batchmean"))
             agree = float((out.argmax(1) == reference.argmax(1)).float().mean())
             if best is None or (-kl, red) > (-best[0], best[1]):
