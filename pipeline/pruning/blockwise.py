@@ -165,7 +165,7 @@ def _train_block(name: str, block: nn.Module, xs: torch.Tensor, yt: torch.Tensor
                 step += 1
                 if time.monotonic() - said > PROGRESS_EVERY_S:
                     said = time.monotonic()
-                    log(f"prune: block-wise distillation {name}: step {step}/{steps}, loss {float(loss):.4f}")
+                    log(f"prune: block-wise distillation {name}: step {step}/{steps}, loss {loss.item():.4f}")
     after = _relative_error(block, xs[sample], yt[sample], var)
     return {"block": name, "status": "trained", "error_before": round(before, 6), "error_after": round(after, 6),
             "steps": steps, "seconds": round(time.monotonic() - start, 2)}
