@@ -235,9 +235,9 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
     cpu = subprocess.run("grep -o 'avx512_vnni\\|amx_int8\\|avx2' /proc/cpuinfo | sort -u", shell=True,
                          capture_output=True, text=True).stdout.split()
     amounts = " ".join(f"{a:g}" for a in args.amounts)
-    cmd = (f"nice -n 10 python benchmarks/prune_pretrained.py --amounts {amounts} --steps {args.steps} "
+    cmd = (f"python benchmarks/prune_pretrained.py --amounts {amounts} --steps {args.steps} "
            f"--fmap-steps {args.fmap_steps} --blockwise-epochs {args.blockwise_epochs:g} "
-           f"--lr {args.lr} --tp-lrs {' '.join(f'{x:g}' for x in args.tp_lrs)} --train {args.train}"
+           f"--lr {args.lr} --tp-lrs {' '.join(f'{x:g}' for x in args.tp_lrs)} --train {args.train} --eval {args.eval}"
            f"{' --augment' if args.augment else ''} --latency-iterations {args.latency_iterations} --write")
     lines = [HEADING, "",
              f"`{cmd}` — EfficientNet-Lite0 with its ImageNet weights (`models` extra). Training budget: "
