@@ -177,7 +177,8 @@ def test_real_sigint_exits_130(tmp_path):
     path = recipe_file(tmp_path, values=(1,))
     path.write_text(path.read_text().replace("  - count: {value: 1}", "  - count: {value: 1}\n  - sleep: {}"))
     script = (
-        "import sys; sys.path.insert(0, %r)\n"
+        # a terminal's Ctrl-C: a shell's background job (`cmd &`) would hand the child SIGINT ignored
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); sys.path.insert(0, %r)\n"
         "from pipeline import stages\n"
         "stages.STAGES['count'] = 'test_runner:CountStage'\n"
         "stages.STAGES['sleep'] = 'test_runner:SleepStage'\n"

@@ -269,6 +269,7 @@ def test_search_bad_input_exits_2_before_any_trial(tiny_recipe, tmp_path, args, 
     assert not out.exists()
 
 
+@pytest.mark.slow  # 33 s: keeps the default suite under 10 minutes on the slower CI CPUs
 def test_optuna_search_is_seeded_and_resumes(tiny_recipe, tmp_path):
     """3 asked trials on one worker; the same seed asks the same points, and a rerun re-runs nothing."""
     pytest.importorskip("optuna")

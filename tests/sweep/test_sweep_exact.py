@@ -74,6 +74,7 @@ def _result(run_dir: Path) -> dict:
     }
 
 
+@pytest.mark.slow  # 65 s: keeps the default suite under 10 minutes on the slower CI CPUs
 def test_exact_sweep_trials_equal_their_single_runs(prune_recipe, tmp_path):
     """2 workers x threads 2 (on 2 cores: sharing them): each trial one `fmap run` on 2 threads,
     timing with the other paused, and each equals a single `fmap run` of its overrides. (Measured:
