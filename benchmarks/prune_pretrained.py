@@ -3,15 +3,18 @@
 Agreement = top-1 decision identical to the unpruned FP32 model, on crops of the bundled photos
 (benchmarks/images.py) that are disjoint from the training crops (another seed); "confident" =
 the subset where the FP32 model's top-1 probability is >= 0.5. Two pipelines at the same MAC
-reduction and the same fine-tune budget in optimizer steps (the machine is shared, so a
-wall-clock budget would buy each pipeline a different number of steps; wall time is reported):
+reduction and the same training budget: the baseline gets `--steps` fine-tune steps, fmap
+`--blockwise-epochs` of block-wise distillation plus `--fmap-steps`, set so that its training
+time stays within the baseline's (both wall times are in the table; budgets are fixed in steps,
+not seconds, because on a shared machine seconds buy each pipeline a different amount of work):
 
-- fmap, its prune-stage defaults: activation criterion, uniform ratio, round_to 8, least-squares
-  reconstruction of the layers that lost inputs (`reconstruct: true`), then distillation with
-  label-free model selection (held-out training crops minus those the reconstruction fitted,
-  candidate zero = the reconstructed model), with `freeze_bn: true` (the reconstruction keeps
-  Lite0's original statistics; training them on batches of 16 crops lowered agreement). BN re-estimation is shown as a reference row
-  only (after reconstruction it lowers agreement, so the stage's `bn_reestimate: null` skips it);
+- fmap, the settings of recipes/efficientnet_lite0-prune.yaml: `structure: blocks` (whole blocks
+  dropped, greedily by KL from the original), least-squares refit of the layers behind the first
+  gap, block-wise distillation (the two kept blocks around each gap trained together to reproduce
+  the original's feature map after it; kept only if agreement on held-out calibration crops rises),
+  then distillation with label-free model selection (held-out training crops minus those the
+  reconstruction fitted, candidate zero = the model before it) and `freeze_bn: true`. Channel
+  pruning with its reconstruction (`structure: channels`) is shown as a reference row;
 - torch-pruning by hand: MagnitudePruner (L2), one ratio bisected to the same MACs, classifier
   ignored, round_to 8, then the loop a user writes: the same KD loss, optimizer and schedule in
   train mode, last step kept, once per lr of `--tp-lrs` (its best row is the baseline).
@@ -158,7 +161,7 @@ def run_fmap(b: Bench, amount: float, rows: list[dict[str, Any]]) -> tuple[torch
     after = float((logits(candidate, held).argmax(1) == target).float().mean())
     if after >= before:
         model = candidate
-    rows.append({"pipeline": "fmap", "step": f"after block-wise distillation ({info['trained']} blocks, "
+    rows.append({"pipeline": "fmap", "step": f"after block-wise distillation ({info['trained']} units, "
                  f"{b.args.blockwise_epochs:g} epochs, {info['seconds']:.0f} s; "
                  f"{'kept' if after >= before else 'discarded'}: {before:.1%} -> {after:.1%} on 64 held-out crops)",
                  "agreement": b.agree(model)})
@@ -255,8 +258,9 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
                    else ", no further augmentation")
                 + f". fmap: `structure: blocks` (whole blocks dropped, greedily by KL from the original on 64 calibration "
                 "crops the reconstruction does not fit), least-squares refit of every 1x1 conv / Linear behind "
-                "the first dropped block, `blockwise: {}` (each block of `_blocks` trained with Adam to "
-                "reproduce the original block's feature map on the training crops, then the head refitted; kept "
+                "the first dropped block, `blockwise: {}` (the blocks of `_blocks` trained with Adam to "
+                "reproduce the original's feature maps on the training crops, the two kept blocks around each gap "
+                "together, then the head refitted; kept "
                 f"only if agreement on the 64 crops rises), then the fine-tune at lr {args.lr:g} with `freeze_bn: "
                 "true` and selection on 10% of the training crops held out, minus those the reconstruction "
                 "fitted; candidate zero included). torch-pruning by hand: the loop a user writes "

@@ -125,20 +125,35 @@ def test_refit_of_named_layers_after_a_dropped_block_brings_the_logits_back():
     assert err() < 0.7 * before
 
 
-def test_blockwise_distillation_trains_changed_blocks_only():
+def test_blockwise_trains_the_neighbours_of_a_dropped_block_together_and_leaves_unchanged_blocks():
     teacher = Chain().eval()
-    student = drop_blocks(copy.deepcopy(teacher), ["blocks.1"])
+    student = drop_blocks(copy.deepcopy(teacher), ["blocks.4"])
     with torch.no_grad():
-        student.blocks[3].project.weight.mul_(0.5)  # damage a later block
+        student.blocks[2].conv.weight.mul_(0.5)  # damage a block before the gap's unit
     x = _images(64)
     untouched = copy.deepcopy(student.blocks[0].state_dict())
     info = distill_blocks(student, teacher, "blocks", x, BlockwiseSettings(epochs=20, lr=1e-2, batch_size=16))
     status = {r["block"]: r["status"] for r in info["blocks"]}
-    assert status == {"blocks.0": "unchanged", "blocks.1": "no parameters (dropped)", "blocks.2": "trained",
-                      "blocks.3": "trained", "blocks.4": "trained"}
+    assert status == {"blocks.0": "unchanged", "blocks.1": "unchanged", "blocks.2": "trained",
+                      "blocks.3..4": "trained"}
+    assert next(r for r in info["blocks"] if r["block"] == "blocks.3..4")["members"] == ["blocks.3", "blocks.4"]
     assert all(torch.equal(v, student.blocks[0].state_dict()[k]) for k, v in untouched.items())
-    row = next(r for r in info["blocks"] if r["block"] == "blocks.3")
-    assert row["error_after"] < 0.5 * row["error_before"]
+    assert all(r["error_after"] < 0.5 * r["error_before"] for r in info["blocks"] if r["status"] == "trained")
+
+
+@pytest.mark.parametrize(("dropped", "expected"), [
+    ([], [[0], [1], [2], [3]]),
+    ([1], [[0, 1, 2], [3]]),
+    ([0], [[0, 1], [2], [3]]),
+    ([3], [[0], [1], [2, 3]]),
+    ([1, 3], [[0, 1, 2, 3]]),
+    ([1, 2], [[0, 1, 2, 3]]),
+])
+def test_units_join_each_gap_with_its_kept_neighbours(dropped, expected):
+    from pipeline.pruning.blockwise import units
+
+    blocks = [Bypass() if i in dropped else nn.Conv2d(2, 2, 1) for i in range(4)]
+    assert units(blocks) == expected
 
 
 def test_blockwise_skips_a_container_whose_blocks_do_not_feed_each_other():
