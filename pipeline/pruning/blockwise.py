@@ -13,7 +13,7 @@ A dropped block is bridged by both its neighbours: the kept block before the gap
 block(s) and the kept block after it form one unit, trained together to reproduce the original's
 output at the unit's end (the output between them is free). Training only the block after the gap
 left EfficientNet-Lite0 at 78.8% agreement (-30% MACs, 576 crops); the two neighbours together
-reached 81.6% in the same number of steps (benchmarks/RESULTS.md).
+reached 81.8% in the same number of steps (benchmarks/RESULTS.md).
 
 The chain is the nn.Sequential / nn.ModuleList that holds the model's blocks (EfficientNet's
 `_blocks`, MobileNet's `features`); a block whose output width pruning changed cannot be compared
