@@ -79,8 +79,8 @@ def find_chain(teacher: nn.Module, block_names: list[str]) -> str | None:
 
 def units(blocks: list[nn.Module]) -> list[list[int]]:
     """Group a chain's blocks into the units trained together: every block without parameters (a
-    dropped one) joins the kept block before it and the kept block after it, so both neighbours learn to bridge
-    the gap; every other block is a unit of its own."""
+    dropped one) joins the kept block before it and the kept block after it, so both neighbours
+    learn to bridge the gap; every other block is a unit of its own."""
     dropped = [not any(True for _ in b.parameters()) for b in blocks]
     out: list[list[int]] = []
     cur: list[int] = []
