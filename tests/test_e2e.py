@@ -115,6 +115,7 @@ def test_impossible_gate_exits_1_naming_it(quickstart_run, tmp_path):
     assert "min_speedup" in junit and "<failure" in junit
 
 
+@pytest.mark.slow  # 30 s; fmap compare stays covered by tests/report/test_compare.py
 def test_report_regenerates_and_compare_shows_channel_changes(quickstart_run, tmp_path):
     out, _ = quickstart_run
     (out / "report.md").unlink()

@@ -139,6 +139,7 @@ stages: [profile: {{}}, export: {{}}, quantize: {{}}, verify: {{gates: {{max_acc
     assert visual["similarity"]["onnx_int8"]["method"] == "featuremap"
 
 
+@pytest.mark.slow  # 27 s; timm by name stays covered by tests/sources/test_model_sources.py
 def test_journey_timm_model_by_name(project):
     pytest.importorskip("timm", reason="timm is an optional extra: pip install 'fmap[timm]'")
     init = fmap("init", "--model", "timm:test_resnet", cwd=project)
