@@ -248,6 +248,9 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
            f"--fmap-steps {args.fmap_steps} --blockwise-epochs {args.blockwise_epochs:g} "
            f"--lr {args.lr} --tp-lrs {' '.join(f'{x:g}' for x in args.tp_lrs)} --train {args.train} --eval {args.eval}"
            f"{' --augment' if args.augment else ''} --latency-iterations {args.latency_iterations} --write")
+    fmap_after = (f"then the fine-tune at lr {args.lr:g} with `freeze_bn: true` and selection on 10% of the training "
+                  "crops held out, minus those the reconstruction fitted; candidate zero included)" if args.fmap_steps
+                  else "no fine-tune after it (--fmap-steps 0): its whole budget goes to block-wise distillation)")
     lines = [HEADING, "",
              f"`{cmd}` — EfficientNet-Lite0 with its ImageNet weights (`models` extra). Training budget: "
              f"torch-pruning by hand gets {args.steps} fine-tune steps (batch 16); fmap gets "
@@ -259,8 +262,8 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
              "calibrate and reconstruct), "
              f"{args.eval} evaluation crops from another seed; no labels anywhere. Agreement = same top-1 as the FP32 "
              f"model; confident = the {int(b.confident.sum())} evaluation crops where its top-1 probability is >= 0.5. "
-             + (("Fine-tune for both" if args.fmap_steps else "Fine-tune (torch-pruning only)")
-                + ": SGD (momentum 0.9), 5% warm-up, cosine, KD T=4, batch 16"
+             + (f"Fine-tune {'for both' if args.fmap_steps else '(torch-pruning only)'}: "
+                "SGD (momentum 0.9), 5% warm-up, cosine, KD T=4, batch 16"
                 + (", torchvision v2 augmentation (random resized crop 0.35-1, flip, colour jitter 0.1)" if args.augment
                    else ", no further augmentation")
                 + f". fmap: `structure: blocks` (whole blocks dropped, greedily by KL from the original on 64 calibration "
@@ -268,12 +271,8 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
                 "the first dropped block, `blockwise: {}` (the blocks of `_blocks` trained with Adam to "
                 "reproduce the original's feature maps on the training crops, the two kept blocks around each gap "
                 "together, then the head refitted; kept "
-                "only if agreement on the 64 crops rises), "
-                + (f"then the fine-tune at lr {args.lr:g} with `freeze_bn: true` and selection on 10% of the "
-                   "training crops held out, minus those the reconstruction fitted; candidate zero included). "
-                   if args.fmap_steps else "no fine-tune after it (--fmap-steps 0): its whole budget goes to "
-                   "block-wise distillation). ")
-                + "torch-pruning by hand: the loop a user writes "
+                f"only if agreement on the 64 crops rises), {fmap_after}. "
+                "torch-pruning by hand: the loop a user writes "
                 f"(train mode, last step kept), once per lr in {', '.join(f'{x:g}' for x in args.tp_lrs)}; its best "
                 "row is the baseline." if args.steps else
                 "No fine-tune in this run (--steps 0): the rows compare what each pipeline hands over before any "
