@@ -249,8 +249,8 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
            f"--lr {args.lr} --tp-lrs {' '.join(f'{x:g}' for x in args.tp_lrs)} --train {args.train} --eval {args.eval}"
            f"{' --augment' if args.augment else ''} --latency-iterations {args.latency_iterations} --write")
     fmap_after = (f"then the fine-tune at lr {args.lr:g} with `freeze_bn: true` and selection on 10% of the training "
-                  "crops held out, minus those the reconstruction fitted; candidate zero included)" if args.fmap_steps
-                  else "no fine-tune after it (--fmap-steps 0): its whole budget goes to block-wise distillation)")
+                  "crops held out, minus those the reconstruction fitted; candidate zero included" if args.fmap_steps
+                  else "no fine-tune after it (--fmap-steps 0): its whole budget goes to block-wise distillation")
     lines = [HEADING, "",
              f"`{cmd}` — EfficientNet-Lite0 with its ImageNet weights (`models` extra). Training budget: "
              f"torch-pruning by hand gets {args.steps} fine-tune steps (batch 16); fmap gets "
