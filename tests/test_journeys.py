@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,17 +59,26 @@ torch.export.save(torch.export.export(model, (x,)), "tiny.pt2")
 """
 
 
-@pytest.fixture
-def project(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def project_template(tmp_path_factory) -> Path:
     """A user's directory: model code, its ONNX/TorchScript/torch.export files, one image folder.
 
     The model files are made in a child process, as the user would make them, so the exports'
-    memory never lives in the test process (test_latency's RSS probe measures that process)."""
-    make_folder(tmp_path)
-    (tmp_path / "tinynet.py").write_text(MODEL_PY)
-    made = subprocess.run([sys.executable, "-c", MAKE_FILES], cwd=tmp_path, capture_output=True, text=True,
+    memory never lives in the test process (test_latency's RSS probe measures that process).
+    Made once per module (the exports take seconds); each test gets its own copy."""
+    root = tmp_path_factory.mktemp("project")
+    make_folder(root)
+    (root / "tinynet.py").write_text(MODEL_PY)
+    made = subprocess.run([sys.executable, "-c", MAKE_FILES], cwd=root, capture_output=True, text=True,
                           timeout=300)
     assert made.returncode == 0, made.stderr
+    return root
+
+
+@pytest.fixture
+def project(project_template, tmp_path) -> Path:
+    """This test's copy of the user's directory (tests write recipes and runs into it)."""
+    shutil.copytree(project_template, tmp_path, dirs_exist_ok=True)
     return tmp_path
 
 
