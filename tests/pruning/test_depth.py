@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 
@@ -139,6 +140,31 @@ def test_blockwise_trains_the_neighbours_of_a_dropped_block_together_and_leaves_
     assert next(r for r in info["blocks"] if r["block"] == "blocks.3..4")["members"] == ["blocks.3", "blocks.4"]
     assert all(torch.equal(v, student.blocks[0].state_dict()[k]) for k, v in untouched.items())
     assert all(r["error_after"] < 0.5 * r["error_before"] for r in info["blocks"] if r["status"] == "trained")
+    # trained in channels-last layout, handed back in the default one (what export and checkpoints expect)
+    assert all(p.is_contiguous() for p in student.parameters())
+
+
+def test_blockwise_in_channels_last_layout_learns_what_the_default_layout_learns():
+    """The layout is a speed choice only: the same steps give the same weights up to float rounding."""
+    from pipeline.pruning import blockwise
+
+    teacher = Chain().eval()
+    x = _images(32)
+    results = []
+    for layout in (blockwise._channels_last, _default_layout):
+        student = drop_blocks(copy.deepcopy(teacher), ["blocks.4"])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(blockwise, "_channels_last", layout)
+            distill_blocks(student, teacher, "blocks", x, BlockwiseSettings(epochs=4, lr=1e-2, batch_size=16))
+        results.append(student.state_dict())
+    assert any(not torch.equal(v, teacher.state_dict()[k]) for k, v in results[0].items())  # it trained
+    for k, v in results[0].items():
+        torch.testing.assert_close(v, results[1][k], rtol=1e-3, atol=1e-4)
+
+
+@contextlib.contextmanager
+def _default_layout(block, x):
+    yield lambda t: t
 
 
 @pytest.mark.parametrize(("dropped", "expected"), [
