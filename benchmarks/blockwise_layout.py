@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,7 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     args = ap.parse_args()
 
-    from benchmarks.common import machine_line, write_section
+    from benchmarks.common import cpu_flags, machine_line, write_section
     from benchmarks.pretrained import efficientnet_lite0, lite0_images
     from pipeline.pruning.blockwise import _apply, chain_input
     from pipeline.pruning.depth import drop_blocks
@@ -80,14 +79,12 @@ def main() -> int:
               f"x{nchw / last:.2f}", flush=True)
         x = y
 
-    cpu = subprocess.run("grep -o 'avx512_vnni\\|amx_int8\\|avx2' /proc/cpuinfo | sort -u", shell=True,
-                         capture_output=True, text=True).stdout.split()
     total = sum(r[2] for r in rows) / sum(r[3] for r in rows)
     lines = [HEADING, "",
              f"`python benchmarks/blockwise_layout.py --iterations {args.iterations} --threads {args.threads} --write`"
              f" — one training step (forward, MSE, backward, Adam; batch 32 of real crops' feature maps) of each "
              f"unit that block-wise distillation trains at -30% MACs, both layouts round-robin in one loop; median "
-             f"of {args.iterations}. CPU flags: {', '.join(cpu) or 'none of avx2/avx512_vnni/amx_int8'}. "
+             f"of {args.iterations}. CPU flags: {cpu_flags()}. "
              f"{machine_line(args.threads)}", "",
              "| unit (blocks) | input (C, H, W) | NCHW ms | channels-last ms | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {u} | {shape} | {a:.0f} | {b:.0f} | {a / b:.2f}x |" for u, shape, a, b in rows]

@@ -23,7 +23,7 @@ if __name__ == "__main__":  # run as the RSS probe's child process: make `pipeli
 
 from pipeline.verify.latency import measure, speedup_ci, summarize
 
-__all__ = ["machine", "machine_line", "versions", "time_interleaved", "speedup_ci", "summarize",
+__all__ = ["machine", "machine_line", "cpu_flags", "versions", "time_interleaved", "speedup_ci", "summarize",
            "file_size", "write_section", "fmt_ms", "fmt_mb", "peak_rss_fresh"]
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -54,6 +54,13 @@ def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def cpu_flags() -> str:
+    """The ISA flags that decide which CPU kernels run (a benchmark's header records them)."""
+    from pipeline.verify.machine import INTERESTING_FLAGS, cpu_info
+
+    return ", ".join(cpu_info()["cpu_flags"]) or f"none of {'/'.join(INTERESTING_FLAGS)}"
 
 
 def machine_line(threads: int) -> str:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -238,11 +237,9 @@ def latencies(models: dict[str, torch.nn.Module], ex: torch.Tensor, iterations: 
 
 
 def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> str:
-    from benchmarks.common import fmt_ms, machine_line
+    from benchmarks.common import cpu_flags, fmt_ms, machine_line
     from benchmarks.images import describe
 
-    cpu = subprocess.run("grep -o 'avx512_vnni\\|amx_int8\\|avx2' /proc/cpuinfo | sort -u", shell=True,
-                         capture_output=True, text=True).stdout.split()
     amounts = " ".join(f"{a:g}" for a in args.amounts)
     cmd = (f"python benchmarks/prune_pretrained.py --amounts {amounts} --steps {args.steps} "
            f"--fmap-steps {args.fmap_steps} --blockwise-epochs {args.blockwise_epochs:g} "
@@ -277,7 +274,7 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
                 "row is the baseline." if args.steps else
                 "No fine-tune in this run (--steps 0): the rows compare what each pipeline hands over before any "
                 "training."),
-             f"CPU flags: {', '.join(cpu) or 'none of avx2/avx512_vnni/amx_int8'}. {machine_line(THREADS)}", "",
+             f"CPU flags: {cpu_flags()}. {machine_line(THREADS)}", "",
              "| MACs removed | pipeline | step | agreement | agreement (confident) |", "|---|---|---|---|---|"]
     for d in done:
         lines += [f"| {d['label']} | {r['pipeline']} | {r['step']} | {r['agreement'][0]:.1%} | "
