@@ -145,21 +145,26 @@ def test_blockwise_trains_the_neighbours_of_a_dropped_block_together_and_leaves_
 
 
 def test_blockwise_in_channels_last_layout_learns_what_the_default_layout_learns():
-    """The layout is a speed choice only: the same steps give the same weights up to float rounding."""
+    """The layout is a speed choice only: the same steps give the same model up to float rounding
+    (compared as functions: Adam can turn a rounding difference in a near-zero gradient into a
+    visible one in a single weight, on any CPU's kernels)."""
     from pipeline.pruning import blockwise
 
     teacher = Chain().eval()
     x = _images(32)
-    results = []
+    outputs, errors = [], []
     for layout in (blockwise._channels_last, _default_layout):
         student = drop_blocks(copy.deepcopy(teacher), ["blocks.4"])
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(blockwise, "_channels_last", layout)
-            distill_blocks(student, teacher, "blocks", x, BlockwiseSettings(epochs=4, lr=1e-2, batch_size=16))
-        results.append(student.state_dict())
-    assert any(not torch.equal(v, teacher.state_dict()[k]) for k, v in results[0].items())  # it trained
-    for k, v in results[0].items():
-        torch.testing.assert_close(v, results[1][k], rtol=1e-3, atol=1e-4)
+            info = distill_blocks(student, teacher, "blocks", x, BlockwiseSettings(epochs=4, lr=1e-2, batch_size=16))
+        errors.append([(r["error_before"], r["error_after"]) for r in info["blocks"] if r["status"] == "trained"])
+        with torch.no_grad():
+            outputs.append(student.eval()(x))
+    assert errors[0] and all(after < before for before, after in errors[0])  # it trained
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-3, atol=1e-3 * float(outputs[1].abs().max()))
+    for (b0, a0), (b1, a1) in zip(errors[0], errors[1], strict=True):
+        assert b0 == pytest.approx(b1, rel=1e-3) and a0 == pytest.approx(a1, rel=1e-2)
 
 
 @contextlib.contextmanager
