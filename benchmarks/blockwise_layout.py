@@ -13,6 +13,7 @@ round-robin in one loop, so a busy machine slows both alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -30,21 +31,22 @@ DROPPED = [4, 7, 10, 13, 14]
 
 
 def step_ms(unit: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, channels_last: bool, iterations: int) -> list[float]:
-    """Milliseconds of each of `iterations` training steps (after one warm-up step)."""
+    """Milliseconds of each of `iterations` training steps (after one warm-up step); channels-last
+    through the pipeline's own `_channels_last`, the batch laid out inside the step as there."""
+    from pipeline.pruning.blockwise import _channels_last
+
     unit = copy.deepcopy(unit)
-    if channels_last:
-        unit.to(memory_format=torch.channels_last)
-        x, y = x.contiguous(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.Adam(unit.parameters(), lr=1e-4)
     out = []
-    for i in range(iterations + 1):
-        t = time.perf_counter()
-        loss = F.mse_loss(unit(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i:
-            out.append((time.perf_counter() - t) * 1000)
+    with _channels_last(unit, x) if channels_last else contextlib.nullcontext(lambda t: t) as layout:
+        for i in range(iterations + 1):
+            t = time.perf_counter()
+            loss = F.mse_loss(unit(layout(x)), layout(y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i:
+                out.append((time.perf_counter() - t) * 1000)
     return out
 
 

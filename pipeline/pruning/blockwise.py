@@ -20,7 +20,7 @@ The chain is the nn.Sequential / nn.ModuleList that holds the model's blocks (Ef
 with the original's and is skipped, as are units without parameters.
 
 Units run in channels-last memory layout while they train and propagate (4-D feature maps only):
-a training step of Lite0's units is 1.4-1.9x faster that way on CPU, 1.62x over all four
+a training step of Lite0's units is 1.5-1.7x faster that way on CPU, 1.63x over all four
 (benchmarks/blockwise_layout.py), so the same budget buys more epochs (14 instead of 9 in issue
 18's 10 minutes). The weights are handed back in the default layout.
 """
