@@ -23,6 +23,7 @@ def preflight(recipe: Recipe) -> list[str]:
     model = build_model(recipe.model, base_dir=base_dir)
     shape = default_input_shape(recipe.model, base_dir)
     check_stages(recipe, model)
+    check_stage_settings(recipe, model)
     lines = [f"model {recipe.model.source}: built ({type(model).__name__}), input {shape}"]
     _run(model, torch.randn(shape), recipe.model.source, "an example input")
     bundle = build_bundle(recipe.data, shape, seed=recipe.seed)
@@ -37,6 +38,15 @@ def preflight(recipe: Recipe) -> list[str]:
             raise BadInput(f"data.{name}: label {int(y.max())} but the model has {out.shape[1]} outputs")
         lines.append(f"data.{name}: {len(split)} samples, {labels}, batch {list(x.shape)} -> output {list(out.shape)}")
     return lines
+
+
+def check_stage_settings(recipe: Recipe, model: object) -> None:
+    """BadInput on the first name a stage's settings give that the built model lacks (Stage.check_model):
+    the runner calls this before its first stage, so a misspelt layer fails before any work."""
+    from pipeline.stages import get_stage
+
+    for spec in recipe.stages:
+        get_stage(spec.kind)().check_model(spec.config, model)
 
 
 def _run(model, x, source: str, what: str):

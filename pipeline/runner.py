@@ -112,6 +112,7 @@ class Runner:
     def build_context(self) -> StageContext:
         import torch
 
+        from pipeline.preflight import check_stage_settings
         from pipeline.sources.checks import check_finite_weights, check_split, output_classes
         from pipeline.sources.data import build_bundle
         from pipeline.sources.capabilities import check_stages
@@ -125,6 +126,7 @@ class Runner:
         check_finite_weights(model, self.recipe.model.weights or f"model '{self.recipe.model.source}'")
         input_shape = default_input_shape(self.recipe.model, base_dir)
         check_stages(self.recipe, model)
+        check_stage_settings(self.recipe, model)
         data = build_bundle(self.recipe.data, input_shape, seed=self.recipe.seed)
         example = torch.randn(input_shape, generator=torch.Generator().manual_seed(self.recipe.seed))
         classes = output_classes(self._check_model_runs(model, example))

@@ -127,6 +127,20 @@ def test_onnx_model_refuses_prune_before_running_anything(project):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("key, value", [("ignore", "[no.such.layer]"),
+                                        ("finetune", "{steps: 2, feature_layers: ['4', conv9]}")])
+def test_misspelt_layer_name_fails_before_the_first_stage(project, key, value):
+    (project / "r.yaml").write_text("name: r\nmodel: {source: 'python:tinynet.py:tiny_net', input_shape: [1, 3, 24, 24]}\n"
+                                    f"stages: [profile: {{}}, prune: {{{key}: {value}}}]\n")
+    name = "no.such.layer" if key == "ignore" else "conv9"
+    for command in (["validate", "r.yaml", "--build"], ["run", "r.yaml"]):
+        out = fmap(*command, cwd=project)
+        assert out.returncode == 2, (command, out.stdout, out.stderr)
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and f"no layer named '{name}'" in last, out.stderr
+        assert "[1/2] profile" not in out.stdout + out.stderr  # refused before the first stage ran
+
+
 @pytest.mark.parametrize("spec", ["torchscript:tiny.ts", "exported:tiny.pt2"])
 def test_compiled_models_profile_export_quantize_verify_visualize(project, spec):
     (project / "r.yaml").write_text(f"""\

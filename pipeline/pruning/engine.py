@@ -51,15 +51,21 @@ class Protection:
         self.reasons.setdefault(name, reason)
 
 
-def resolve_ignored(model: nn.Module, names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Check user layer names exist; an unknown one is BadInput naming it with close matches."""
+def check_layer_names(model: nn.Module, names: list[str] | tuple[str, ...], key: str) -> None:
+    """BadInput naming the recipe `key` and the first of `names` that is not a module of `model`,
+    with close matches."""
     known = [n for n, _ in model.named_modules() if n]
     known_set = set(known)
     for name in names:
         if name not in known_set:
             close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
             hint = f"; did you mean: {', '.join(close)}" if close else ""
-            raise BadInput(f"prune.ignore: no layer named '{name}' in the model{hint}")
+            raise BadInput(f"{key}: no layer named '{name}' in the model{hint}")
+
+
+def resolve_ignored(model: nn.Module, names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Check user layer names exist; an unknown one is BadInput naming it with close matches."""
+    check_layer_names(model, names, "prune.ignore")
     return tuple(names)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pipeline.contracts import Artifact, ArtifactKind, GateResult, StageConfig, StageResult
 
@@ -76,6 +76,13 @@ class Stage(Generic[ConfigT]):
         """Artifacts `run` returns in its StageResult. The runner, and only the runner, records them
         in the run (manifest and `ctx.artifacts`), and fails a stage that does not deliver them."""
         return ()
+
+    def check_model(self, cfg: ConfigT, model: Any) -> None:
+        """BadInput when `cfg` names something `model` does not have (a layer, an output).
+
+        Called on the built model before the first stage runs (and by `fmap validate --build`), so
+        a misspelt layer name fails in seconds instead of after the stages before this one.
+        """
 
     def restore(self, ctx: StageContext, cfg: ConfigT, result: StageResult) -> None:
         """Called instead of `run` when --resume skips this stage: rebuild what `run` left in ctx.

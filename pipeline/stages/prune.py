@@ -140,6 +140,13 @@ class PruneStage(Stage[PruneConfig]):
     def produces(self, cfg: PruneConfig) -> tuple[str, ...]:
         return ("pruned_checkpoint",)
 
+    def check_model(self, cfg: PruneConfig, model: Any) -> None:
+        from pipeline.pruning.engine import check_layer_names
+
+        check_layer_names(model, cfg.ignore, "prune.ignore")
+        if cfg.finetune is not None:
+            check_layer_names(model, cfg.finetune.feature_layers, "prune.finetune.feature_layers")
+
     def run(self, ctx: StageContext, cfg: PruneConfig) -> StageResult:
         from pipeline.pruning.checkpoint import save_checkpoint
         from pipeline.pruning.finetune import accuracy
