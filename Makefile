@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fmap-installed
 
-.PHONY: demo readme test test-slow test-gpu bench install clean lint
+.PHONY: demo readme test test-slow test-gpu bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
