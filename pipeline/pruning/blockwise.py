@@ -7,7 +7,9 @@ the original block's whole feature map (thousands of numbers per image instead o
 step costs one block's forward and backward instead of the network's, and unchanged blocks cost
 nothing. The blocks are trained in order, each on the outputs of the already-trained student blocks
 before it (so each corrects what the earlier ones left), against the original's outputs on the
-original's inputs. BatchNorm statistics and dropout stay in eval mode.
+original's inputs. BatchNorm statistics and dropout stay in eval mode. A unit that training made
+worse (its error on the training images rose: too high an lr, as 3e-3 did to Lite0's last unit)
+gets its weights from before training back, so no later unit inherits the damage.
 
 A dropped block is bridged by both its neighbours: the kept block before the gap, the dropped
 block(s) and the kept block after it form one unit, trained together to reproduce the original's
@@ -127,6 +129,10 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, chain_name: str, imag
         if row["status"] == "trained":
             log(f"prune: block-wise distillation {name}: relative error {row['error_before']:.4f} -> "
                 f"{row['error_after']:.4f} ({row['steps']} steps, {row['seconds']:.0f} s)")
+        elif row["status"].startswith("reverted"):
+            log(f"prune: block-wise distillation {name}: relative error rose from {row['error_before']:.4f} to "
+                f"{row['error_after'] if row['error_after'] is not None else 'not finite'}; its weights from before "
+                f"training are kept (lower blockwise.lr)")
         xs, xt = _apply(s_unit, xs), yt
     trained = [r for r in rows if r["status"] == "trained"]
     return {"chain": chain_name, "images": len(images), "epochs": settings.epochs, "lr": settings.lr,
@@ -195,6 +201,7 @@ def _train_block(block: nn.Module, xs: torch.Tensor, yt: torch.Tensor, s: Blockw
     if before < 1e-10:
         return {"status": "unchanged"}
     start = time.monotonic()
+    initial = {k: v.detach().clone() for k, v in block.state_dict().items()}
     steps = max(1, int(s.epochs * len(xs) / s.batch_size))
     opt = torch.optim.Adam(params, lr=s.lr)
     gen = torch.Generator().manual_seed(s.seed)
@@ -215,5 +222,9 @@ def _train_block(block: nn.Module, xs: torch.Tensor, yt: torch.Tensor, s: Blockw
                     said = time.monotonic()
                     log(f"step {step}/{steps}, loss {loss.item():.4f}")
     after = _relative_error(block, xs[sample], yt[sample], var)
-    return {"status": "trained", "error_before": round(before, 6), "error_after": round(after, 6),
+    status = "trained"
+    if not after < before:  # a unit that came out worse (too high an lr) must not pass its error on
+        block.load_state_dict(initial)
+        status = "reverted (training raised the error)"
+    return {"status": status, "error_before": round(before, 6), "error_after": round(after, 6) if math.isfinite(after) else None,
             "steps": steps, "seconds": round(time.monotonic() - start, 2)}

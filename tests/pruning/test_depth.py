@@ -144,6 +144,21 @@ def test_blockwise_trains_the_neighbours_of_a_dropped_block_together_and_leaves_
     assert all(p.is_contiguous() for p in student.parameters())
 
 
+def test_blockwise_unit_whose_training_raises_its_error_keeps_its_weights():
+    """Too high an lr: the unit comes out worse than it went in; it is reverted, so neither the
+    returned model nor the units after it inherit the damage."""
+    teacher = Chain().eval()
+    student = drop_blocks(copy.deepcopy(teacher), ["blocks.4"])
+    x = _images(32)
+    before = copy.deepcopy(student.state_dict())
+    info = distill_blocks(student, teacher, "blocks", x, BlockwiseSettings(epochs=2, lr=50.0, batch_size=16))
+    row = next(r for r in info["blocks"] if r["block"] == "blocks.3..4")
+    # diverged (null: not finite) or merely worse
+    assert row["status"].startswith("reverted") and not (row["error_after"] or float("inf")) < row["error_before"]
+    assert info["trained"] == 0
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+
+
 def test_blockwise_in_channels_last_layout_learns_what_the_default_layout_learns():
     """The layout is a speed choice only: the same steps give the same model up to float rounding
     (compared as functions: Adam can turn a rounding difference in a near-zero gradient into a
