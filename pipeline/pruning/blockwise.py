@@ -226,5 +226,6 @@ def _train_block(block: nn.Module, xs: torch.Tensor, yt: torch.Tensor, s: Blockw
     if not after < before:  # a unit that came out worse (too high an lr) must not pass its error on
         block.load_state_dict(initial)
         status = "reverted (training raised the error)"
-    return {"status": status, "error_before": round(before, 6), "error_after": round(after, 6) if math.isfinite(after) else None,
+    return {"status": status, "error_before": round(before, 6),
+            "error_after": round(after, 6) if math.isfinite(after) else None,
             "steps": steps, "seconds": round(time.monotonic() - start, 2)}

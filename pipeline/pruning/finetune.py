@@ -125,10 +125,11 @@ class FeatureDistiller:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, names: tuple[str, ...], example: torch.Tensor) -> None:
+        from pipeline.pruning.engine import check_layer_names
+
+        for model in (student, teacher):  # the student lacks the layers of blocks that depth pruning dropped
+            check_layer_names(model, names, "prune.finetune.feature_layers")
         s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
-        missing = [n for n in names if n not in s_mods or n not in t_mods]
-        if missing:
-            raise BadInput(f"prune.finetune.feature_layers: no layer named {', '.join(map(repr, missing))} in the model")
         self.s_out: dict[str, torch.Tensor] = {}
         self.t_out: dict[str, torch.Tensor] = {}
         self.hooks = [s_mods[n].register_forward_hook(self._keep(self.s_out, n)) for n in names] + \
