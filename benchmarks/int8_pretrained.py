@@ -31,7 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 THREADS = 2
-GREY_LEVEL = 1.0 / 255.0 / 0.5  # one 8-bit grey level after Lite0's [-1, 1] normalisation
 HEADING = "## INT8 on a pretrained model (EfficientNet-Lite0, real photos)"
 
 
@@ -130,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
     from benchmarks.common import machine_line, time_interleaved, write_section
+    from benchmarks.pretrained import GREY_LEVEL
     from pipeline.backends import onnxruntime as ort_b
     from pipeline.backends import openvino as ov_b
     from pipeline.export.onnx import export_onnx

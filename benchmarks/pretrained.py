@@ -19,6 +19,7 @@ from benchmarks.images import IMAGENET_MEAN, IMAGENET_STD, bundled_images
 from pipeline.sources.pretrained import LITE_MEAN, LITE_STD
 from pipeline.sources.pretrained import efficientnet_lite0 as _lite0
 
+GREY_LEVEL = 1.0 / 255.0 / LITE_STD[0]  # one 8-bit grey level after Lite0's [-1, 1] normalisation
 
 
 def efficientnet_lite0() -> nn.Module:
