@@ -23,6 +23,7 @@ def render_markdown(report: dict[str, Any], run_dir: Path | None = None) -> str:
         lines += [f"> ⚠️ **busy machine**: {busy_text(machine)}. Latencies and speedups below were measured "
                   "under load and may be biased.", ""]
     lines += _artifact_table(report["artifacts"])
+    lines += _noise_floor(report)
     lines += _not_measured(report)
     if report["gates"]:
         lines += ["<details><summary>Gates</summary>", "", "| gate | artifact | value | threshold | result | detail |",
@@ -63,6 +64,17 @@ def _artifact_table(rows: list[dict[str, Any]]) -> list[str]:
                      f"{fmt.ratio_ci(r['speedup'], r['speedup_ci95'])} | {fp32} | {fmt.size(r['size_bytes'])} | "
                      f"{fmt.STATUS_ICON[r['gate_status']]} |")
     return lines + [""]
+
+
+def _noise_floor(report: dict[str, Any]) -> list[str]:
+    """The original's agreement with itself under one grey level of input noise, when verify measured it."""
+    verify = [s for s in report["stages"] if s["kind"] == "verify" and (s.get("metrics") or {}).get("noise_floor")]
+    if not verify:
+        return []
+    f = verify[-1]["metrics"]["noise_floor"]
+    return [f"Agreement noise floor: the original itself keeps its top-1 on {fmt.pct(f.get('agreement'))} of "
+            f"{f.get('samples')} samples under one grey level of input noise "
+            f"({fmt.pct(f.get('agreement_confident'))} of the confident ones); read agreement against that.", ""]
 
 
 def _not_measured(report: dict[str, Any]) -> list[str]:
@@ -126,7 +138,9 @@ def key_numbers(st: dict[str, Any]) -> str:
         return (f"opset {o.get('opset')}, {fmt.size(o.get('size_bytes'))}, max abs diff vs torch "
                 f"{fmt.num(eq.get('max_abs_diff'))} on {eq.get('samples')} samples{extra}")
     if st["kind"] == "verify":
-        return f"{len(m.get('results') or [])} measurements, {len(m.get('unavailable') or [])} not measured"
+        floor = m.get("noise_floor") or {}
+        return (f"{len(m.get('results') or [])} measurements, {len(m.get('unavailable') or [])} not measured"
+                + (f", agreement noise floor {fmt.pct(floor.get('agreement'))}" if floor else ""))
     return ", ".join(f"{k}: {fmt.num(v)}" for k, v in m.items() if isinstance(v, (int, float, str)))[:200]
 
 

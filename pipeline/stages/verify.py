@@ -108,7 +108,8 @@ class VerifyStage(Stage[VerifyConfig]):
             base = next(r for r in runs if r.cand.name == cfg.baseline and r.backend == "torch")
             with ctx.console.status(f"verify: accuracy and agreement, {len(runs)} sessions on "
                                     f"{len(split) if split is not None else 1} samples"):
-                accuracy = _accuracy(ctx, cfg, split, base, runs)
+                accuracy, noise_floor = _accuracy(ctx, cfg, split, base, runs)
+            _warn_gate_below_floor(ctx, cfg, noise_floor)
             with quiet_machine() as paused:  # in a parallel sweep: the other trials wait while this one times
                 latency, speedup, speedup_fp32, speedup_vs, machine = _latency(ctx, cfg, split, base, runs, paused)
         results = [_result_row(r, cfg, accuracy, latency, speedup, speedup_fp32, speedup_vs) for r in runs]
@@ -121,6 +122,7 @@ class VerifyStage(Stage[VerifyConfig]):
             "gate_batch_size": cfg.latency.batch_sizes[0], "threads": threads,
             "eval": {"split": getattr(split, "name", None), "samples": accuracy[(cfg.baseline, "torch")]["samples"],
                      "has_labels": bool(split is not None and split.has_labels)},
+            "noise_floor": noise_floor,
             "latency_config": cfg.latency.model_dump(), "machine": machine, "thread_env": thread_env(),
             "results": results, "unavailable": unavailable,
         }
@@ -250,8 +252,13 @@ def _infer(run: _Run, x: np.ndarray) -> np.ndarray:
 
 
 def _accuracy(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run,
-              runs: list[_Run]) -> dict[tuple[str, str], dict[str, Any]]:
+              runs: list[_Run]) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, Any] | None]:
+    """Every run's accuracy/agreement, and the original's agreement with itself under one grey level
+    of input noise (pipeline/verify/noise_floor.py; None for inputs that are not image batches)."""
+    from pipeline.verify.noise_floor import with_grey_noise
+
     accs = {(r.cand.name, r.backend): AccuracyAccumulator() for r in runs}
+    floor, rng, images = AccuracyAccumulator(), np.random.default_rng(ctx.seed), split is not None
     errors: dict[tuple[str, str], str] = {}
     batches = split.take(cfg.eval_samples) if split is not None else [(torch.from_numpy(_batch(ctx, None, 1)), None)]
     for x, y in batches:
@@ -266,6 +273,10 @@ def _accuracy(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run,
                 accs[key].update(ref if r is base else _infer(r, xn), ref, labels)
             except Exception as exc:
                 errors[key] = f"{type(exc).__name__}: {exc}"
+        noisy = with_grey_noise(xn, rng) if images else None
+        images = noisy is not None
+        if images:
+            floor.update(_infer(base, noisy), ref, None)
     out = {}
     for key, acc in accs.items():
         res = acc.result()
@@ -273,7 +284,21 @@ def _accuracy(ctx: StageContext, cfg: VerifyConfig, split: Any, base: _Run,
             res["error"] = errors[key]
         res["split"] = getattr(split, "name", "example_input")
         out[key] = res
-    return out
+    if not images or not floor.samples:
+        return out, None
+    f = floor.result()
+    return out, {k: f[k] for k in ("samples", "agreement", "agreement_confident", "confident_samples", "sqnr_db")}
+
+
+def _warn_gate_below_floor(ctx: StageContext, cfg: VerifyConfig, floor: dict[str, Any] | None) -> None:
+    """A min_agreement above the original's own agreement under invisible noise gates tie-breaking."""
+    gate = cfg.gates.min_agreement
+    if floor is None or gate is None or floor["agreement"] is None or floor["agreement"] >= gate:
+        return
+    ctx.console.print(f"[yellow]verify: gates.min_agreement {gate:g} is above the noise floor: the original itself "
+                      f"agrees {floor['agreement']:.1%} with its own top-1 under one grey level of input noise on "
+                      f"these {floor['samples']} samples (near-ties); agreement_confident and sqnr_db do not "
+                      f"depend on them[/yellow]")
 
 
 def _fp32_references(runs: list[_Run], base: _Run) -> dict[tuple[str, str], tuple[str, str]]:
