@@ -38,16 +38,15 @@ def _template() -> Any:
 
 @report_format("html", "report.html")
 def render_html(report: dict[str, Any], run_dir: Path | None = None) -> str:
+    from pipeline.report.markdown import busy_text, noise_floor_text
+
     state, verdict = fmt.verdict(report)
     machine = report.get("machine") or {}
-    busy = None
-    if machine.get("busy"):
-        from pipeline.report.markdown import busy_text
-
-        busy = busy_text(machine)
+    busy = busy_text(machine) if machine.get("busy") else None
     return _template().render(
         r=report, css=CSS, title=report.get("recipe_name") or "run", state=state,
-        verdict=verdict[0].upper() + verdict[1:], busy=busy, artifacts=_artifacts(report["artifacts"]),
+        verdict=verdict[0].upper() + verdict[1:], busy=busy, noise_floor=noise_floor_text(report),
+        artifacts=_artifacts(report["artifacts"]),
         unavailable=report["unavailable"], gates=_gates(report["gates"]), stages=_stages(report["stages"]),
         sections_=[s for s in map(_section, report["stages"]) if s is not None],
         plots=_plot_artifacts(report, run_dir),

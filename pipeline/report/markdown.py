@@ -23,7 +23,8 @@ def render_markdown(report: dict[str, Any], run_dir: Path | None = None) -> str:
         lines += [f"> ⚠️ **busy machine**: {busy_text(machine)}. Latencies and speedups below were measured "
                   "under load and may be biased.", ""]
     lines += _artifact_table(report["artifacts"])
-    lines += _noise_floor(report)
+    floor = noise_floor_text(report)
+    lines += [floor, ""] if floor else []
     lines += _not_measured(report)
     if report["gates"]:
         lines += ["<details><summary>Gates</summary>", "", "| gate | artifact | value | threshold | result | detail |",
@@ -66,15 +67,15 @@ def _artifact_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def _noise_floor(report: dict[str, Any]) -> list[str]:
+def noise_floor_text(report: dict[str, Any]) -> str | None:
     """The original's agreement with itself under one grey level of input noise, when verify measured it."""
     verify = [s for s in report["stages"] if s["kind"] == "verify" and (s.get("metrics") or {}).get("noise_floor")]
     if not verify:
-        return []
+        return None
     f = verify[-1]["metrics"]["noise_floor"]
-    return [f"Agreement noise floor: the original itself keeps its top-1 on {fmt.pct(f.get('agreement'))} of "
+    return (f"Agreement noise floor: the original itself keeps its top-1 on {fmt.pct(f.get('agreement'))} of "
             f"{f.get('samples')} samples under one grey level of input noise "
-            f"({fmt.pct(f.get('agreement_confident'))} of the confident ones); read agreement against that.", ""]
+            f"({fmt.pct(f.get('agreement_confident'))} of the confident ones); read agreement against that.")
 
 
 def _not_measured(report: dict[str, Any]) -> list[str]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.report.document import build_report
+from pipeline.report.html import render_html
 from pipeline.report.markdown import render_markdown
 from pipeline.sources.data import DataBundle, TensorSplit
 from pipeline.stages import get_stage
@@ -69,7 +70,7 @@ def test_no_floor_for_inputs_that_are_not_images(make_ctx):
     assert res.metrics["results"][0]["accuracy"]["agreement"] == 1.0
 
 
-def test_agreement_gate_above_the_floor_is_warned_about_and_the_floor_reaches_report_md(make_ctx, capsys):
+def test_agreement_gate_above_the_floor_is_warned_about_and_the_floor_reaches_the_reports(make_ctx, capsys):
     res = _verify(make_ctx, SignOfMean(), _images(tied=32, clear=32), gates={"min_agreement": 0.99})
     err = capsys.readouterr().err
     assert "gates.min_agreement 0.99 is above the noise floor" in " ".join(err.split())
@@ -78,7 +79,8 @@ def test_agreement_gate_above_the_floor_is_warned_about_and_the_floor_reaches_re
         {"id": "verify", "kind": "verify", "status": "ok", "metrics": json.loads(json.dumps(res.metrics)),
          "gates": [g.to_dict() for g in res.gates]}]}
     report = build_report(manifest)
-    md = render_markdown(report)
-    assert f"keeps its top-1 on {100 * floor['agreement']:.2f}% of 64 samples" in md
+    line = f"keeps its top-1 on {100 * floor['agreement']:.2f}% of 64 samples"
+    assert line in render_markdown(report)
+    assert 'id="noise-floor"' in render_html(report) and line in render_html(report)
     _verify(make_ctx, SignOfMean(), _images(tied=0, clear=32), gates={"min_agreement": 0.99})
     assert "noise floor" not in capsys.readouterr().err
