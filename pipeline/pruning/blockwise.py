@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,26 +56,38 @@ class _Captured(Exception):
 @torch.no_grad()
 def chain_input(model: nn.Module, chain: nn.Module, images: torch.Tensor, chunk: int = 32) -> torch.Tensor:
     """What the chain's first block receives for every image (the forward stops there)."""
-    first = next(iter(chain.children()))
+    return captured(model, next(iter(chain.children())), images, chunk)
+
+
+@torch.no_grad()
+def captured(model: nn.Module, module: nn.Module, images: torch.Tensor, chunk: int = 32, *,
+             output: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """`module`'s first input (or its output) for every image, in eval mode; each forward stops
+    there. With `channels_last` the model runs in that layout (faster on CPU); the result is
+    contiguous either way."""
     got: list[torch.Tensor] = []
 
-    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        got.append(args[0].detach())
+    def keep(value: Any) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"expected a tensor at the capture point, got {type(value).__name__}")
+        got.append(value.detach().contiguous())
         raise _Captured
 
-    h = first.register_forward_pre_hook(hook)
+    h = (module.register_forward_hook(lambda _m, _a, out: keep(out)) if output
+         else module.register_forward_pre_hook(lambda _m, args: keep(args[0])))
     was_training = model.training
     try:
-        for i in range(0, len(images), chunk):
-            try:
-                model.eval()(images[i:i + chunk])
-            except _Captured:
-                pass
+        with (_channels_last(model, images) if channels_last else nullcontext(lambda t: t)) as layout:
+            for i in range(0, len(images), chunk):
+                try:
+                    model.eval()(layout(images[i:i + chunk]))
+                except _Captured:
+                    pass
     finally:
         h.remove()
         model.train(was_training)
     if sum(len(g) for g in got) != len(images):
-        raise RuntimeError("the chain's first block did not run on every batch")
+        raise RuntimeError("the capture point did not run on every batch")
     return torch.cat(got)
 
 
@@ -186,6 +198,29 @@ def _relative_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor, var: flo
 PROGRESS_EVERY_S = 15.0  # a line at least this often inside a long block (CI logs have no live bar)
 
 
+def adam_cosine(params: list[nn.Parameter], n: int, steps: int, batch_size: int, lr: float, seed: int,
+                loss_of: Callable[[torch.Tensor], torch.Tensor], log: Callable[[str], None]) -> None:
+    """`steps` Adam steps on `loss_of(indices)` over shuffled batches of range(n), the lr decaying
+    to zero on a cosine; a progress line at least every PROGRESS_EVERY_S seconds."""
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    step, said = 0, time.monotonic()
+    while step < steps:
+        for idx in torch.randperm(n, generator=gen).split(batch_size):
+            if step >= steps:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            loss = loss_of(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if time.monotonic() - said > PROGRESS_EVERY_S:
+                said = time.monotonic()
+                log(f"step {step}/{steps}, loss {loss.item():.4f}")
+
+
 def _train_block(block: nn.Module, xs: torch.Tensor, yt: torch.Tensor, s: BlockwiseSettings,
                  log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     params = [p for p in block.parameters() if p.requires_grad]
@@ -203,24 +238,9 @@ def _train_block(block: nn.Module, xs: torch.Tensor, yt: torch.Tensor, s: Blockw
     start = time.monotonic()
     initial = {k: v.detach().clone() for k, v in block.state_dict().items()}
     steps = max(1, int(s.epochs * len(xs) / s.batch_size))
-    opt = torch.optim.Adam(params, lr=s.lr)
-    gen = torch.Generator().manual_seed(s.seed)
-    step, said = 0, start
     with torch.enable_grad(), _channels_last(block, xs) as layout:
-        while step < steps:
-            for idx in torch.randperm(len(xs), generator=gen).split(s.batch_size):
-                if step >= steps:
-                    break
-                for group in opt.param_groups:
-                    group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-                loss = F.mse_loss(block(layout(xs[idx])), layout(yt[idx])) / var
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                if time.monotonic() - said > PROGRESS_EVERY_S:
-                    said = time.monotonic()
-                    log(f"step {step}/{steps}, loss {loss.item():.4f}")
+        adam_cosine(params, len(xs), steps, s.batch_size, s.lr, s.seed,
+                    lambda idx: F.mse_loss(block(layout(xs[idx])), layout(yt[idx])) / var, log)
     after = _relative_error(block, xs[sample], yt[sample], var)
     status = "trained"
     if not after < before:  # a unit that came out worse (too high an lr) must not pass its error on

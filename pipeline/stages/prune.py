@@ -61,15 +61,31 @@ class FinetuneConfig(StageConfig):
     freeze_bn: bool = False
 
 
+class HeadConfig(StageConfig):
+    """Head distillation after block-wise distillation (pipeline/pruning/head.py): the layers after the
+    chain are trained against the original's logits (KL divergence) on the student chain's outputs,
+    computed once per image, so it can use many more images than the blocks."""
+
+    epochs: float = Field(10.0, gt=0)  # passes over the images
+    lr: float = Field(0.0003, gt=0)  # Adam, cosine decay
+    batch_size: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    images: int = Field(4096, ge=1)  # at most this many images of data.train (data.calibration without it)
+    # views added until `images` when the split has fewer (null: only the images there are)
+    augment: AugmentConfig | None = None
+
+
 class BlockwiseConfig(StageConfig):
     """Block-wise distillation after pruning (pipeline/pruning/blockwise.py): each block of the model's
     residual chain is trained, in order, to reproduce the original block's feature map; the layers
-    after the chain are then refitted by least squares. Images: data.train (data.calibration without it)."""
+    after the chain are then refitted by least squares and trained against the original's logits
+    (`head`). Images: data.train (data.calibration without it)."""
 
     epochs: float = Field(14.0, gt=0)  # passes over the images, per block
     lr: float = Field(0.001, gt=0)  # Adam, cosine decay per block
     batch_size: int = Field(32, ge=1)
     images: int = Field(1024, ge=1)  # at most this many images (held in memory with their feature maps)
+    head: HeadConfig | None = HeadConfig()  # null: the least-squares refit only
 
 
 class PruneConfig(StageConfig):
@@ -381,12 +397,32 @@ def _blockwise(ctx: StageContext, cfg: PruneConfig, pruned: torch.nn.Module, kep
         last = f"{chain}.{len(list(candidate.get_submodule(chain).children())) - 1}"
         tail = layers_after(candidate, ctx.example_input, last)
         info["refit_after_chain"] = _reconstruct(ctx, candidate, kept, fit, names=tail)["layers"]
+    if b.head is not None:
+        info["head"] = _head(ctx, b.head, candidate, chain, split)
     after = float((logits(candidate, held).argmax(1) == target).float().mean())
     info.update(source=source, applied=after >= before,
                 decided_on={"images": len(held), "agreement_without": round(before, 4), "agreement_with": round(after, 4)})
     ctx.console.print(f"prune: block-wise distillation {'kept' if after >= before else 'discarded'}: agreement "
                       f"{before:.3f} -> {after:.3f} on {len(held)} calibration images ({info.get('seconds', 0):.0f} s)")
     return (candidate if after >= before else pruned), info
+
+
+def _head(ctx: StageContext, h: HeadConfig, candidate: torch.nn.Module, chain: str, split: Any) -> dict[str, Any]:
+    """Head distillation on up to `h.images` images (topped up with augmented views if asked)."""
+    from pipeline.pruning.augment import Augmenter
+    from pipeline.pruning.head import HeadSettings, distill_head
+
+    images = _split_images(split, h.images) if split is not None else _calibration_images(ctx, h.images)
+    found = len(images)
+    if h.augment is not None and found < h.images:
+        aug, views = Augmenter(h.augment, seed=ctx.seed), [images]
+        while sum(len(v) for v in views) < h.images:
+            views.append(aug(images))
+        images = torch.cat(views)[:h.images]
+    settings = HeadSettings(epochs=h.epochs, lr=h.lr, batch_size=h.batch_size, temperature=h.temperature,
+                            seed=ctx.seed)
+    info = distill_head(candidate, ctx.original_model, chain, images, settings, log=ctx.console.print)
+    return {**info, "views": len(images) - found}
 
 
 def _split_images(split: Any, limit: int) -> torch.Tensor:

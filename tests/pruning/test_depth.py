@@ -235,6 +235,9 @@ def test_stage_with_structure_blocks_reports_dropped_blocks_and_blockwise(make_c
     assert bw["chain"] == "blocks" and bw["source"] == "data.train" and bw["images"] == 192
     assert bw["decided_on"]["agreement_with"] >= bw["decided_on"]["agreement_without"] or not bw["applied"]
     assert 0 <= m["agreement"]["after_blockwise"] <= 1
+    head = bw["head"]  # on by default: the layers after the chain distilled against the logits
+    assert head["status"] in ("trained", "reverted (training raised the KL divergence)")
+    assert head["images"] == 192 and head["views"] == 0 and head["kl_before"] >= 0
     reloaded = load_checkpoint(result.artifacts["pruned_checkpoint"].path, Chain().eval())
     x = _images(2)
     assert torch.allclose(reloaded(x), ctx.model(x))

@@ -1,0 +1,202 @@
+"""Head distillation: train the layers after the residual chain against the original's logits.
+
+Block-wise distillation matches feature maps; what agreement counts is the top-1 decision, and on
+unlabelled photos most decisions are near-ties between two classes (benchmarks/RESULTS.md: one
+8-bit grey level of noise flips 14% of the original's own decisions on EfficientNet-Lite0's
+crops). The layers after the chain (Lite0: a 1x1 conv, BatchNorm, pooling, the classifier) decide
+those ties, so they are trained last with the decision's own loss, KL divergence to the
+original's softmax, on the student's chain outputs. Those are computed once per image (the chain
+is frozen), so each step costs only the head's forward and backward and the phase can use many
+more images than block-wise distillation, which holds every block's feature maps in memory: on
+Lite0 at -30% MACs, 4096 crops took agreement from 80.6% to 83.7% where the least-squares refit
+on 128 crops gave 80.0%, and 1024 crops gave 81.6%.
+
+The head is run as the model itself with the chain replaced by a module that hands back the
+cached outputs, so any model whose layers after the chain depend only on the chain's output works;
+that is checked on the first batch (the replaced model must reproduce the model's logits), and a
+model that fails the check is left untouched with the reason. BatchNorm statistics stay in eval
+mode, as in block-wise distillation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.pruning.blockwise import _channels_last, adam_cosine, captured
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    epochs: float = 5.0  # passes over the images
+    lr: float = 3e-4  # Adam, cosine decay to zero
+    batch_size: int = 64
+    temperature: float = 1.0  # T=4 did worse on Lite0's near-ties (83.2% against 83.7%)
+    seed: int = 0
+
+
+class _Pass(nn.Module):
+    """Stands in for a block before the chain's last: hands its first argument on, at no cost."""
+
+    def forward(self, x: Any, *_args: Any, **_kwargs: Any) -> Any:
+        return x
+
+
+class _Cached(nn.Module):
+    """Stands in for the chain's last block: returns whatever `value` holds, whatever it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+        assert self.value is not None
+        return self.value
+
+
+def chain_output(model: nn.Module, chain_name: str, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """What the chain's last block hands on for every image (the forward stops there)."""
+    last = list(model.get_submodule(chain_name).children())[-1]
+    return captured(model, last, images, chunk, output=True, channels_last=True)
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """The original's eval-mode logits, computed in channels-last layout."""
+    from pipeline.pruning.validation import _tensor
+
+    was_training = teacher.training
+    try:
+        with _channels_last(teacher, images) as layout:
+            return torch.cat([_tensor(teacher.eval()(layout(images[i:i + chunk])))
+                              for i in range(0, len(images), chunk)])
+    finally:
+        teacher.train(was_training)
+
+
+def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images: torch.Tensor,
+                 settings: HeadSettings, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Train, in place, the parameters of `student` that run after `chain_name` to match `teacher`'s
+    logits on `images` (KL divergence at `settings.temperature`); returns a report."""
+    start = time.monotonic()
+    if not len(images):
+        return {"skipped": "no images"}
+    student.eval()
+    teacher.eval()
+    params = _params_after(student, chain_name, images[:1])
+    if not params:
+        return {"skipped": f"no trainable layer runs after '{chain_name}'"}
+    try:
+        features = chain_output(student, chain_name, images)
+    except TypeError as e:  # a chain that hands on a tuple or dict cannot be replayed
+        return {"skipped": str(e)}
+    target = teacher_logits(teacher, images)
+    log(f"prune: head distillation: original's logits and the chain's outputs on {len(images)} images "
+        f"({time.monotonic() - start:.0f} s)")
+    n = min(len(images), 8)
+    with torch.no_grad():
+        real = _logits_of(student(images[:n]))
+    with _chain_replaced(student, chain_name) as cached:
+        cached.value = features[:n]
+        with torch.no_grad():
+            replayed = _logits_of(student(images[:n]))
+        if not torch.allclose(replayed, real, rtol=1e-4, atol=1e-4 * float(real.abs().max()) + 1e-6):
+            return {"skipped": f"the layers after '{chain_name}' use more than its output"}
+        kl_before = _kl(student, cached, images, features, target, settings)
+        initial = {id(p): p.detach().clone() for p in params}
+        steps = max(1, int(settings.epochs * len(images) / settings.batch_size))
+        T = settings.temperature
+
+        def loss_of(idx: torch.Tensor) -> torch.Tensor:
+            cached.value = features[idx]
+            out = _logits_of(student(images[idx]))
+            return F.kl_div(F.log_softmax(out / T, 1), F.softmax(target[idx] / T, 1), reduction="batchmean") * T * T
+
+        with torch.enable_grad():
+            adam_cosine(params, len(images), steps, settings.batch_size, settings.lr, settings.seed, loss_of,
+                        lambda m: log(f"prune: head distillation: {m}"))
+        kl_after = _kl(student, cached, images, features, target, settings)
+        status = "trained"
+        if not kl_after < kl_before:
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(initial[id(p)])
+            status = "reverted (training raised the KL divergence)"
+    log(f"prune: head distillation: KL to the original {kl_before:.4f} -> {kl_after:.4f} "
+        f"({steps} steps, {time.monotonic() - start:.0f} s){'' if status == 'trained' else '; ' + status}")
+    return {"status": status, "images": len(images), "epochs": settings.epochs, "lr": settings.lr,
+            "temperature": settings.temperature, "steps": steps, "kl_before": round(kl_before, 6),
+            "kl_after": round(kl_after, 6) if math.isfinite(kl_after) else None,
+            "seconds": round(time.monotonic() - start, 2)}
+
+
+def _logits_of(out: Any) -> torch.Tensor:
+    from pipeline.pruning.validation import _tensor
+
+    return _tensor(out)
+
+
+@torch.no_grad()
+def _kl(student: nn.Module, cached: _Cached, images: torch.Tensor, features: torch.Tensor,
+        target: torch.Tensor, s: HeadSettings, sample: int = 512) -> float:
+    """KL divergence to the original on (at most) the first `sample` images, at temperature 1."""
+    total, n = 0.0, min(len(images), sample)
+    for i in range(0, n, s.batch_size):
+        cached.value = features[i:min(i + s.batch_size, n)]
+        out = _logits_of(student(images[i:min(i + s.batch_size, n)]))
+        total += float(F.kl_div(F.log_softmax(out, 1), F.softmax(target[i:i + len(out)], 1), reduction="sum"))
+    return total / n
+
+
+def _params_after(model: nn.Module, chain_name: str, example: torch.Tensor) -> list[nn.Parameter]:
+    """Parameters of the modules whose forward starts after the chain's last block has finished."""
+    last = list(model.get_submodule(chain_name).children())[-1]
+    order: list[nn.Module] = []
+    done = [False]
+
+    def pre(m: nn.Module, _a: Any) -> None:
+        if done[0]:
+            order.append(m)
+
+    hooks = [m.register_forward_pre_hook(pre) for m in model.modules() if m is not model]
+    hooks.append(last.register_forward_hook(lambda *_: done.__setitem__(0, True)))
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen: set[int] = set()
+    out = []
+    for m in order:
+        for p in m.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+@contextmanager
+def _chain_replaced(model: nn.Module, chain_name: str) -> Iterator[_Cached]:
+    """While open, the chain's blocks hand their input on and its last block returns the cached
+    output (works for nn.Sequential and for a ModuleList the model loops over); put back on exit."""
+    chain = model.get_submodule(chain_name)
+    blocks = dict(chain.named_children())
+    names = list(blocks)
+    cached = _Cached()
+    for name in names[:-1]:
+        chain._modules[name] = _Pass()
+    chain._modules[names[-1]] = cached
+    try:
+        yield cached
+    finally:
+        for name in names:
+            chain._modules[name] = blocks[name]
