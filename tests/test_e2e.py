@@ -198,6 +198,7 @@ def test_efficientnet_lite0_prune_recipe_drops_blocks_on_real_weights(tmp_path):
     assert p["structure"] == "blocks" and p["dropped_blocks"] and p["reduction"]["macs"] >= 0.08
     assert all(d.startswith("_blocks.") for d in p["dropped_blocks"])
     assert p["blockwise"]["trained"] >= 1 and p["agreement"]["after_blockwise"] is not None
+    assert p["blockwise"]["head"]["images"] == 64 and "kl_before" in p["blockwise"]["head"]  # replayed on Lite0
     rows = {(r["artifact"], r["backend"]): r for r in report["artifacts"]}
     assert rows[("onnx_fp32", "onnxruntime")]["agreement"] >= 0.5
     assert "blocks dropped" in (out / "report.md").read_text()
