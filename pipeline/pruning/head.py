@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.pruning.blockwise import _channels_last, adam_cosine, captured
+from pipeline.pruning.blockwise import adam_cosine, captured
+from pipeline.pruning.validation import _tensor, logits
 
 
 @dataclass(frozen=True)
@@ -68,20 +69,6 @@ def chain_output(model: nn.Module, chain_name: str, images: torch.Tensor, chunk:
     return captured(model, last, images, chunk, output=True, channels_last=True)
 
 
-@torch.no_grad()
-def teacher_logits(teacher: nn.Module, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """The original's eval-mode logits, computed in channels-last layout."""
-    from pipeline.pruning.validation import _tensor
-
-    was_training = teacher.training
-    try:
-        with _channels_last(teacher, images) as layout:
-            return torch.cat([_tensor(teacher.eval()(layout(images[i:i + chunk])))
-                              for i in range(0, len(images), chunk)])
-    finally:
-        teacher.train(was_training)
-
-
 def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images: torch.Tensor,
                  settings: HeadSettings, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Train, in place, the parameters of `student` that run after `chain_name` to match `teacher`'s
@@ -98,16 +85,16 @@ def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images
         features = chain_output(student, chain_name, images)
     except TypeError as e:  # a chain that hands on a tuple or dict cannot be replayed
         return {"skipped": str(e)}
-    target = teacher_logits(teacher, images)
+    target = logits(teacher, images, 64, channels_last=True)
     log(f"prune: head distillation: original's logits and the chain's outputs on {len(images)} images "
         f"({time.monotonic() - start:.0f} s)")
     n = min(len(images), 8)
     with torch.no_grad():
-        real = _logits_of(student(images[:n]))
+        real = _tensor(student(images[:n]))
     with _chain_replaced(student, chain_name) as cached:
         cached.value = features[:n]
         with torch.no_grad():
-            replayed = _logits_of(student(images[:n]))
+            replayed = _tensor(student(images[:n]))
         if not torch.allclose(replayed, real, rtol=1e-4, atol=1e-4 * float(real.abs().max()) + 1e-6):
             return {"skipped": f"the layers after '{chain_name}' use more than its output"}
         kl_before = _kl(student, cached, images, features, target, settings)
@@ -117,7 +104,7 @@ def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images
 
         def loss_of(idx: torch.Tensor) -> torch.Tensor:
             cached.value = features[idx]
-            out = _logits_of(student(images[idx]))
+            out = _tensor(student(images[idx]))
             return F.kl_div(F.log_softmax(out / T, 1), F.softmax(target[idx] / T, 1), reduction="batchmean") * T * T
 
         with torch.enable_grad():
@@ -138,12 +125,6 @@ def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images
             "seconds": round(time.monotonic() - start, 2)}
 
 
-def _logits_of(out: Any) -> torch.Tensor:
-    from pipeline.pruning.validation import _tensor
-
-    return _tensor(out)
-
-
 @torch.no_grad()
 def _kl(student: nn.Module, cached: _Cached, images: torch.Tensor, features: torch.Tensor,
         target: torch.Tensor, s: HeadSettings, sample: int = 512) -> float:
@@ -151,7 +132,7 @@ def _kl(student: nn.Module, cached: _Cached, images: torch.Tensor, features: tor
     total, n = 0.0, min(len(images), sample)
     for i in range(0, n, s.batch_size):
         cached.value = features[i:min(i + s.batch_size, n)]
-        out = _logits_of(student(images[i:min(i + s.batch_size, n)]))
+        out = _tensor(student(images[i:min(i + s.batch_size, n)]))
         total += float(F.kl_div(F.log_softmax(out, 1), F.softmax(target[i:i + len(out)], 1), reduction="sum"))
     return total / n
 

@@ -372,8 +372,8 @@ def _round_summary(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _blockwise(ctx: StageContext, cfg: PruneConfig, pruned: torch.nn.Module, kept: dict[str, list[int]],
                dropped: list[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Block-wise distillation of the residual chain, then a least-squares refit of the layers after it.
-    Kept only when it raises agreement on calibration images no recovery step fitted (candidate zero)."""
+    """Block-wise distillation of the residual chain, then a least-squares refit of the layers after it
+    and their distillation against the logits (`blockwise.head`). Kept only when it raises agreement on calibration images no recovery step fitted (candidate zero)."""
     from pipeline.pruning.blockwise import BlockwiseSettings, distill_blocks, find_chain
     from pipeline.pruning.depth import block_candidates, layers_after
     from pipeline.pruning.validation import logits
