@@ -134,7 +134,7 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, chain_name: str, imag
         names = [f"{chain_name}.{i}" for i in unit]
         name = names[0] if len(unit) == 1 else f"{names[0]}..{unit[-1]}"
         s_unit = nn.Sequential(*(s_blocks[i] for i in unit))
-        yt = _apply(nn.Sequential(*(t_blocks[i] for i in unit)), xt)
+        yt = _propagate(nn.Sequential(*(t_blocks[i] for i in unit)), xt, log)
         progress = lambda m, name=name: log(f"prune: block-wise distillation {name}: {m}")  # noqa: E731
         row = {"block": name, "members": names, **_train_block(s_unit, xs, yt, settings, progress)}
         rows.append(row)
@@ -145,7 +145,7 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, chain_name: str, imag
             log(f"prune: block-wise distillation {name}: relative error rose from {row['error_before']:.4f} to "
                 f"{row['error_after'] if row['error_after'] is not None else 'not finite'}; its weights from before "
                 f"training are kept (lower blockwise.lr)")
-        xs, xt = _apply(s_unit, xs), yt
+        xs, xt = _propagate(s_unit, xs, log), yt
     trained = [r for r in rows if r["status"] == "trained"]
     return {"chain": chain_name, "images": len(images), "epochs": settings.epochs, "lr": settings.lr,
             "blocks": rows, "trained": len(trained), "seconds": round(time.monotonic() - start, 2)}
@@ -188,6 +188,15 @@ def _channels_last(block: nn.Module, x: torch.Tensor) -> Iterator[Callable[[torc
 def _apply(block: nn.Module, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     with _channels_last(block, x) as layout:
         return torch.cat([block(layout(x[i:i + chunk])).contiguous() for i in range(0, len(x), chunk)])
+
+
+def _propagate(unit: nn.Module, x: torch.Tensor, log: Callable[[str], None]) -> torch.Tensor:
+    """The unit's output for every image, through onnxruntime where it reproduces torch (5-6x faster
+    on Lite0, see pipeline.pruning.fast_inference): with it, Lite0's 14-epoch phase spent 40 s of its
+    398 s outside the units' training steps (benchmarks/RESULTS.md)."""
+    from pipeline.pruning.fast_inference import forward_all
+
+    return forward_all(unit, x, log=lambda m: log(f"prune: block-wise distillation: {m}"))[0]
 
 
 def _relative_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor, var: float) -> float:

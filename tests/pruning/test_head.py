@@ -81,3 +81,29 @@ def test_head_is_topped_up_with_augmented_views_when_the_split_is_small(make_ctx
     assert head["images"] == 300 and head["views"] == 300 - 192
     with pytest.raises(ValidationError, match="head.nope"):
         PruneConfig.model_validate({"structure": "blocks", "blockwise": {"head": {"nope": 1}}})
+
+
+def _stem_sizes(student: nn.Module, teacher: nn.Module) -> tuple[dict, set[tuple[int, int]]]:
+    sizes: set[tuple[int, int]] = set()
+    h = student.stem.register_forward_pre_hook(lambda _m, a: sizes.add(tuple(int(v) for v in a[0].shape[-2:])))
+    try:
+        info = distill_head(student, teacher, "blocks", _images(64), HeadSettings(epochs=4, lr=3e-3))
+    finally:
+        h.remove()
+    return info, sizes
+
+
+def test_the_replaced_model_is_fed_a_corner_of_each_image_unless_it_needs_the_whole():
+    teacher = Chain().eval()
+    info, sizes = _stem_sizes(_perturbed_head(teacher), teacher)
+    assert info["status"] == "trained" and (8, 8) in sizes  # the stem's work on full images is wasted
+
+    class SizeBound(Chain):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if tuple(x.shape[-2:]) != (16, 16):
+                raise ValueError("expects 16x16 images")
+            return super().forward(x)
+
+    teacher = SizeBound().eval()
+    info, sizes = _stem_sizes(_perturbed_head(teacher), teacher)
+    assert info["status"] == "trained" and info["kl_after"] < info["kl_before"] and sizes == {(16, 16)}
