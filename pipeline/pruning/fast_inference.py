@@ -1,13 +1,14 @@
 """Many no-grad forwards at once, through onnxruntime: the targets distillation trains against.
 
 Head distillation needs the original's logits and the student's chain output on thousands of
-images, and computing them was most of its time: on a 2-core Xeon, EfficientNet-Lite0's FP32
-forward at batch 64 costs 39 ms an image in torch (channels-last; 59 ms in the default layout) and
-7 ms in onnxruntime (benchmarks/RESULTS.md, "Targets through onnxruntime"). So the model is
+images, and computing them was most of its time: on 2 cores, EfficientNet-Lite0's FP32 forward
+at batch 64 costs 54 ms an image in torch (channels-last; 82 ms in the default layout) and 9.5 ms
+in onnxruntime on an AMD EPYC (benchmarks/RESULTS.md, "Targets through onnxruntime"); 39 ms and
+7 ms on an Intel Xeon. So the model is
 exported once, in memory, with every tapped module's output as an extra graph output, and the
 images run through an InferenceSession.
 
-Nothing here may change what is computed, only how fast: the first batch is also run in torch,
+Nothing here may change what is computed, only how fast: the first 8 images also run in torch,
 and any difference above float rounding (as any failure to export or load) sends the whole call to
 torch instead, with the reason logged. Tapped modules must run once per forward and hand on one
 tensor.
