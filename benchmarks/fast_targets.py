@@ -4,7 +4,8 @@ buy back: EfficientNet-Lite0 (ImageNet weights) on real crops, side by side in o
 1. One no-grad forward of the whole model at batch 64 (what computing the original's logits and the
    student's chain outputs costs per image): torch eager in the default layout, torch in
    channels-last (what the pipeline used before), onnxruntime FP32 through fast_inference's own
-   export. The three are timed round-robin in three slices, so a change of load hits all alike.
+   export. All variants are timed round-robin (pipeline.verify.latency.measure), so a change of
+   load hits all alike.
 2. One head-distillation training step (forward, KL, backward, Adam; batch 64) with the chain
    replaced by its cached output, fed the full 224x224 images (before) and the 8x8 corner the head
    now feeds (`pipeline.pruning.head._replay_input`): the layers before the chain still run.
@@ -15,10 +16,9 @@ buy back: EfficientNet-Lite0 (ImageNet weights) on real crops, side by side in o
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,16 +27,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HEADING = "## Targets through onnxruntime: the head's forwards and steps (EfficientNet-Lite0)"
-
-
-def timed(fn: Callable[[], object], iterations: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(iterations):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> int:
@@ -48,44 +38,33 @@ def main() -> int:
 
     from benchmarks.common import cpu_flags, machine_line, write_section
     from benchmarks.pretrained import efficientnet_lite0, lite0_images
-    from pipeline.pruning.blockwise import _channels_last
     from pipeline.pruning.fast_inference import _onnxruntime, _Tapped
     from pipeline.pruning.head import _chain_replaced, _corner, _params_after
+    from pipeline.verify.latency import measure
 
     torch.set_num_threads(args.threads)
     model = efficientnet_lite0().eval()
     x = lite0_images(64, seed=0)
     batch = len(x)
 
-    # 1. forwards
+    # 1. forwards; channels-last on a copy laid out once, so every variant can run in one loop
     session = _onnxruntime(_Tapped(model, []), x[:1])
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)  # as blockwise._channels_last lays out
+    xc = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         want = model(x)
-        got = session(x)[0]
-        diff = float((got - want).abs().max()) / float(want.abs().max())
-
-        def eager() -> object:
-            return model(x)
-
-        forwards: dict[str, list[float]] = {"torch eager, default layout": [], "torch eager, channels-last": [],
-                                            "onnxruntime FP32 (fast_inference)": []}
-        per_slice = max(1, args.iterations // 3)
-        for _ in range(3):
-            forwards["torch eager, default layout"] += timed(eager, per_slice)
-            with _channels_last(model, x) as layout:
-                xc = layout(x)
-                forwards["torch eager, channels-last"] += timed(lambda: model(xc), per_slice)
-            forwards["onnxruntime FP32 (fast_inference)"] += timed(lambda: session(x), per_slice)
+        diff = float((session(x)[0] - want).abs().max()) / float(want.abs().max())
+        forwards = measure({"torch eager, default layout": lambda: model(x),
+                            "torch eager, channels-last": lambda: cl_model(xc),
+                            "onnxruntime FP32 (fast_inference)": lambda: session(x)},
+                           warmup=1, iterations=args.iterations)
 
     # 2. head steps
     params = _params_after(model, "_blocks", x[:1])
-    features = torch.randn(batch, 320, 7, 7)
     target = torch.softmax(want, 1)
     opt = torch.optim.Adam(params, lr=1e-6)
-    steps: dict[str, list[float]] = {"full images (before)": [], "8x8 corner (now)": []}
     with _chain_replaced(model, "_blocks") as cached:
-        cached.value = features
-        feeds = {"full images (before)": x, "8x8 corner (now)": _corner(x)}
+        cached.value = torch.randn(batch, 320, 7, 7)
 
         def step(inp: torch.Tensor) -> None:
             loss = F.kl_div(F.log_softmax(model(inp), 1), target, reduction="batchmean")
@@ -93,17 +72,17 @@ def main() -> int:
             loss.backward()
             opt.step()
 
-        for _ in range(3):
-            for name, inp in feeds.items():
-                steps[name] += timed(lambda inp=inp: step(inp), per_slice)
+        corner = _corner(x)
+        steps = measure({"full images (before)": lambda: step(x), "8x8 corner (now)": lambda: step(corner)},
+                        warmup=1, iterations=args.iterations)
 
-    fwd = {k: statistics.median(v) / batch * 1000 for k, v in forwards.items()}
-    stp = {k: statistics.median(v) * 1000 for k, v in steps.items()}
+    fwd = {k: statistics.median(v) / batch for k, v in forwards.items()}  # measure's samples are ms
+    stp = {k: statistics.median(v) for k, v in steps.items()}
     base_fwd, base_step = fwd["torch eager, channels-last"], stp["full images (before)"]
     lines = [HEADING, "",
              f"`python benchmarks/fast_targets.py --iterations {args.iterations} --threads {args.threads} --write`"
-             f" — batches of {batch} real crops, every variant round-robin in three slices of one run; median "
-             f"of {3 * per_slice}. onnxruntime's logits differ from torch's by {diff:.1e} of their largest "
+             f" — batches of {batch} real crops, every variant round-robin in one loop; median "
+             f"of {args.iterations}. onnxruntime's logits differ from torch's by {diff:.1e} of their largest "
              f"magnitude. CPU flags: {cpu_flags()}. {machine_line(args.threads)}", "",
              "| no-grad forward of the whole model | ms per image | against channels-last |", "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {base_fwd / v:.2f}x |" for k, v in fwd.items()]

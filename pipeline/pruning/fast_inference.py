@@ -2,7 +2,7 @@
 
 Head distillation needs the original's logits and the student's chain output on thousands of
 images, and computing them was most of its time: on 2 cores, EfficientNet-Lite0's FP32 forward
-at batch 64 costs 54 ms an image in torch (channels-last; 82 ms in the default layout) and 9.5 ms
+at batch 64 costs 60 ms an image in torch (channels-last; 94 ms in the default layout) and 10 ms
 in onnxruntime on an AMD EPYC (benchmarks/RESULTS.md, "Targets through onnxruntime"); 39 ms and
 7 ms on an Intel Xeon. So the model is
 exported once, in memory, with every tapped module's output as an extra graph output, and the

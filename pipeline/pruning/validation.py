@@ -71,18 +71,12 @@ def _digest(x: torch.Tensor) -> bytes:
 
 
 @torch.no_grad()
-def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 64, channels_last: bool = False) -> torch.Tensor:
-    """Eval-mode logits of `model` on `x`, batched; the model's train/eval mode is restored. With
-    `channels_last` the model runs in that memory layout (faster on CPU; weights restored after)."""
-    from contextlib import nullcontext
-
-    from pipeline.pruning.blockwise import _channels_last
-
+def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Eval-mode logits of `model` on `x`, batched; the model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
     try:
-        with (_channels_last(model, x) if channels_last else nullcontext(lambda t: t)) as layout:
-            return torch.cat([_tensor(model(layout(x[i:i + batch_size]))) for i in range(0, len(x), batch_size)])
+        return torch.cat([_tensor(model(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
     finally:
         model.train(was_training)
 
