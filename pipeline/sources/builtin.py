@@ -8,10 +8,12 @@ Splits are fixed by a seeded permutation: 60% train, 10% calibration, 30% test.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,16 +57,29 @@ class DigitsCNN(nn.Module):
         return self.fc(torch.flatten(self.gap(x), 1))
 
 
-@lru_cache(maxsize=1)
-def digits_splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Return {"train", "calibration", "test"} -> (x [N,1,32,32] normalised, y [N]) tensors."""
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits ([N,8,8] in 0..16, [N] labels), read from the file it ships:
+    importing `sklearn.datasets` costs 2-3 s, more than a whole `fmap` command on the builtin model
+    otherwise spends loading its data. Its loader is the fallback should the file ever move."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    shipped = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if shipped is not None and shipped.is_file():
+        table = np.loadtxt(shipped, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return bunch.images, bunch.target
+
+
+@lru_cache(maxsize=1)
+def digits_splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Return {"train", "calibration", "test"} -> (x [N,1,32,32] normalised, y [N]) tensors."""
+    images, target = _digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
     x = (x - DIGITS_MEAN) / DIGITS_STD
-    y = torch.tensor(bunch.target, dtype=torch.int64)
+    y = torch.tensor(target, dtype=torch.int64)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
     x, y = x[perm], y[perm]
     n = len(y)
