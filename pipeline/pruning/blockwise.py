@@ -47,6 +47,9 @@ class BlockwiseSettings:
     lr: float = 1e-3  # Adam, cosine decay to zero per block
     batch_size: int = 32
     seed: int = 0
+    # wall-clock budget of all units together (None: epochs only): each unit that trains gets an equal
+    # share of what is left, and ends at its share or its epochs, whichever comes first
+    minutes: float | None = None
 
 
 class _Captured(Exception):
@@ -130,13 +133,16 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, chain_name: str, imag
     student.eval()
     teacher.eval()
     rows = []
-    for unit in units(s_blocks):
+    grouped = units(s_blocks)
+    deadline = None if settings.minutes is None else time.monotonic() + settings.minutes * 60.0
+    for k, unit in enumerate(grouped):
         names = [f"{chain_name}.{i}" for i in unit]
         name = names[0] if len(unit) == 1 else f"{names[0]}..{unit[-1]}"
         s_unit = nn.Sequential(*(s_blocks[i] for i in unit))
         yt = _propagate(nn.Sequential(*(t_blocks[i] for i in unit)), xt, log)
         progress = lambda m, name=name: log(f"prune: block-wise distillation {name}: {m}")  # noqa: E731
-        row = {"block": name, "members": names, **_train_block(s_unit, xs, yt, settings, progress)}
+        share = None if deadline is None else _share(deadline, grouped[k:], s_blocks)
+        row = {"block": name, "members": names, **_train_block(s_unit, xs, yt, settings, progress, share)}
         rows.append(row)
         if row["status"] == "trained":
             log(f"prune: block-wise distillation {name}: relative error {row['error_before']:.4f} -> "
@@ -148,7 +154,16 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, chain_name: str, imag
         xs, xt = _propagate(s_unit, xs, log), yt
     trained = [r for r in rows if r["status"] == "trained"]
     return {"chain": chain_name, "images": len(images), "epochs": settings.epochs, "lr": settings.lr,
-            "blocks": rows, "trained": len(trained), "seconds": round(time.monotonic() - start, 2)}
+            "minutes": settings.minutes, "blocks": rows, "trained": len(trained),
+            "seconds": round(time.monotonic() - start, 2)}
+
+
+def _share(deadline: float, remaining: list[list[int]], blocks: list[nn.Module]) -> float:
+    """Seconds for the next unit: an equal part of the time left among the units still to come that
+    have parameters. A unit that needs no training (the unchanged ones before the first pruned
+    block) or stops at its epochs leaves its part to the later ones."""
+    with_params = sum(1 for u in remaining if any(True for i in u for _ in blocks[i].parameters()))
+    return max(0.0, deadline - time.monotonic()) / max(1, with_params)
 
 
 @torch.no_grad()
@@ -208,18 +223,28 @@ PROGRESS_EVERY_S = 15.0  # a line at least this often inside a long block (CI lo
 
 
 def adam_cosine(params: list[nn.Parameter], n: int, steps: int, batch_size: int, lr: float, seed: int,
-                loss_of: Callable[[torch.Tensor], torch.Tensor], log: Callable[[str], None]) -> None:
-    """`steps` Adam steps on `loss_of(indices)` over shuffled batches of range(n), the lr decaying
-    to zero on a cosine; a progress line at least every PROGRESS_EVERY_S seconds."""
+                loss_of: Callable[[torch.Tensor], torch.Tensor], log: Callable[[str], None],
+                seconds: float | None = None) -> int:
+    """Adam steps on `loss_of(indices)` over shuffled batches of range(n) until `steps` or `seconds`
+    of wall clock, whichever ends first; the lr decays to zero on a cosine over that progress (as the
+    fine-tune's budget does), so a time-bound run still ends at lr 0. A progress line at least every
+    PROGRESS_EVERY_S seconds. Returns the steps taken (at least one)."""
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    step, said = 0, time.monotonic()
-    while step < steps:
+    start = said = time.monotonic()
+
+    def progress(step: int) -> float:
+        p = step / steps
+        return p if seconds is None else max(p, (time.monotonic() - start) / max(seconds, 1e-9))
+
+    step = 0
+    while step == 0 or progress(step) < 1:
         for idx in torch.randperm(n, generator=gen).split(batch_size):
-            if step >= steps:
+            p = progress(step)
+            if step and p >= 1:
                 break
             for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
             loss = loss_of(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -227,11 +252,13 @@ def adam_cosine(params: list[nn.Parameter], n: int, steps: int, batch_size: int,
             step += 1
             if time.monotonic() - said > PROGRESS_EVERY_S:
                 said = time.monotonic()
-                log(f"step {step}/{steps}, loss {loss.item():.4f}")
+                budget = f"{steps}" if seconds is None else f"{steps} or {seconds:.0f} s"
+                log(f"step {step}/{budget}, loss {loss.item():.4f}")
+    return step
 
 
 def _train_block(block: nn.Module, xs: torch.Tensor, yt: torch.Tensor, s: BlockwiseSettings,
-                 log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                 log: Callable[[str], None] = lambda m: None, seconds: float | None = None) -> dict[str, Any]:
     params = [p for p in block.parameters() if p.requires_grad]
     if not params:
         return {"status": "no parameters (dropped)"}
@@ -241,15 +268,18 @@ def _train_block(block: nn.Module, xs: torch.Tensor, yt: torch.Tensor, s: Blockw
         return {"status": "output width changed by pruning"}
     var = float(yt.var()) + 1e-12
     sample = slice(0, min(len(xs), 256))
+    checked = time.monotonic()
     before = _relative_error(block, xs[sample], yt[sample], var)
     if before < 1e-10:
         return {"status": "unchanged"}
     start = time.monotonic()
     initial = {k: v.detach().clone() for k, v in block.state_dict().items()}
     steps = max(1, int(s.epochs * len(xs) / s.batch_size))
+    if seconds is not None:  # the share covers both error checks (each about as long as the first)
+        seconds = max(0.0, seconds - (time.monotonic() - start) - 2 * (start - checked))
     with torch.enable_grad(), _channels_last(block, xs) as layout:
-        adam_cosine(params, len(xs), steps, s.batch_size, s.lr, s.seed,
-                    lambda idx: F.mse_loss(block(layout(xs[idx])), layout(yt[idx])) / var, log)
+        steps = adam_cosine(params, len(xs), steps, s.batch_size, s.lr, s.seed,
+                            lambda idx: F.mse_loss(block(layout(xs[idx])), layout(yt[idx])) / var, log, seconds)
     after = _relative_error(block, xs[sample], yt[sample], var)
     status = "trained"
     if not after < before:  # a unit that came out worse (too high an lr) must not pass its error on

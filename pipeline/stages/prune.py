@@ -85,6 +85,9 @@ class BlockwiseConfig(StageConfig):
     lr: float = Field(0.001, gt=0)  # Adam, cosine decay per block
     batch_size: int = Field(32, ge=1)
     images: int = Field(1024, ge=1)  # at most this many images (held in memory with their feature maps)
+    # wall-clock budget of all blocks (null: epochs only): equal shares of what is left per unit, each
+    # unit ending at its share or its epochs, whichever comes first; the head is not part of it
+    minutes: float | None = Field(None, gt=0)
     head: HeadConfig | None = HeadConfig()  # null: the least-squares refit only
 
 
@@ -391,7 +394,7 @@ def _blockwise(ctx: StageContext, cfg: PruneConfig, pruned: torch.nn.Module, kep
     target = logits(ctx.original_model, held).argmax(1)
     before = float((logits(pruned, held).argmax(1) == target).float().mean())
     candidate = copy.deepcopy(pruned)
-    settings = BlockwiseSettings(epochs=b.epochs, lr=b.lr, batch_size=b.batch_size, seed=ctx.seed)
+    settings = BlockwiseSettings(epochs=b.epochs, lr=b.lr, batch_size=b.batch_size, seed=ctx.seed, minutes=b.minutes)
     info = distill_blocks(candidate, ctx.original_model, chain, images, settings, log=ctx.console.print)
     if info.get("trained"):
         last = f"{chain}.{len(list(candidate.get_submodule(chain).children())) - 1}"

@@ -256,3 +256,62 @@ def test_blocks_on_a_model_without_blocks_is_bad_input(make_ctx):
     ctx = make_ctx(flat, DataBundle(calibration=split, eval=split))
     with pytest.raises(BadInput, match="no droppable block"):
         PruneStage().run(ctx, PruneConfig.model_validate({"structure": "blocks", "macs": 0.3}))
+
+
+class _Clock:
+    """A wall clock that moves 10 ms each time it is read: time budgets become step counts."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += 0.01
+        return self.now
+
+
+def test_adam_cosine_ends_at_its_seconds_or_its_steps_whichever_comes_first(monkeypatch):
+    from pipeline.pruning import blockwise
+
+    monkeypatch.setattr(blockwise.time, "monotonic", _Clock())
+    w = nn.Parameter(torch.ones(4))
+    lrs: list[float] = []
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        return (w ** 2).sum()
+
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    assert blockwise.adam_cosine([w], 64, 7, 16, 0.1, 0, loss_of, lambda m: None) == 7
+    lrs.clear()
+    taken = blockwise.adam_cosine([w], 64, 10**6, 16, 0.1, 0, loss_of, lambda m: None, seconds=1.0)
+    assert 5 < taken < 100 and len(lrs) == taken  # the clock, not the million steps, ended it
+    assert lrs[0] == pytest.approx(0.1, rel=0.01) and lrs[-1] < 0.01 and lrs == sorted(lrs, reverse=True)  # a full cosine
+    assert blockwise.adam_cosine([w], 64, 10**6, 16, 0.1, 0, loss_of, lambda m: None, seconds=0.0) == 1
+
+
+def test_blockwise_minutes_are_shared_equally_by_the_units_that_train(monkeypatch):
+    """blocks.0 and blocks.1 are unchanged (no time), blocks.2 and the gap's unit split the budget;
+    the epochs (4,000 steps per unit) never end one."""
+    from pipeline.pruning import blockwise
+
+    clock = _Clock()
+    monkeypatch.setattr(blockwise.time, "monotonic", clock)
+    teacher = Chain().eval()
+    student = drop_blocks(copy.deepcopy(teacher), ["blocks.4"])
+    with torch.no_grad():
+        student.blocks[2].conv.weight.mul_(0.5)
+    start = clock.now
+    info = distill_blocks(student, teacher, "blocks", _images(32),
+                          BlockwiseSettings(epochs=2000, lr=1e-2, batch_size=16, minutes=0.1))
+    rows = {r["block"]: r for r in info["blocks"]}
+    assert [rows[b]["status"] for b in ("blocks.0", "blocks.1")] == ["unchanged", "unchanged"]
+    a, b = rows["blocks.2"], rows["blocks.3..4"]
+    assert a["status"] == b["status"] == "trained" and info["minutes"] == 0.1
+    assert 2.0 < a["seconds"] < 3.5 and 2.0 < b["seconds"] < 3.5, (a, b)  # about half of 6 s each
+    assert 0 < a["steps"] < 1000 and b["error_after"] < b["error_before"]
+    assert clock.now - start < 7.0
