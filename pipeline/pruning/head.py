@@ -50,6 +50,9 @@ class HeadSettings:
     batch_size: int = 64
     temperature: float = 1.0  # T=4 did worse on Lite0's near-ties (83.2% against 83.7%)
     seed: int = 0
+    # wall-clock budget of the whole step, targets included (None: epochs only); training ends at
+    # what is left of it or at its epochs, whichever comes first
+    minutes: float | None = None
 
 
 class _Pass(nn.Module):
@@ -106,7 +109,12 @@ def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images
         feed = _replay_input(student, images[:n], real)
         if feed is None:
             return {"skipped": f"the layers after '{chain_name}' use more than its output"}
+        checked = time.monotonic()
         kl_before = _kl(student, cached, feed, images, features, target, settings)
+        seconds = None
+        if settings.minutes is not None:  # what is left, less the second KL (about as long as the first)
+            now = time.monotonic()
+            seconds = max(0.0, settings.minutes * 60.0 - (now - start) - (now - checked))
         initial = {id(p): p.detach().clone() for p in params}
         steps = max(1, int(settings.epochs * len(images) / settings.batch_size))
         T = settings.temperature
@@ -117,8 +125,8 @@ def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images
             return F.kl_div(F.log_softmax(out / T, 1), F.softmax(target[idx] / T, 1), reduction="batchmean") * T * T
 
         with torch.enable_grad():
-            adam_cosine(params, len(images), steps, settings.batch_size, settings.lr, settings.seed, loss_of,
-                        lambda m: log(f"prune: head distillation: {m}"))
+            steps = adam_cosine(params, len(images), steps, settings.batch_size, settings.lr, settings.seed,
+                                loss_of, lambda m: log(f"prune: head distillation: {m}"), seconds)
         kl_after = _kl(student, cached, feed, images, features, target, settings)
         status = "trained"
         if not kl_after < kl_before:
@@ -128,7 +136,8 @@ def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images
             status = "reverted (training raised the KL divergence)"
     log(f"prune: head distillation: KL to the original {kl_before:.4f} -> {kl_after:.4f} "
         f"({steps} steps, {time.monotonic() - start:.0f} s){'' if status == 'trained' else '; ' + status}")
-    return {"status": status, "images": len(images), "epochs": settings.epochs, "lr": settings.lr,
+    return {"status": status, "images": len(images), "epochs": settings.epochs, "minutes": settings.minutes,
+            "lr": settings.lr,
             "temperature": settings.temperature, "steps": steps, "kl_before": round(kl_before, 6),
             "kl_after": round(kl_after, 6) if math.isfinite(kl_after) else None,
             "seconds": round(time.monotonic() - start, 2)}

@@ -71,6 +71,8 @@ class HeadConfig(StageConfig):
     batch_size: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     images: int = Field(4096, ge=1)  # at most this many images of data.train (data.calibration without it)
+    # wall-clock budget of the step, its targets included (null: epochs only); the first to end wins
+    minutes: float | None = Field(None, gt=0)
     # views added until `images` when the split has fewer (null: only the images there are)
     augment: AugmentConfig | None = None
 
@@ -423,7 +425,7 @@ def _head(ctx: StageContext, h: HeadConfig, candidate: torch.nn.Module, chain: s
             views.append(aug(images))
         images = torch.cat(views)[:h.images]
     settings = HeadSettings(epochs=h.epochs, lr=h.lr, batch_size=h.batch_size, temperature=h.temperature,
-                            seed=ctx.seed)
+                            seed=ctx.seed, minutes=h.minutes)
     info = distill_head(candidate, ctx.original_model, chain, images, settings, log=ctx.console.print)
     return {**info, "views": len(images) - found}
 

@@ -107,3 +107,21 @@ def test_the_replaced_model_is_fed_a_corner_of_each_image_unless_it_needs_the_wh
     teacher = SizeBound().eval()
     info, sizes = _stem_sizes(_perturbed_head(teacher), teacher)
     assert info["status"] == "trained" and info["kl_after"] < info["kl_before"] and sizes == {(16, 16)}
+
+
+def test_head_minutes_end_training_before_its_epochs(monkeypatch):
+    """A budget of 0.05 minutes on a clock that moves 10 ms per reading: a few dozen steps instead
+    of the epochs' 4,000, still trained, and the steps reported are the ones taken."""
+    from pipeline.pruning import blockwise, head
+    from tests.pruning.test_depth import _Clock
+
+    clock = _Clock()
+    monkeypatch.setattr(blockwise.time, "monotonic", clock)
+    monkeypatch.setattr(head.time, "monotonic", clock)
+    teacher = Chain().eval()
+    student = _perturbed_head(teacher)
+    start = clock.now
+    info = distill_head(student, teacher, "blocks", _images(64), HeadSettings(epochs=4000, lr=3e-3, minutes=0.05))
+    assert info["status"] == "trained" and info["minutes"] == 0.05
+    assert 1 <= info["steps"] < 200 and info["kl_after"] < info["kl_before"]
+    assert clock.now - start < 4.0  # 3 s of budget, a few readings after it
