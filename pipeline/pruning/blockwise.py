@@ -151,7 +151,8 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, chain_name: str, imag
             log(f"prune: block-wise distillation {name}: relative error rose from {row['error_before']:.4f} to "
                 f"{row['error_after'] if row['error_after'] is not None else 'not finite'}; its weights from before "
                 f"training are kept (lower blockwise.lr)")
-        xs, xt = _propagate(s_unit, xs, log), yt
+        if k + 1 < len(grouped):  # the last unit's outputs would feed nothing
+            xs, xt = _propagate(s_unit, xs, log), yt
     trained = [r for r in rows if r["status"] == "trained"]
     return {"chain": chain_name, "images": len(images), "epochs": settings.epochs, "lr": settings.lr,
             "minutes": settings.minutes, "blocks": rows, "trained": len(trained),
