@@ -111,10 +111,7 @@ def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images
             return {"skipped": f"the layers after '{chain_name}' use more than its output"}
         checked = time.monotonic()
         kl_before = _kl(student, cached, feed, images, features, target, settings)
-        seconds = None
-        if settings.minutes is not None:  # what is left, less the second KL (about as long as the first)
-            now = time.monotonic()
-            seconds = max(0.0, settings.minutes * 60.0 - (now - start) - (now - checked))
+        seconds = _seconds_left(settings.minutes, start, checked)
         initial = {id(p): p.detach().clone() for p in params}
         steps = max(1, int(settings.epochs * len(images) / settings.batch_size))
         T = settings.temperature
@@ -141,6 +138,15 @@ def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images
             "temperature": settings.temperature, "steps": steps, "kl_before": round(kl_before, 6),
             "kl_after": round(kl_after, 6) if math.isfinite(kl_after) else None,
             "seconds": round(time.monotonic() - start, 2)}
+
+
+def _seconds_left(minutes: float | None, start: float, checked: float) -> float | None:
+    """Training time left of a `minutes` budget begun at `start`, less the KL check after training
+    (about as long as the one that began at `checked`); None without a budget."""
+    if minutes is None:
+        return None
+    now = time.monotonic()
+    return max(0.0, minutes * 60.0 - (now - start) - (now - checked))
 
 
 STAND_IN = 8  # side of the corner of each image fed to the replaced model
