@@ -42,7 +42,7 @@ def save_figure(fig: object, path: Path) -> Path:
 
 def _bare(ax: object) -> None:
     """No frame, ticks or labels. Hiding the x and y axes too (not only `axis("off")`) spares
-    matplotlib laying out ticks nobody sees: a 16-row overlay table saved in 0.5 s instead of 2.9 s."""
+    matplotlib laying out ticks nobody sees: a 16-row overlay table saved in 1.1 s instead of 2.9 s."""
     ax.axis("off")  # type: ignore[attr-defined]
     ax.xaxis.set_visible(False)  # type: ignore[attr-defined]
     ax.yaxis.set_visible(False)  # type: ignore[attr-defined]
