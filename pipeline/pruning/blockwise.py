@@ -94,6 +94,11 @@ def captured(model: nn.Module, module: nn.Module, images: torch.Tensor, chunk: i
     return torch.cat(got)
 
 
+def _has_parameters(block: nn.Module) -> bool:
+    """False for a dropped block (its Bypass has none)."""
+    return any(True for _ in block.parameters())
+
+
 def find_chain(teacher: nn.Module, block_names: list[str]) -> str | None:
     """The container holding the given blocks (all must share one), or None."""
     parents = {n.rpartition(".")[0] for n in block_names}
@@ -104,7 +109,7 @@ def units(blocks: list[nn.Module]) -> list[list[int]]:
     """Group a chain's blocks into the units trained together: every block without parameters (a
     dropped one) joins the kept block before it and the kept block after it, so both neighbours
     learn to bridge the gap; every other block is a unit of its own."""
-    dropped = [not any(True for _ in b.parameters()) for b in blocks]
+    dropped = [not _has_parameters(b) for b in blocks]
     out: list[list[int]] = []
     cur: list[int] = []
     for i in range(len(blocks)):
@@ -163,7 +168,7 @@ def _share(deadline: float, remaining: list[list[int]], blocks: list[nn.Module])
     """Seconds for the next unit: an equal part of the time left among the units still to come that
     have parameters. A unit that needs no training (the unchanged ones before the first pruned
     block) or stops at its epochs leaves its part to the later ones."""
-    with_params = sum(1 for u in remaining if any(True for i in u for _ in blocks[i].parameters()))
+    with_params = sum(1 for u in remaining if any(_has_parameters(blocks[i]) for i in u))
     return max(0.0, deadline - time.monotonic()) / max(1, with_params)
 
 
@@ -218,6 +223,12 @@ def _propagate(unit: nn.Module, x: torch.Tensor, log: Callable[[str], None]) -> 
 def _relative_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor, var: float) -> float:
     with torch.no_grad():
         return float(F.mse_loss(_apply(block, x), y)) / var
+
+
+def time_left(budget_s: float, since: float, check_s: float) -> float:
+    """Training seconds left of `budget_s` begun at `since` (monotonic clock), keeping back `check_s`
+    for the error check that follows training (about as long as the one before it)."""
+    return max(0.0, budget_s - (time.monotonic() - since) - check_s)
 
 
 PROGRESS_EVERY_S = 15.0  # a line at least this often inside a long block (CI logs have no live bar)
@@ -277,7 +288,7 @@ def _train_block(block: nn.Module, xs: torch.Tensor, yt: torch.Tensor, s: Blockw
     initial = {k: v.detach().clone() for k, v in block.state_dict().items()}
     steps = max(1, int(s.epochs * len(xs) / s.batch_size))
     if seconds is not None:  # the share covers both error checks (each about as long as the first)
-        seconds = max(0.0, seconds - (time.monotonic() - start) - 2 * (start - checked))
+        seconds = time_left(seconds, checked, start - checked)
     with torch.enable_grad(), _channels_last(block, xs) as layout:
         steps = adam_cosine(params, len(xs), steps, s.batch_size, s.lr, s.seed,
                             lambda idx: F.mse_loss(block(layout(xs[idx])), layout(yt[idx])) / var, log, seconds)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.pruning.blockwise import adam_cosine, captured
+from pipeline.pruning.blockwise import adam_cosine, captured, time_left
 from pipeline.pruning.fast_inference import forward_all
 from pipeline.pruning.validation import _tensor
 
@@ -111,7 +111,8 @@ def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images
             return {"skipped": f"the layers after '{chain_name}' use more than its output"}
         checked = time.monotonic()
         kl_before = _kl(student, cached, feed, images, features, target, settings)
-        seconds = _seconds_left(settings.minutes, start, checked)
+        check_s = time.monotonic() - checked
+        seconds = None if settings.minutes is None else time_left(settings.minutes * 60.0, start, check_s)
         initial = {id(p): p.detach().clone() for p in params}
         steps = max(1, int(settings.epochs * len(images) / settings.batch_size))
         T = settings.temperature
@@ -138,15 +139,6 @@ def distill_head(student: nn.Module, teacher: nn.Module, chain_name: str, images
             "temperature": settings.temperature, "steps": steps, "kl_before": round(kl_before, 6),
             "kl_after": round(kl_after, 6) if math.isfinite(kl_after) else None,
             "seconds": round(time.monotonic() - start, 2)}
-
-
-def _seconds_left(minutes: float | None, start: float, checked: float) -> float | None:
-    """Training time left of a `minutes` budget begun at `start`, less the KL check after training
-    (about as long as the one that began at `checked`); None without a budget."""
-    if minutes is None:
-        return None
-    now = time.monotonic()
-    return max(0.0, minutes * 60.0 - (now - start) - (now - checked))
 
 
 STAND_IN = 8  # side of the corner of each image fed to the replaced model
